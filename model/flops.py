@@ -1,0 +1,64 @@
+"""Analytic FLOPs of a MoNE forward pass, and a FLOP counter that also sees CPU attention.
+
+Counts matrix products only (patch embedding, router, projections, attention scores and values, temporal
+transformer, head), with a multiply-add as 2 FLOPs: the convention of `torch.utils.flop_counter`.  Norms,
+GELU, softmax and adds are linear in the token count and left out, as every ViT FLOPs table does.
+
+Per frame and spatial layer (mone-paper.md section 3.2): sum_j k_j * 2 * d_j * (3D + D + 2 * mlp_ratio * D)
+for the sliced projections, plus 4 * N^2 * D for attention, which always runs at full width.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
+
+from model.capacity import expert_counts
+from model.config import MoNEConfig
+
+
+def spatial_frame_flops(cfg: MoNEConfig, counts: Sequence[int]) -> int:
+    D, N, E = cfg.dim, cfg.num_tokens, cfg.num_experts
+    hidden = cfg.mlp_ratio * D
+    flops = 2 * N * D * cfg.in_chans * cfg.patch_size**2  # patch embedding
+    flops += 2 * N * D * E  # router
+    per_layer = sum(2 * k * d * (3 * D + D + 2 * hidden) for k, d in zip(counts, cfg.expert_dims, strict=True))
+    per_layer += 4 * N * N * D  # Q K^T and A V at full width
+    return flops + cfg.depth * per_layer
+
+
+def clip_tail_flops(cfg: MoNEConfig, frames: int) -> int:
+    D = cfg.dim
+    hidden = cfg.mlp_ratio * D
+    per_layer = 2 * frames * D * (4 * D + 2 * hidden) + 4 * frames * frames * D
+    return cfg.temporal_depth * per_layer + 2 * D * cfg.num_classes
+
+
+def sample_gflops(cfg: MoNEConfig, counts: Sequence[int], frames: int = 1) -> float:
+    """GFLOPs of one sample of `frames` frames whose frames are split over experts as `counts`."""
+    return (frames * spatial_frame_flops(cfg, counts) + clip_tail_flops(cfg, frames)) / 1e9
+
+
+def gflops(cfg: MoNEConfig, capacity: float, frames: int = 1) -> float:
+    """GFLOPs of one image (frames=1) or clip at effective capacity `capacity`."""
+    return sample_gflops(cfg, expert_counts(capacity, cfg.num_tokens, cfg.num_experts), frames)
+
+
+def _cpu_sdpa_flops(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return int(sdpa_flop_count(query, key, value))
+
+
+def count_flops(fn: Callable[[], Any]) -> int:
+    """FLOPs that `torch.utils.flop_counter` measures while running fn().
+
+    The stock counter has no formula for the CPU flash-attention kernel and would count attention as 0;
+    we register the same formula it uses for the CUDA kernels.
+    """
+    aten = torch.ops.aten
+    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+    with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
+        fn()
+    return int(counter.get_total_flops())

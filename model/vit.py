@@ -1,0 +1,297 @@
+"""Mixture of Nested Experts ViT for images and clips (Jain et al., NeurIPS 2024, arXiv 2407.19985).
+
+A pre-LN ViT (Dosovitskiy et al. 2021) with global average pooling whose spatial layers are shared by E nested
+experts of width D/2**(E-i).  One router at the first layer assigns every token to an expert with Expert
+Preferred Routing; every layer reuses that assignment.  Clips go through a ViViT factorised encoder (Arnab et
+al. 2021): the MoNE spatial transformer per frame, then a full-capacity temporal transformer over the pooled
+frame tokens.  An image is a one-frame clip, so one set of weights serves both.
+
+Fast path: tokens are permuted once after routing so that each expert's tokens form one dense (F*k_j, D)
+matrix; every layer then runs one matrix product per expert on contiguous weight slices (no per-layer
+gather/scatter, no masked multiplies).  Only K and V are concatenated across experts for attention.
+
+Shape legend: B batch, T frames, F = B*T frames, N tokens per frame, D width, E experts, H heads, h head
+width, k_j tokens of expert j in one frame, d_j width of expert j.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.capacity import check_capacity, expert_counts, realised_capacity
+from model.config import MoNEConfig
+from model.flops import sample_gflops
+from model.routing import Router, expert_preferred_routing
+
+
+@dataclass
+class MoNEOutput:
+    """What one forward pass produced and spent, per sample.
+
+    Attributes:
+        logits: (B, num_classes).
+        capacity: (B,) realised effective capacity after flooring token counts.
+        requested: (B,) effective capacity asked for.
+        expert_counts: (B, E) tokens per expert in each frame, smallest expert first.
+        experts: (B, T, N) int8 expert index of each patch (row-major patch grid), 0 = smallest expert.
+        gflops: (B,) analytic GFLOPs of this sample's forward (multiply-add = 2 FLOPs).
+    """
+
+    logits: Tensor
+    capacity: Tensor
+    requested: Tensor
+    expert_counts: Tensor
+    experts: Tensor
+    gflops: Tensor
+
+
+class Attention(nn.Module):
+    def __init__(self, dim: int, heads: int) -> None:
+        super().__init__()
+        self.heads = heads
+        self.qkv = nn.Linear(dim, 3 * dim)
+        self.proj = nn.Linear(dim, dim)
+
+
+class Mlp(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.fc1 = nn.Linear(dim, hidden)
+        self.fc2 = nn.Linear(hidden, dim)
+
+
+def _add_sliced(x: Tensor, y: Tensor) -> Tensor:
+    """x[:, :d] += y with zero padding beyond d (Pad before the residual add); in place when no grad is
+    recorded, out of place for training (autograd needs the old x for LayerNorm's backward)."""
+    d = y.shape[-1]
+    if not torch.is_grad_enabled():
+        x[:, :d] += y
+        return x
+    return x + F.pad(y, (0, x.shape[-1] - d)) if d < x.shape[-1] else x + y
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block whose parameter names follow timm's ViT `Block` (norm1, attn.qkv, attn.proj,
+    norm2, mlp.fc1, mlp.fc2), so that timm checkpoints map one to one."""
+
+    def __init__(self, dim: int, heads: int, mlp_ratio: int) -> None:
+        super().__init__()
+        self.norm1 = nn.LayerNorm(dim, eps=1e-6)
+        self.attn = Attention(dim, heads)
+        self.norm2 = nn.LayerNorm(dim, eps=1e-6)
+        self.mlp = Mlp(dim, mlp_ratio * dim)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Dense block on (B, L, D): the temporal transformer."""
+        B, L, D = x.shape
+        return self.forward_nested([x.reshape(B * L, D)], [D], [L], [None], B)[0].view(B, L, D)
+
+    def forward_nested(
+        self,
+        xs: list[Tensor],
+        dims: Sequence[int],
+        ks: Sequence[int],
+        scales: Sequence[Tensor | None],
+        frames: int,
+    ) -> list[Tensor]:
+        """One block over expert groups.
+
+        Args:
+            xs: per expert group, the residual stream (F*k_j, D) of its tokens, frame-major.
+            dims: d_j of each group.
+            ks: k_j (tokens per frame) of each group.
+            scales: per group (F*k_j, 1) MLP multiplier alpha*r+1 (Eq. 1), or None for 1.
+            frames: F.
+        """
+        D = xs[0].shape[-1]
+        H = self.attn.heads
+        hd = D // H
+        w_qkv, b_qkv = self.attn.qkv.weight, self.attn.qkv.bias
+        qs, kvs = [], []
+        for x, d, k in zip(xs, dims, ks, strict=True):
+            h = F.layer_norm(x, (D,), self.norm1.weight, self.norm1.bias, self.norm1.eps)
+            qkv = F.linear(h[:, :d], w_qkv[:, :d], b_qkv).view(frames, k, 3, H, hd)  # sliced in-projection
+            qs.append(qkv[:, :, 0].transpose(1, 2))  # (F, H, k, h)
+            kvs.append(qkv[:, :, 1:])  # (F, k, 2, H, h)
+        kv = kvs[0] if len(kvs) == 1 else torch.cat(kvs, dim=1)  # (F, N, 2, H, h)
+        key, value = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (F, H, N, h)
+        out = []
+        for x, q, d, k, s in zip(xs, qs, dims, ks, scales, strict=True):
+            a = F.scaled_dot_product_attention(q, key, value)  # full-width attention, (F, H, k, h)
+            a = a.transpose(1, 2).reshape(frames * k, D)
+            x = _add_sliced(x, F.linear(a, self.attn.proj.weight[:d], self.attn.proj.bias[:d]))
+            h = F.layer_norm(x, (D,), self.norm2.weight, self.norm2.bias, self.norm2.eps)
+            u = F.gelu(F.linear(h[:, :d], self.mlp.fc1.weight[:, :d], self.mlp.fc1.bias))  # (F*k, 4D)
+            y = F.linear(u, self.mlp.fc2.weight[:d], self.mlp.fc2.bias[:d])  # sliced out-projection
+            out.append(_add_sliced(x, y if s is None else y * s))
+        return out
+
+
+def _as_capacities(capacity: float | Sequence[float] | Tensor, batch: int, num_experts: int) -> list[float]:
+    if isinstance(capacity, Tensor):
+        if capacity.dim() == 0:
+            values = [float(capacity)] * batch
+        elif capacity.shape == (batch,):
+            values = [float(c) for c in capacity.tolist()]
+        else:
+            raise ValueError(f"capacity tensor must be a scalar or have shape ({batch},), got {capacity.shape}")
+    elif isinstance(capacity, int | float):
+        values = [float(capacity)] * batch
+    else:
+        values = [float(c) for c in capacity]
+        if len(values) != batch:
+            raise ValueError(f"got {len(values)} capacities for a batch of {batch}")
+    return [check_capacity(c, num_experts) for c in values]
+
+
+class MoNE(nn.Module):
+    """MoNE ViT / factorised-encoder ViViT.
+
+    Args:
+        cfg: the architecture.
+
+    Call as ``net(x, capacity)`` with x (B, C, H, W) images or (B, T, C, H, W) clips, normalised with
+    ``cfg.mean``/``cfg.std``, and capacity a float or a (B,) tensor of effective capacities in [1/8, 1].
+    """
+
+    def __init__(self, cfg: MoNEConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.dim
+        self.patch_embed = nn.Conv2d(cfg.in_chans, D, cfg.patch_size, cfg.patch_size)
+        self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, D))
+        self.router = Router(D, cfg.num_experts)
+        # Eq. 1's alpha: one learnable scalar for all layers, starting at 0, used clamped to [0, 1).
+        self.alpha = nn.Parameter(torch.zeros(()))
+        self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
+        self.fc_norm = nn.LayerNorm(D, eps=1e-6)
+        if cfg.temporal_depth:
+            self.temporal_pos = nn.Parameter(torch.zeros(1, cfg.num_frames, D))
+            self.temporal_blocks = nn.ModuleList(
+                Block(D, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.temporal_depth)
+            )
+            self.temporal_norm = nn.LayerNorm(D, eps=1e-6)
+        self.head = nn.Linear(D, cfg.num_classes)
+        self.reset_parameters()
+
+    def reset_parameters(self) -> None:
+        for m in self.modules():
+            if isinstance(m, nn.Linear):
+                nn.init.trunc_normal_(m.weight, std=0.02)
+                nn.init.zeros_(m.bias)
+            elif isinstance(m, nn.LayerNorm):
+                nn.init.ones_(m.weight)
+                nn.init.zeros_(m.bias)
+        fan_in = self.cfg.in_chans * self.cfg.patch_size**2
+        nn.init.trunc_normal_(self.patch_embed.weight, std=math.sqrt(1.0 / fan_in))
+        nn.init.zeros_(self.patch_embed.bias)  # type: ignore[arg-type]
+        nn.init.trunc_normal_(self.pos_embed, std=0.02)
+        if self.cfg.temporal_depth:
+            nn.init.trunc_normal_(self.temporal_pos, std=0.02)
+        nn.init.zeros_(self.head.weight)
+        nn.init.zeros_(self.alpha)
+
+    # -- spatial MoNE encoder ------------------------------------------------------------------------
+    def embed(self, frames: Tensor) -> Tensor:
+        x = self.patch_embed(frames)  # (F, D, g, g)
+        return x.flatten(2).transpose(1, 2) + self.pos_embed  # (F, N, D)
+
+    def encode_frames(self, x: Tensor, counts: tuple[int, ...]) -> tuple[Tensor, Tensor]:
+        """MoNE spatial transformer for frames that share one token split.
+
+        Args:
+            x: (F, N, D) embedded tokens.
+            counts: k_1..k_E.
+
+        Returns:
+            pooled (F, D) average of the final tokens, and the (F, N) expert of each token.
+        """
+        F_, N, D = x.shape
+        E = self.cfg.num_experts
+        probs = self.router(x)  # (F, N, E)
+        experts = expert_preferred_routing(probs, counts)
+        alpha = self.alpha.clamp(0.0, 1.0 - 1e-6)
+        scale = alpha * probs.gather(-1, experts.unsqueeze(-1)) + 1.0  # (F, N, 1), prob of its own expert
+        groups = [j for j in range(E - 1, -1, -1) if counts[j] > 0]  # largest expert first
+        if len(groups) == 1:
+            xs, scales = [x.reshape(F_ * N, D)], [scale.reshape(F_ * N, 1)]
+        else:
+            # Permute once: each expert's tokens become contiguous for every layer (stable: token order kept).
+            perm = torch.argsort(experts, dim=1, descending=True, stable=True)  # (F, N)
+            x = x.gather(1, perm.unsqueeze(-1).expand(F_, N, D))
+            scale = scale.gather(1, perm.unsqueeze(-1))
+            xs, scales, start = [], [], 0
+            for j in groups:
+                k = counts[j]
+                xs.append(x[:, start : start + k].reshape(F_ * k, D))
+                scales.append(scale[:, start : start + k].reshape(F_ * k, 1))
+                start += k
+        dims = [self.cfg.expert_dims[j] for j in groups]
+        ks = [counts[j] for j in groups]
+        for blk in self.blocks:
+            xs = blk.forward_nested(xs, dims, ks, scales, F_)
+        pooled = sum(x.view(F_, k, D).sum(dim=1) for x, k in zip(xs, ks, strict=True))
+        return pooled / N, experts  # global average pooling, no un-permute needed
+
+    # -- full model ------------------------------------------------------------------------------------
+    def forward_features(self, clips: Tensor, capacities: list[float]) -> tuple[Tensor, Tensor, list]:
+        """Pooled clip features (B, D), the (B, T, N) expert map and per-sample token splits."""
+        B, T = clips.shape[:2]
+        N, E = self.cfg.num_tokens, self.cfg.num_experts
+        tokens = self.embed(clips.flatten(0, 1))  # (F, N, D)
+        per_sample = [expert_counts(c, N, E) for c in capacities]
+        per_frame = [c for c in per_sample for _ in range(T)]
+        pooled = tokens.new_empty(B * T, tokens.shape[-1])
+        experts = torch.empty(B * T, N, dtype=torch.int8, device=tokens.device)
+        for counts in dict.fromkeys(per_frame):  # frames that share a token split run together
+            idx = [i for i, c in enumerate(per_frame) if c == counts]
+            if len(idx) == len(per_frame):
+                pooled, expert_map = self.encode_frames(tokens, counts)
+                experts.copy_(expert_map)
+                break
+            index = torch.tensor(idx, device=tokens.device)
+            p, expert_map = self.encode_frames(tokens.index_select(0, index), counts)
+            pooled = pooled.index_copy(0, index, p)
+            experts[index] = expert_map.to(torch.int8)
+        z = self.fc_norm(pooled).view(B, T, -1)
+        if self.cfg.temporal_depth:
+            z = z + self.temporal_pos[:, :T]
+            for blk in self.temporal_blocks:
+                z = blk(z)
+            z = self.temporal_norm(z)
+        return z.mean(dim=1), experts.view(B, T, N), per_sample
+
+    def forward_head(self, features: Tensor) -> Tensor:
+        return self.head(features)
+
+    def forward(self, x: Tensor, capacity: float | Sequence[float] | Tensor = 1.0) -> MoNEOutput:
+        cfg = self.cfg
+        if x.dim() == 4:
+            x = x.unsqueeze(1)
+        if x.dim() != 5:
+            raise ValueError(f"expected (B, C, H, W) images or (B, T, C, H, W) clips, got shape {tuple(x.shape)}")
+        B, T, C, Hh, Ww = x.shape
+        if (C, Hh, Ww) != (cfg.in_chans, cfg.img_size, cfg.img_size):
+            raise ValueError(
+                f"expected frames of shape ({cfg.in_chans}, {cfg.img_size}, {cfg.img_size}), got {(C, Hh, Ww)}"
+            )
+        if cfg.temporal_depth and T > cfg.num_frames:
+            raise ValueError(f"clip has {T} frames, the model takes at most {cfg.num_frames}")
+        capacities = _as_capacities(capacity, B, cfg.num_experts)
+        features, experts, splits = self.forward_features(x, capacities)
+        logits = self.forward_head(features)
+        f64 = dict(dtype=torch.float64)
+        return MoNEOutput(
+            logits=logits,
+            capacity=torch.tensor([realised_capacity(s) for s in splits], **f64),
+            requested=torch.tensor(capacities, **f64),
+            expert_counts=torch.tensor(splits, dtype=torch.long),
+            experts=experts,
+            gflops=torch.tensor([sample_gflops(cfg, s, T) for s in splits], **f64),
+        )

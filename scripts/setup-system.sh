@@ -1,0 +1,17 @@
+#!/usr/bin/env bash
+# System packages the project uses beyond PyPI: the Fashion-MNIST data set (training, evaluation tests).
+# Installs what is missing with apt-get when run as root; otherwise says what to install.
+set -euo pipefail
+packages=(dataset-fashion-mnist)
+missing=()
+for p in "${packages[@]}"; do
+  dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
+done
+[ ${#missing[@]} -eq 0 ] && exit 0
+if [ "$(id -u)" -eq 0 ] && command -v apt-get >/dev/null; then
+  echo "installing system packages: ${missing[*]}"
+  apt-get update -qq >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${missing[@]}" >/dev/null
+else
+  echo "missing system packages: ${missing[*]} (install them with: sudo apt-get install ${missing[*]})" >&2
+fi
