@@ -19,7 +19,7 @@ def expert_weights(num_experts: int) -> tuple[float, ...]:
 
 def check_capacity(e_c: float, num_experts: int = 4) -> float:
     """Return e_c as a float, or raise ValueError if it is outside [1/2**(E-1), 1]."""
-    lo = 1.0 / 2 ** (num_experts - 1)
+    lo = 1.0 / float(2 ** (num_experts - 1))
     if isinstance(e_c, bool) or not isinstance(e_c, int | float) or not math.isfinite(e_c):
         raise ValueError(f"capacity must be a finite number, got {e_c!r}")
     if not lo - 1e-9 <= e_c <= 1.0 + 1e-9:
@@ -30,16 +30,19 @@ def check_capacity(e_c: float, num_experts: int = 4) -> float:
 def _mean_width(mu: float, w: tuple[float, ...]) -> float:
     m = max(mu * wi for wi in w)
     p = [math.exp(mu * wi - m) for wi in w]
-    return sum(pi * wi for pi, wi in zip(p, w, strict=True)) / sum(p)
+    return float(sum(pi * wi for pi, wi in zip(p, w, strict=True)) / sum(p))
 
 
-@lru_cache(maxsize=4096)
 def capacity_distribution(e_c: float, num_experts: int = 4) -> tuple[float, ...]:
     """Share of tokens c_1..c_E (smallest expert first) for effective capacity e_c, Eq. 3 in closed form.
 
     The end points are exact: e_c = 1 puts every token on the full expert, e_c = 1/2**(E-1) on the smallest.
     """
-    e_c = check_capacity(e_c, num_experts)
+    return _distribution(check_capacity(e_c, num_experts), num_experts)
+
+
+@lru_cache(maxsize=4096)
+def _distribution(e_c: float, num_experts: int) -> tuple[float, ...]:
     w = expert_weights(num_experts)
     if num_experts == 1:
         return (1.0,)
@@ -65,14 +68,18 @@ def capacity_distribution(e_c: float, num_experts: int = 4) -> tuple[float, ...]
     return tuple(pi / s for pi in p)
 
 
-@lru_cache(maxsize=4096)
 def expert_counts(e_c: float, num_tokens: int, num_experts: int = 4) -> tuple[int, ...]:
     """Tokens per expert k_1..k_E for N tokens: k_j = floor(c_j N) for j >= 2, leftovers to the smallest.
 
     EPR (Algorithm 1) assigns floor(c_j N) tokens to each expert from the largest down; the tokens that
     flooring leaves over stay on expert 1, the default.
     """
-    c = capacity_distribution(e_c, num_experts)
+    return _counts(check_capacity(e_c, num_experts), num_tokens, num_experts)
+
+
+@lru_cache(maxsize=4096)
+def _counts(e_c: float, num_tokens: int, num_experts: int) -> tuple[int, ...]:
+    c = _distribution(e_c, num_experts)
     k = [math.floor(cj * num_tokens + 1e-9) for cj in c]
     k[0] = num_tokens - sum(k[1:])
     return tuple(k)

@@ -78,9 +78,7 @@ class MoNEConfig:
         if not isinstance(self.num_experts, int) or not 1 <= self.num_experts <= 8:
             raise ValueError(f"num_experts must be an integer in [1, 8], got {self.num_experts!r}")
         if self.dim % (2 ** (self.num_experts - 1)):
-            raise ValueError(
-                f"dim {self.dim} is not divisible by 2**(num_experts-1) = {2 ** (self.num_experts - 1)}"
-            )
+            raise ValueError(f"dim {self.dim} is not divisible by 2**(num_experts-1) = {2 ** (self.num_experts - 1)}")
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
             raise ValueError(
                 f"mean/std need one value per input channel ({self.in_chans}), got {self.mean!r} / {self.std!r}"
@@ -106,7 +104,7 @@ class MoNEConfig:
     @property
     def min_capacity(self) -> float:
         """Smallest effective capacity: every token on the smallest expert (1/8 for E=4)."""
-        return 1.0 / 2 ** (self.num_experts - 1)
+        return 1.0 / float(2 ** (self.num_experts - 1))
 
     @classmethod
     def from_variant(cls, variant: str, **overrides: Any) -> MoNEConfig:

@@ -26,7 +26,8 @@ class Router(nn.Module):
         self.proj = nn.Linear(dim, num_experts)
 
     def forward(self, x: Tensor) -> Tensor:
-        return self.proj(x).softmax(dim=-1)  # (F, N, E)
+        logits: Tensor = self.proj(x)
+        return logits.softmax(dim=-1)  # (F, N, E)
 
 
 def expert_preferred_routing(probs: Tensor, counts: tuple[int, ...]) -> Tensor:

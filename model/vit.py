@@ -19,6 +19,7 @@ from __future__ import annotations
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import cast
 
 import torch
 import torch.nn.functional as F
@@ -173,9 +174,7 @@ class MoNE(nn.Module):
         self.fc_norm = nn.LayerNorm(D, eps=1e-6)
         if cfg.temporal_depth:
             self.temporal_pos = nn.Parameter(torch.zeros(1, cfg.num_frames, D))
-            self.temporal_blocks = nn.ModuleList(
-                Block(D, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.temporal_depth)
-            )
+            self.temporal_blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.temporal_depth))
             self.temporal_norm = nn.LayerNorm(D, eps=1e-6)
         self.head = nn.Linear(D, cfg.num_classes)
         self.reset_parameters()
@@ -199,7 +198,7 @@ class MoNE(nn.Module):
 
     # -- spatial MoNE encoder ------------------------------------------------------------------------
     def embed(self, frames: Tensor) -> Tensor:
-        x = self.patch_embed(frames)  # (F, D, g, g)
+        x: Tensor = self.patch_embed(frames)  # (F, D, g, g)
         return x.flatten(2).transpose(1, 2) + self.pos_embed  # (F, N, D)
 
     def encode_frames(self, x: Tensor, counts: tuple[int, ...]) -> tuple[Tensor, Tensor]:
@@ -235,12 +234,12 @@ class MoNE(nn.Module):
         dims = [self.cfg.expert_dims[j] for j in groups]
         ks = [counts[j] for j in groups]
         for blk in self.blocks:
-            xs = blk.forward_nested(xs, dims, ks, scales, F_)
-        pooled = sum(x.view(F_, k, D).sum(dim=1) for x, k in zip(xs, ks, strict=True))
+            xs = cast(Block, blk).forward_nested(xs, dims, ks, scales, F_)
+        pooled = torch.stack([x.view(F_, k, D).sum(dim=1) for x, k in zip(xs, ks, strict=True)]).sum(dim=0)
         return pooled / N, experts  # global average pooling, no un-permute needed
 
     # -- full model ------------------------------------------------------------------------------------
-    def forward_features(self, clips: Tensor, capacities: list[float]) -> tuple[Tensor, Tensor, list]:
+    def forward_features(self, clips: Tensor, capacities: list[float]) -> tuple[Tensor, Tensor, list[tuple[int, ...]]]:
         """Pooled clip features (B, D), the (B, T, N) expert map and per-sample token splits."""
         B, T = clips.shape[:2]
         N, E = self.cfg.num_tokens, self.cfg.num_experts
@@ -268,7 +267,7 @@ class MoNE(nn.Module):
         return z.mean(dim=1), experts.view(B, T, N), per_sample
 
     def forward_head(self, features: Tensor) -> Tensor:
-        return self.head(features)
+        return cast(Tensor, self.head(features))
 
     def forward(self, x: Tensor, capacity: float | Sequence[float] | Tensor = 1.0) -> MoNEOutput:
         cfg = self.cfg
@@ -281,17 +280,17 @@ class MoNE(nn.Module):
             raise ValueError(
                 f"expected frames of shape ({cfg.in_chans}, {cfg.img_size}, {cfg.img_size}), got {(C, Hh, Ww)}"
             )
-        if cfg.temporal_depth and T > cfg.num_frames:
+        if cfg.temporal_depth and cfg.num_frames < T:
             raise ValueError(f"clip has {T} frames, the model takes at most {cfg.num_frames}")
         capacities = _as_capacities(capacity, B, cfg.num_experts)
         features, experts, splits = self.forward_features(x, capacities)
         logits = self.forward_head(features)
-        f64 = dict(dtype=torch.float64)
+        f64 = torch.float64
         return MoNEOutput(
             logits=logits,
-            capacity=torch.tensor([realised_capacity(s) for s in splits], **f64),
-            requested=torch.tensor(capacities, **f64),
+            capacity=torch.tensor([realised_capacity(s) for s in splits], dtype=f64),
+            requested=torch.tensor(capacities, dtype=f64),
             expert_counts=torch.tensor(splits, dtype=torch.long),
             experts=experts,
-            gflops=torch.tensor([sample_gflops(cfg, s, T) for s in splits], **f64),
+            gflops=torch.tensor([sample_gflops(cfg, s, T) for s in splits], dtype=f64),
         )

@@ -1,0 +1,20 @@
+"""Marks every test by the folder it lives in (tests/model -> `model`, ...)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+_FOLDERS = ("model", "server", "clients", "docker", "bench")
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    root = Path(__file__).parent
+    for item in items:
+        try:
+            part = Path(item.path).relative_to(root).parts[0]
+        except ValueError:
+            continue
+        if part in _FOLDERS:
+            item.add_marker(getattr(pytest.mark, part))

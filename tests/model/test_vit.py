@@ -1,0 +1,177 @@
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model import MoNE, MoNEConfig, gflops
+from model.capacity import expert_counts
+from model.flops import count_flops
+from model.routing import expert_preferred_routing
+from tests.model.conftest import make_net
+from tests.model.reference import reference_forward
+
+CAPS = [1.0, 0.9, 0.6, 0.5, 0.3, 0.25, 0.2, 0.125]
+
+
+def images(n: int = 3, seed: int = 1, size: int = 28, chans: int = 1) -> torch.Tensor:
+    return torch.randn(n, chans, size, size, generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.mark.parametrize("capacity", CAPS)
+def test_grouped_forward_equals_masked_reference(net: MoNE, capacity: float) -> None:
+    x = images()
+    with torch.no_grad():
+        out = net(x, capacity)
+        ref = reference_forward(net, x, capacity)
+    torch.testing.assert_close(out.logits, ref, atol=2e-5, rtol=1e-4)
+
+
+@pytest.mark.parametrize("capacity", [1.0, 0.5, 0.2])
+def test_grouped_forward_equals_reference_for_clips(capacity: float) -> None:
+    net = make_net(temporal_depth=2, num_frames=4)
+    x = torch.randn(2, 4, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        torch.testing.assert_close(net(x, capacity).logits, reference_forward(net, x, capacity), atol=2e-5, rtol=1e-4)
+
+
+def test_nested_linear_at_full_width_equals_dense_linear(net: MoNE) -> None:
+    blk = net.blocks[0]
+    x = torch.randn(2 * 49, net.cfg.dim)
+    D = net.cfg.dim
+    with torch.no_grad():
+        full = blk.forward_nested([x.clone()], [D], [49], [None], 2)[0]
+        h = blk.norm1(x.view(2, 49, D))
+        qkv = F.linear(h, blk.attn.qkv.weight, blk.attn.qkv.bias).view(2, 49, 3, 4, D // 4).permute(2, 0, 3, 1, 4)
+        a = F.scaled_dot_product_attention(*qkv).transpose(1, 2).reshape(2, 49, D)
+        z = x.view(2, 49, D) + blk.attn.proj(a)
+        dense = z + blk.mlp.fc2(F.gelu(blk.mlp.fc1(blk.norm2(z))))
+    torch.testing.assert_close(full.view(2, 49, D), dense, atol=1e-5, rtol=1e-5)
+
+
+def test_capacity_one_is_the_dense_vit() -> None:
+    """alpha starts at 0, so at capacity 1.0 MoNE is exactly the ViT on the same weights."""
+    net = make_net(alpha=0.0, temporal_depth=0)
+    x = images()
+    with torch.no_grad():
+        tok = net.embed(x)
+        for blk in net.blocks:
+            tok = blk(tok)
+        dense = net.head(net.fc_norm(tok.mean(1)))
+        torch.testing.assert_close(net(x, 1.0).logits, dense, atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("capacity", CAPS)
+def test_tokens_per_expert(net: MoNE, capacity: float) -> None:
+    with torch.no_grad():
+        out = net(images(), capacity)
+    want = expert_counts(capacity, 49)
+    for b in range(3):
+        assert tuple(out.expert_counts[b].tolist()) == want
+        hist = torch.bincount(out.experts[b, 0].long(), minlength=4)
+        assert tuple(hist.tolist()) == want
+
+
+def test_larger_experts_pick_their_top_tokens_first() -> None:
+    g = torch.Generator().manual_seed(0)
+    probs = torch.rand(5, 49, 4, generator=g).softmax(-1)
+    counts = expert_counts(0.4, 49)
+    experts = expert_preferred_routing(probs, counts)
+    free = torch.ones(5, 49, dtype=torch.bool)
+    for j in (3, 2, 1):
+        for f in range(5):
+            mine = (experts[f] == j).nonzero().flatten()
+            assert len(mine) == counts[j]
+            cand = probs[f, :, j].masked_fill(~free[f], -1)
+            assert set(cand.topk(counts[j]).indices.tolist()) == set(mine.tolist())
+        free &= experts != j
+    assert ((experts == 0) == free).all()  # the rest: smallest expert
+
+
+def test_mixed_capacity_batch_equals_each_alone(net: MoNE) -> None:
+    x = images(5)
+    caps = torch.tensor([1.0, 0.3, 0.5, 0.3, 0.125])
+    with torch.no_grad():
+        batched = net(x, caps)
+        for i in range(5):
+            alone = net(x[i : i + 1], float(caps[i]))
+            torch.testing.assert_close(batched.logits[i : i + 1], alone.logits, atol=1e-5, rtol=1e-5)
+            assert torch.equal(batched.experts[i], alone.experts[0])
+            assert batched.gflops[i] == alone.gflops[0]
+
+
+def test_one_frame_clip_equals_image(net: MoNE) -> None:
+    x = images()
+    with torch.no_grad():
+        a, b = net(x, 0.4), net(x.unsqueeze(1), 0.4)
+    assert torch.equal(a.logits, b.logits)
+
+
+def test_clip_frames_are_routed_separately() -> None:
+    net = make_net()
+    clip = torch.randn(2, 8, 1, 28, 28)
+    with torch.no_grad():
+        out = net(clip, 0.3)
+    assert out.experts.shape == (2, 8, 49)
+    for f in range(8):
+        assert tuple(torch.bincount(out.experts[0, f].long(), minlength=4).tolist()) == expert_counts(0.3, 49)
+
+
+@pytest.mark.parametrize("capacity", [1.0, 0.75, 0.5, 0.25, 0.125])
+@pytest.mark.parametrize("frames", [0, 8])
+def test_analytic_flops_match_counter(capacity: float, frames: int) -> None:
+    net = make_net()
+    x = torch.randn(1, 1, 28, 28) if frames == 0 else torch.randn(1, frames, 1, 28, 28)
+    with torch.no_grad():
+        counted = count_flops(lambda: net(x, capacity))
+        out = net(x, capacity)
+    analytic = gflops(net.cfg, capacity, max(frames, 1)) * 1e9
+    assert out.gflops[0].item() == pytest.approx(analytic / 1e9)
+    assert counted == pytest.approx(analytic, rel=0.01)
+
+
+def test_flops_shrink_with_capacity() -> None:
+    cfg = MoNEConfig.from_variant("S/16")
+    dense, half, quarter = (gflops(cfg, c) for c in (1.0, 0.5, 0.25))
+    assert dense == pytest.approx(9.2, rel=0.05)  # 4.6 GMACs for ViT-S/16 (mone-paper.md section 3.2)
+    assert 1.8 < dense / half < 1.95
+    assert 3.0 < dense / quarter < 3.4
+
+
+def test_capacity_validation(net: MoNE) -> None:
+    with pytest.raises(ValueError, match="capacity"):
+        net(images(), 0.05)
+    with pytest.raises(ValueError, match="shape"):
+        net(images(), torch.tensor([0.5, 0.5]))
+    with pytest.raises(ValueError, match="frames of shape"):
+        net(torch.randn(1, 3, 28, 28), 0.5)
+
+
+def test_gradients_reach_router_and_alpha() -> None:
+    net = make_net().train()
+    out = net(images(4), torch.tensor([0.3, 0.5, 1.0, 0.3]))
+    F.cross_entropy(out.logits, torch.tensor([1, 2, 3, 4])).backward()
+    assert net.router.proj.weight.grad is not None
+    assert net.router.proj.weight.grad.abs().sum() > 0
+    assert net.alpha.grad is not None
+    assert net.alpha.grad.abs() > 0
+    assert all(p.grad is not None for n, p in net.named_parameters() if not n.startswith("temporal"))
+
+
+def test_train_and_eval_paths_agree() -> None:
+    net = make_net()
+    x = images()
+    with torch.no_grad():
+        a = net(x, 0.3).logits
+    b = net(x, 0.3).logits  # autograd path (out-of-place residual adds)
+    torch.testing.assert_close(a, b.detach(), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("variant", ["Mi/4", "Ti/16", "S/16", "B/16", "L/16"])
+def test_variants_build(variant: str) -> None:
+    cfg = MoNEConfig.from_variant(variant, img_size=32 if variant != "Mi/4" else 28, depth=1)
+    net = MoNE(cfg).eval()
+    x = torch.randn(1, cfg.in_chans, cfg.img_size, cfg.img_size)
+    with torch.no_grad():
+        assert net(x, 0.5).logits.shape == (1, cfg.num_classes)
+    assert cfg.expert_dims == tuple(cfg.dim // 2**k for k in (3, 2, 1, 0))
