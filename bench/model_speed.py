@@ -12,7 +12,9 @@ peak activation memory of one forward (max RSS growth, each in a fresh subproces
 from __future__ import annotations
 
 import argparse
+import ctypes
 import functools
+import gc
 import json
 import platform
 import statistics
@@ -49,19 +51,37 @@ def median_times(fns: dict[str, Callable[[], object]], repeats: int, warmup: int
     return {name: statistics.median(t) for name, t in times.items()}
 
 
+def _status_kb(field: str) -> int:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith(field + ":"):
+                return int(line.split()[1])
+    raise RuntimeError(f"{field} not in /proc/self/status")
+
+
+def measure_peak(variant: str, batch: int, which: str) -> float:
+    """Peak resident memory growth (MB) of one forward pass, in this process (Linux: resets VmHWM first)."""
+    net = build(variant)
+    cfg = net.cfg
+    x = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size)
+    fn: Callable[[], object] = (
+        functools.partial(net, x, capacity=1.0) if which == "mone" else functools.partial(PlainViT(net), x)
+    )
+    with torch.inference_mode():
+        fn()  # allocator warm, lazy inits done
+        gc.collect()
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # return freed heap memory, so RSS counts live memory only
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")  # reset the peak RSS to the current RSS
+        before = _status_kb("VmRSS")
+        fn()
+        peak = _status_kb("VmHWM")
+    return (peak - before) / 1024
+
+
 def peak_activation_mb(variant: str, batch: int, which: str) -> float:
-    """Max-RSS growth of one forward pass, measured in a fresh interpreter."""
-    code = (
-        "import resource, torch; from bench.model_speed import build; "
-        "from bench.references import PlainViT, FusedViT\n"
-        f"m = build({variant!r}); x = torch.randn({batch}, m.cfg.in_chans, m.cfg.img_size, m.cfg.img_size)\n"
-        f"f = {{'mone': lambda: m(x, 1.0), 'plain': PlainViT(m), 'fused': FusedViT(m)}}[{which!r}]\n"
-        "with torch.inference_mode():\n"
-        "    f(x[:1]) if {which!r} != 'mone' else m(x[:1], 1.0)\n"
-        "    before = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss\n"
-        "    f(x) if {which!r} != 'mone' else f()\n"
-        "print((resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - before) / 1024)\n"
-    ).replace("{which!r}", repr(which))
+    """`measure_peak` in a fresh interpreter, so that the two models do not share an allocator's history."""
+    code = f"from bench.model_speed import measure_peak; print(measure_peak({variant!r}, {batch}, {which!r}))"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return float(out.stdout.strip().splitlines()[-1])
 

@@ -51,14 +51,18 @@ def _cpu_sdpa_flops(query: Any, key: Any, value: Any, *args: Any, out_shape: Any
     return int(sdpa_flop_count(query, key, value))  # type: ignore[no-untyped-call]
 
 
+def _addmm_flops(self_shape: Any, a_shape: Any, b_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    return 2 * int(a_shape[0]) * int(a_shape[1]) * int(b_shape[1])
+
+
 def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs that `torch.utils.flop_counter` measures while running fn().
 
-    The stock counter has no formula for the CPU flash-attention kernel and would count attention as 0;
-    we register the same formula it uses for the CUDA kernels.
+    The stock counter has no formula for the CPU flash-attention kernel nor for in-place `addmm_` and would
+    count them as 0; we register the formulas it uses for the CUDA attention kernels and for `addmm`.
     """
     aten = torch.ops.aten
-    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops}
+    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops, aten.addmm_: _addmm_flops}
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn()
     return int(counter.get_total_flops())

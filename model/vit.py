@@ -67,14 +67,37 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
 
-def _add_sliced(x: Tensor, y: Tensor) -> Tensor:
-    """x[:, :d] += y with zero padding beyond d (Pad before the residual add); in place when no grad is
-    recorded, out of place for training (autograd needs the old x for LayerNorm's backward)."""
-    d = y.shape[-1]
-    if not torch.is_grad_enabled():
-        x[:, :d] += y
-        return x
-    return x + F.pad(y, (0, x.shape[-1] - d)) if d < x.shape[-1] else x + y
+# Rows per chunk of the post-attention part of a block at inference: the (rows, mlp_ratio*D) hidden stays in
+# cache between fc1, GELU and fc2 instead of making a round trip through memory.
+CHUNK_BYTES = 4 << 20
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the tokens of F frames sit in one (F*N, D) matrix: grouped by expert, largest expert first,
+    frame-major inside a group.  Each group is a contiguous block of rows for every layer's matrix products.
+
+    Attributes:
+        frames: F.
+        ks: tokens per frame of each group.
+        dims: width d_j of each group.
+        to_frames: (F*N,) rows that put the matrix in frame order for attention; None if already so.
+        to_groups: the inverse of `to_frames`.
+    """
+
+    frames: int
+    ks: tuple[int, ...]
+    dims: tuple[int, ...]
+    to_frames: Tensor | None = None
+    to_groups: Tensor | None = None
+
+    def segments(self) -> list[tuple[int, int, int]]:
+        """(first row, end row, width) of each group."""
+        out, start = [], 0
+        for k, d in zip(self.ks, self.dims, strict=True):
+            out.append((start, start + self.frames * k, d))
+            start += self.frames * k
+        return out
 
 
 class Block(nn.Module):
@@ -91,47 +114,86 @@ class Block(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Dense block on (B, L, D): the temporal transformer."""
         B, L, D = x.shape
-        return self.forward_nested([x.reshape(B * L, D)], [D], [L], [None], B)[0].view(B, L, D)
+        return self.forward_nested(x.reshape(B * L, D), Layout(B, (L,), (D,)), None).view(B, L, D)
 
-    def forward_nested(
-        self,
-        xs: list[Tensor],
-        dims: Sequence[int],
-        ks: Sequence[int],
-        scales: Sequence[Tensor | None],
-        frames: int,
-    ) -> list[Tensor]:
-        """One block over expert groups.
+    def forward_nested(self, x: Tensor, layout: Layout, scale: Tensor | None) -> Tensor:
+        """One block over tokens grouped by expert.
 
         Args:
-            xs: per expert group, the residual stream (F*k_j, D) of its tokens, frame-major.
-            dims: d_j of each group.
-            ks: k_j (tokens per frame) of each group.
-            scales: per group (F*k_j, 1) MLP multiplier alpha*r+1 (Eq. 1), or None for 1.
-            frames: F.
+            x: (F*N, D) residual stream in `layout` order.
+            layout: the groups.
+            scale: (F*N, 1) MLP multiplier alpha*r+1 of each token (Eq. 1), or None for 1.
         """
-        D = xs[0].shape[-1]
+        a = self.attention(x, layout)
+        if torch.is_grad_enabled():
+            return self._update(x, a, layout, scale)
+        self._update_(x, a, layout, scale)
+        return x
+
+    def attention(self, x: Tensor, layout: Layout) -> Tensor:
+        """Full-width self-attention over all tokens of each frame, (F*N, D) in `layout` order.
+
+        Each group's Q, K, V come from its sliced in-projection LN(x)[:, :d_j] @ W_qkv[:, :d_j]^T (Eq. 4-5).
+        """
+        D = x.shape[-1]
         H = self.attn.heads
-        hd = D // H
-        w_qkv, b_qkv = self.attn.qkv.weight, self.attn.qkv.bias
-        qs, kvs = [], []
-        for x, d, k in zip(xs, dims, ks, strict=True):
-            h = F.layer_norm(x, (D,), self.norm1.weight, self.norm1.bias, self.norm1.eps)
-            qkv = F.linear(h[:, :d], w_qkv[:, :d], b_qkv).view(frames, k, 3, H, hd)  # sliced in-projection
-            qs.append(qkv[:, :, 0].transpose(1, 2))  # (F, H, k, h)
-            kvs.append(qkv[:, :, 1:])  # (F, k, 2, H, h)
-        kv = kvs[0] if len(kvs) == 1 else torch.cat(kvs, dim=1)  # (F, N, 2, H, h)
-        key, value = kv[:, :, 0].transpose(1, 2), kv[:, :, 1].transpose(1, 2)  # (F, H, N, h)
+        w, b = self.attn.qkv.weight, self.attn.qkv.bias
+        h = F.layer_norm(x, (D,), self.norm1.weight, self.norm1.bias, self.norm1.eps)
+        segments = layout.segments()
+        if len(segments) == 1:
+            d = segments[0][2]
+            qkv = F.linear(h[:, :d], w[:, :d], b)
+        elif torch.is_grad_enabled():
+            qkv = torch.cat([F.linear(h[s:e, :d], w[:, :d], b) for s, e, d in segments])
+        else:
+            qkv = h.new_empty(h.shape[0], 3 * D)
+            for s, e, d in segments:
+                torch.addmm(b, h[s:e, :d], w[:, :d].t(), out=qkv[s:e])
+        if layout.to_frames is not None:
+            qkv = qkv.index_select(0, layout.to_frames)
+        q, k, v = qkv.view(layout.frames, -1, 3, H, D // H).unbind(2)  # (F, N, H, h) each
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        a = a.transpose(1, 2).reshape(-1, D)  # (F*N, D) frame order
+        return a if layout.to_groups is None else a.index_select(0, layout.to_groups)
+
+    def _update(self, x: Tensor, a: Tensor, layout: Layout, scale: Tensor | None) -> Tensor:
+        """Attention out-projection and MLP, out of place (for autograd).
+
+        Out-projections produce only the first d_j outputs (Eq. 5-6), zero-padded to D before the residual add.
+        """
+        D = x.shape[-1]
         out = []
-        for x, q, d, k, s in zip(xs, qs, dims, ks, scales, strict=True):
-            a = F.scaled_dot_product_attention(q, key, value)  # full-width attention, (F, H, k, h)
-            a = a.transpose(1, 2).reshape(frames * k, D)
-            x = _add_sliced(x, F.linear(a, self.attn.proj.weight[:d], self.attn.proj.bias[:d]))
-            h = F.layer_norm(x, (D,), self.norm2.weight, self.norm2.bias, self.norm2.eps)
-            u = F.gelu(F.linear(h[:, :d], self.mlp.fc1.weight[:, :d], self.mlp.fc1.bias))  # (F*k, 4D)
-            y = F.linear(u, self.mlp.fc2.weight[:d], self.mlp.fc2.bias[:d])  # sliced out-projection
-            out.append(_add_sliced(x, y if s is None else y * s))
-        return out
+        for s, e, d in layout.segments():
+            xs = x[s:e] + F.pad(F.linear(a[s:e], self.attn.proj.weight[:d], self.attn.proj.bias[:d]), (0, D - d))
+            h = F.layer_norm(xs, (D,), self.norm2.weight, self.norm2.bias, self.norm2.eps)[:, :d]
+            u = F.gelu(F.linear(h, self.mlp.fc1.weight[:, :d], self.mlp.fc1.bias))
+            y = F.linear(u, self.mlp.fc2.weight[:d], self.mlp.fc2.bias[:d])
+            out.append(xs + F.pad(y if scale is None else y * scale[s:e], (0, D - d)))
+        return out[0] if len(out) == 1 else torch.cat(out)
+
+    def _update_(self, x: Tensor, a: Tensor, layout: Layout, scale: Tensor | None) -> None:
+        """The same as `_update`, in place on x, for inference, in chunks of rows that stay in cache."""
+        D, hidden = x.shape[-1], self.mlp.fc1.out_features
+        w_o, b_o = self.attn.proj.weight, self.attn.proj.bias
+        w1, b1, w2, b2 = self.mlp.fc1.weight, self.mlp.fc1.bias, self.mlp.fc2.weight, self.mlp.fc2.bias
+        segments = layout.segments()
+        step = max(64, CHUNK_BYTES // (4 * hidden))
+        for c0 in range(0, x.shape[0], step):
+            c1 = min(x.shape[0], c0 + step)
+            pieces = [(max(s, c0), min(e, c1), d) for s, e, d in segments if max(s, c0) < min(e, c1)]
+            for s, e, d in pieces:
+                x[s:e, :d].addmm_(a[s:e], w_o[:d].t()).add_(b_o[:d])
+            h = F.layer_norm(x[c0:c1], (D,), self.norm2.weight, self.norm2.bias, self.norm2.eps)
+            u = h.new_empty(c1 - c0, hidden)
+            for s, e, d in pieces:
+                torch.addmm(b1, h[s - c0 : e - c0, :d], w1[:, :d].t(), out=u[s - c0 : e - c0])
+            u = F.gelu(u)
+            for s, e, d in pieces:
+                y = torch.addmm(b2[:d], u[s - c0 : e - c0], w2[:d].t())
+                if scale is None:
+                    x[s:e, :d].add_(y)
+                else:
+                    x[s:e, :d].addcmul_(y, scale[s:e])
 
 
 def _as_capacities(capacity: float | Sequence[float] | Tensor, batch: int, num_experts: int) -> list[float]:
@@ -216,27 +278,31 @@ class MoNE(nn.Module):
         probs = self.router(x)  # (F, N, E)
         experts = expert_preferred_routing(probs, counts)
         alpha = self.alpha.clamp(0.0, 1.0 - 1e-6)
-        scale = alpha * probs.gather(-1, experts.unsqueeze(-1)) + 1.0  # (F, N, 1), prob of its own expert
+        scale = (alpha * probs.gather(-1, experts.unsqueeze(-1)) + 1.0).view(F_ * N, 1)  # prob of own expert
         groups = [j for j in range(E - 1, -1, -1) if counts[j] > 0]  # largest expert first
+        ks = tuple(counts[j] for j in groups)
+        dims = tuple(self.cfg.expert_dims[j] for j in groups)
+        x = x.reshape(F_ * N, D)
         if len(groups) == 1:
-            xs, scales = [x.reshape(F_ * N, D)], [scale.reshape(F_ * N, 1)]
+            layout = Layout(F_, ks, dims)
         else:
-            # Permute once: each expert's tokens become contiguous for every layer (stable: token order kept).
-            perm = torch.argsort(experts, dim=1, descending=True, stable=True)  # (F, N)
-            x = x.gather(1, perm.unsqueeze(-1).expand(F_, N, D))
-            scale = scale.gather(1, perm.unsqueeze(-1))
-            xs, scales, start = [], [], 0
-            for j in groups:
-                k = counts[j]
-                xs.append(x[:, start : start + k].reshape(F_ * k, D))
-                scales.append(scale[:, start : start + k].reshape(F_ * k, 1))
-                start += k
-        dims = [self.cfg.expert_dims[j] for j in groups]
-        ks = [counts[j] for j in groups]
+            # Permute once: each expert's tokens become one block of rows for every layer.
+            perm = torch.argsort(experts, dim=1, descending=True, stable=True)  # (F, N), largest expert first
+            flat = perm + N * torch.arange(F_, device=x.device).unsqueeze(1)
+            starts = [sum(ks[:g]) for g in range(len(ks))]
+            rows = torch.cat([flat[:, s : s + k].reshape(-1) for s, k in zip(starts, ks, strict=True)])
+            x, scale = x.index_select(0, rows), scale.index_select(0, rows)
+            to_frames = to_groups = None
+            if F_ > 1:
+                to_frames = torch.argsort(rows // N, stable=True)
+                to_groups = torch.empty_like(to_frames)
+                to_groups[to_frames] = torch.arange(len(rows), device=x.device)
+            layout = Layout(F_, ks, dims, to_frames, to_groups)
         for blk in self.blocks:
-            xs = cast(Block, blk).forward_nested(xs, dims, ks, scales, F_)
-        pooled = torch.stack([x.view(F_, k, D).sum(dim=1) for x, k in zip(xs, ks, strict=True)]).sum(dim=0)
-        return pooled / N, experts  # global average pooling, no un-permute needed
+            x = cast(Block, blk).forward_nested(x, layout, scale)
+        if layout.to_frames is not None:
+            x = x.index_select(0, layout.to_frames)
+        return x.view(F_, N, D).mean(dim=1), experts  # global average pooling, no un-permute needed
 
     # -- full model ------------------------------------------------------------------------------------
     def forward_features(self, clips: Tensor, capacities: list[float]) -> tuple[Tensor, Tensor, list[tuple[int, ...]]]:

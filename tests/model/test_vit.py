@@ -8,6 +8,7 @@ from model import MoNE, MoNEConfig, gflops
 from model.capacity import expert_counts
 from model.flops import count_flops
 from model.routing import expert_preferred_routing
+from model.vit import Layout
 from tests.model.conftest import make_net
 from tests.model.reference import reference_forward
 
@@ -40,7 +41,7 @@ def test_nested_linear_at_full_width_equals_dense_linear(net: MoNE) -> None:
     x = torch.randn(2 * 49, net.cfg.dim)
     D = net.cfg.dim
     with torch.no_grad():
-        full = blk.forward_nested([x.clone()], [D], [49], [None], 2)[0]
+        full = blk.forward_nested(x.clone(), Layout(2, (49,), (D,)), None)
         h = blk.norm1(x.view(2, 49, D))
         qkv = F.linear(h, blk.attn.qkv.weight, blk.attn.qkv.bias).view(2, 49, 3, 4, D // 4).permute(2, 0, 3, 1, 4)
         a = F.scaled_dot_product_attention(*qkv).transpose(1, 2).reshape(2, 49, D)
