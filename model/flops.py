@@ -62,7 +62,10 @@ def count_flops(fn: Callable[[], Any]) -> int:
     count them as 0; we register the formulas it uses for the CUDA attention kernels and for `addmm`.
     """
     aten = torch.ops.aten
-    mapping = {aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops, aten.addmm_: _addmm_flops}
+    mapping: dict[Any, Any] = {
+        aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
+        aten.addmm_: _addmm_flops,
+    }
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn()
     return int(counter.get_total_flops())
