@@ -230,7 +230,7 @@ class MoNE(nn.Module):
         self.patch_embed = nn.Conv2d(cfg.in_chans, D, cfg.patch_size, cfg.patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, D))
         self.router = Router(D, cfg.num_experts)
-        # Eq. 1's alpha: one learnable scalar for all layers, starting at 0, used clamped to [0, 1).
+        # Eq. 1's alpha: one learnable scalar for all layers, starting at 0, used clamped to [0, 1) (`mlp_alpha`).
         self.alpha = nn.Parameter(torch.zeros(()))
         self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.fc_norm = nn.LayerNorm(D, eps=1e-6)
@@ -258,6 +258,12 @@ class MoNE(nn.Module):
         nn.init.zeros_(self.head.weight)
         nn.init.zeros_(self.alpha)
 
+    def mlp_alpha(self) -> Tensor:
+        """alpha clamped to [0, 1) with a straight-through gradient: a plain clamp would stop learning for good
+        once an update pushed the raw value below 0 (where it starts)."""
+        a = self.alpha
+        return a + (a.clamp(0.0, 1.0 - 1e-6) - a).detach()
+
     # -- spatial MoNE encoder ------------------------------------------------------------------------
     def embed(self, frames: Tensor) -> Tensor:
         x: Tensor = self.patch_embed(frames)  # (F, D, g, g)
@@ -277,7 +283,7 @@ class MoNE(nn.Module):
         E = self.cfg.num_experts
         probs = self.router(x)  # (F, N, E)
         experts = expert_preferred_routing(probs, counts)
-        alpha = self.alpha.clamp(0.0, 1.0 - 1e-6)
+        alpha = self.mlp_alpha()
         scale = (alpha * probs.gather(-1, experts.unsqueeze(-1)) + 1.0).view(F_ * N, 1)  # prob of own expert
         groups = [j for j in range(E - 1, -1, -1) if counts[j] > 0]  # largest expert first
         ks = tuple(counts[j] for j in groups)

@@ -32,7 +32,7 @@ def reference_forward(net: MoNE, x: Tensor, capacity: float, experts: Tensor | N
     widths = torch.tensor(cfg.expert_dims)[experts]  # (F, N) d_j per token
     mask = (torch.arange(D)[None, None, :] < widths[..., None]).to(tok.dtype)  # (F, N, D)
     r = probs.gather(-1, experts.unsqueeze(-1))  # (F, N, 1)
-    scale = net.alpha.clamp(0.0, 1.0 - 1e-6) * r + 1.0
+    scale = net.alpha.clamp(0.0, 1.0 - 1e-6) * r + 1.0  # forward value of net.mlp_alpha()
     for blk in net.blocks:
         h = F.layer_norm(tok, (D,), blk.norm1.weight, blk.norm1.bias, blk.norm1.eps) * mask
         q, k, v = F.linear(h, blk.attn.qkv.weight, blk.attn.qkv.bias).view(F_, N, 3, H, D // H).permute(2, 0, 3, 1, 4)

@@ -159,6 +159,19 @@ def test_gradients_reach_router_and_alpha() -> None:
     assert all(p.grad is not None for n, p in net.named_parameters() if not n.startswith("temporal"))
 
 
+def test_alpha_is_clamped_but_keeps_learning() -> None:
+    net = make_net(alpha=-0.5)
+    with torch.no_grad():
+        assert net.mlp_alpha().item() == 0.0  # forward value clamped to [0, 1)
+        net.alpha.fill_(3.0)
+        assert net.mlp_alpha().item() < 1.0
+        net.alpha.fill_(-0.5)
+    out = net.train()(images(2), 0.5)
+    out.logits.sum().backward()
+    assert net.alpha.grad is not None
+    assert net.alpha.grad.abs() > 0  # a plain clamp would give 0 here, and alpha could never come back
+
+
 def test_train_and_eval_paths_agree() -> None:
     net = make_net()
     x = images()
