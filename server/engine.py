@@ -1,0 +1,406 @@
+"""The engine: admission, budget planning, the batch loop and the accounting of every accepted request.
+
+It knows nothing about HTTP.  Callers hand it a decoded (T, C, H, W) input and a `Budget` and await an
+`InferResult`; failures are `ServeError`s.  Inference runs on a single worker thread so that the event loop
+(health, metrics, admission) stays responsive while the model computes.
+
+Accounting: every accepted request ends exactly once as succeeded, failed or cancelled.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import math
+import time
+from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
+from typing import Protocol
+
+import torch
+from torch import Tensor
+
+from server.batcher import Batcher, WorkItem
+from server.budget import Budget, Level, Planner
+from server.config import Settings
+from server.errors import (
+    DeadlineExceededError,
+    InternalError,
+    NotReadyError,
+    OverLimitError,
+    OverloadedError,
+    ServeError,
+)
+from server.latency import LatencyModel
+from server.runner import Runner, SampleOutput
+
+log = logging.getLogger("mone.engine")
+LATENCY_SAFETY = 1.1  # plan against 110 % of the predicted compute time
+LATENCY_MARGIN_S = 0.002  # plus 2 ms for unbatching and answering
+
+
+class EngineEvents(Protocol):
+    """Lifecycle hooks (metrics implement them)."""
+
+    def batch_done(self, size: int, seconds: float) -> None: ...
+    def request_done(self, result: InferResult) -> None: ...
+    def cancelled(self) -> None: ...
+    def load(self, queue_depth: int, inflight: int) -> None: ...
+
+
+class NullEvents:
+    def batch_done(self, size: int, seconds: float) -> None:
+        pass
+
+    def request_done(self, result: InferResult) -> None:
+        pass
+
+    def cancelled(self) -> None:
+        pass
+
+    def load(self, queue_depth: int, inflight: int) -> None:
+        pass
+
+
+@dataclass
+class InferResult:
+    """One served sample and its account."""
+
+    output: SampleOutput
+    budget: Budget
+    level: Level
+    frames: int
+    dense_gflops: float
+    queue_ms: float
+    compute_ms: float
+    batch_size: int
+    degraded: bool
+    planned_ms: float | None
+    deadline_met: bool | None
+
+
+@dataclass
+class Stats:
+    accepted: int = 0
+    succeeded: int = 0
+    failed: int = 0
+    cancelled: int = 0
+
+    @property
+    def inflight(self) -> int:
+        return self.accepted - self.succeeded - self.failed - self.cancelled
+
+
+class Engine:
+    """Model + dynamic batcher + planner.
+
+    Args:
+        runner: the loaded model.
+        settings: batching, overload and calibration settings.
+        events: lifecycle hooks.
+    """
+
+    def __init__(self, runner: Runner, settings: Settings, events: EngineEvents | None = None) -> None:
+        self.runner = runner
+        self.cfg = runner.cfg
+        self.settings = settings
+        self.events: EngineEvents = events or NullEvents()
+        self.planner = Planner(self.cfg)
+        self.latency = LatencyModel()
+        self.stats = Stats()
+        self.ready = False
+        self._batcher: Batcher | None = None
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mone-infer")
+        self._task: asyncio.Task[None] | None = None
+
+    @property
+    def kinds(self) -> dict[str, int]:
+        """Input kinds and their frames per sample."""
+        return {"image": 1, "clip": self.cfg.num_frames}
+
+    @property
+    def queue_depth(self) -> int:
+        return len(self._batcher) if self._batcher else 0
+
+    # -- lifecycle -----------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        """Warm up, calibrate the latency model, start the batch loop; then report ready."""
+        s = self.settings
+        self._batcher = Batcher(s.max_batch_size, s.max_batch_wait_ms, s.max_queue_size)
+        await asyncio.get_running_loop().run_in_executor(self._executor, self._warm_up_and_calibrate)
+        self._task = asyncio.create_task(self._loop(), name="mone-batch-loop")
+        self.ready = True
+
+    async def stop(self, drain_s: float = 20.0) -> None:
+        """Refuse new work, let queued work finish (up to drain_s), fail what is left, stop the loop."""
+        self.ready = False
+        end = time.monotonic() + drain_s
+        while self.stats.inflight and time.monotonic() < end:
+            await asyncio.sleep(0.01)
+        if self._batcher:
+            for item in self._batcher.drain():
+                self._fail(item, NotReadyError("server shutting down"))
+        if self._task:
+            self._task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._task
+        self._executor.shutdown(wait=True)
+
+    def _warm_up_and_calibrate(self) -> None:
+        s, r = self.settings, self.runner
+        if s.threads:
+            torch.set_num_threads(s.threads)
+        for frames in sorted(set(self.kinds.values())):
+            if s.warmup_iters:
+                r.time_batch(frames, 1, 1.0, s.warmup_iters)
+            if not s.calibrate:
+                continue
+            sizes = sorted({min(b, s.max_batch_size) for b in s.calibration_batch_sizes})
+            for b in sizes:
+                for c in s.calibration_capacities:
+                    seconds = r.time_batch(frames, b, c, s.calibration_repeats)
+                    self.latency.observe(
+                        frames, 1, b * self.planner.level_of(c, frames).gflops, seconds, True
+                    )
+            b = sizes[-1]
+            if b > 1:  # one mixed batch so that the per-split cost is identifiable
+                caps = [self.cfg.min_capacity, 1.0] * (b // 2) + [1.0] * (b % 2)
+                xs = [r.dummy(frames)] * b
+                out = r.run(xs, caps, [1] * b, [False] * b)
+                gf = sum(self.planner.level_of(c, frames).gflops for c in caps)
+                self.latency.observe(frames, 2, gf, out.seconds, True)
+            log.info("latency model for %d-frame inputs: %s", frames, self.latency.to_dict().get(str(frames)))
+
+    # -- admission -----------------------------------------------------------------------------------------
+    async def infer(
+        self,
+        x: Tensor,
+        budget: Budget,
+        *,
+        arrival: float | None = None,
+        top_k: int = 5,
+        routing: bool = False,
+        deadline_ms: float | None = None,
+    ) -> InferResult:
+        """Serve one (T, C, H, W) input under `budget`.  Cancelling the awaiting task cancels the request."""
+        item = self.submit(x, budget, arrival=arrival, top_k=top_k, routing=routing, deadline_ms=deadline_ms)
+        try:
+            result: InferResult = await item.future
+        except asyncio.CancelledError:
+            self.cancel(item)
+            raise
+        return result
+
+    def submit(
+        self,
+        x: Tensor,
+        budget: Budget,
+        *,
+        arrival: float | None = None,
+        top_k: int = 5,
+        routing: bool = False,
+        deadline_ms: float | None = None,
+    ) -> WorkItem:
+        """Admit one input (or raise a ServeError); the returned item's future resolves to its result."""
+        if not self.ready or self._batcher is None:
+            raise NotReadyError("the model is not ready")
+        now = time.monotonic()
+        arrival = now if arrival is None else arrival
+        frames = int(x.shape[0])
+        limit = min(
+            self.settings.max_request_frames, self.cfg.num_frames if self.cfg.temporal_depth else 10**9
+        )
+        if frames > limit:
+            raise self._reject(
+                OverLimitError(f"{frames} frames, the limit is {limit}", frames=frames, limit=limit)
+            )
+        level = self._admission_level(budget, frames)
+        timeout = self.settings.request_timeout_s
+        deadline = arrival + (min(timeout, deadline_ms / 1e3) if deadline_ms else timeout)
+        if self._batcher.full():
+            raise self._reject(
+                OverloadedError(
+                    f"queue full ({self._batcher.max_queue_size})", retry_after=self._drain_estimate()
+                )
+            )
+        if deadline_ms is not None and now + self._wait_estimate(frames) > deadline:
+            raise self._reject(
+                DeadlineExceededError(
+                    f"deadline of {deadline_ms:g} ms cannot be met", deadline_ms=deadline_ms
+                )
+            )
+        item = WorkItem(x, budget, arrival, deadline, top_k=top_k, routing=routing, level=level)
+        self._batcher.put(item)
+        self.stats.accepted += 1
+        self.events.load(self.queue_depth, self.stats.inflight)
+        return item
+
+    def _admission_level(self, budget: Budget, frames: int) -> Level | None:
+        try:
+            if budget.type == "gflops":
+                return self.planner.for_gflops(budget.value, frames)
+            if budget.type == "latency_ms":
+                return None  # planned when its batch forms
+            return self.planner.level_of(budget.value, frames)
+        except ServeError as exc:
+            raise self._reject(exc) from None
+
+    def _reject(self, exc: ServeError) -> ServeError:
+        log.debug("rejected at admission: %s", exc.message)
+        return exc
+
+    def cancel(self, item: WorkItem) -> None:
+        """The client went away: drop the item if queued; count it cancelled unless it already finished."""
+        item.cancelled = True
+        if self._batcher:
+            self._batcher.remove(item)
+        if self._settle(item, "cancelled"):
+            self.events.cancelled()
+
+    def _wait_estimate(self, frames: int) -> float:
+        """Predicted seconds until a new item of this kind finishes at the floor."""
+        b = self.settings.max_batch_size
+        floor = self.planner.floor(frames).gflops
+        batches = self.queue_depth // b + 1
+        return batches * self.latency.predict(frames, 1, b * floor) + self.settings.max_batch_wait_ms / 1e3
+
+    def _drain_estimate(self) -> float:
+        b = self.settings.max_batch_size
+        dense = self.planner.dense_gflops(1)
+        batches = math.ceil(self.queue_depth / b)
+        return float(max(1, math.ceil(batches * self.latency.predict(1, 1, b * dense))))
+
+    # -- batch formation (planning) ------------------------------------------------------------------------
+    def _degrade_cap(self, depth: int) -> float:
+        s = self.settings
+        if s.overload_policy != "degrade":
+            return 1.0
+        fill = depth / s.max_queue_size
+        if fill <= s.degrade_start:
+            return 1.0
+        t = min(1.0, (fill - s.degrade_start) / (1.0 - s.degrade_start))
+        return s.default_capacity - (s.default_capacity - s.degrade_floor) * t
+
+    def plan(self, items: list[WorkItem]) -> tuple[list[WorkItem], list[WorkItem]]:
+        """Give every item of a forming batch its level; returns (run now, put back at the queue head)."""
+        frames = items[0].frames
+        cap = self._degrade_cap(self.queue_depth + len(items))
+        fixed = [it for it in items if it.budget.type != "latency_ms"]
+        flexible = [it for it in items if it.budget.type == "latency_ms"]
+        for it in fixed:
+            assert it.level is not None
+            if it.budget.type == "default" and it.level.capacity > cap + 1e-12:
+                it.level, it.degraded = self.planner.level_of(max(cap, self.cfg.min_capacity), frames), True
+        if not flexible:
+            return items, []
+        if self._fit_latency(fixed, flexible, frames, cap):
+            return items, []
+        # Pinned work must not push latency-budgeted requests past their budget: run those alone first.
+        if fixed and self._fit_latency([], flexible, frames, cap):
+            return flexible, fixed
+        floor = self.planner.floor(frames)
+        now = time.monotonic()
+        predicted = self._predict(fixed, [floor] * len(flexible), frames)
+        for it in flexible:
+            it.level, it.planned_ms = floor, (now - it.arrival + predicted) * 1e3
+        return items, []
+
+    def _predict(self, fixed: list[WorkItem], levels: list[Level], frames: int) -> float:
+        all_levels = [it.level for it in fixed if it.level is not None] + levels
+        groups = len({lv.counts for lv in all_levels})
+        return self.latency.predict(frames, groups, sum(lv.gflops for lv in all_levels))
+
+    def _fit_latency(self, fixed: list[WorkItem], flexible: list[WorkItem], frames: int, cap: float) -> bool:
+        """Give the latency-budgeted items the largest level whose predicted batch time fits the tightest."""
+        now = time.monotonic()
+        left = min(it.latency_deadline or math.inf for it in flexible) - now - LATENCY_MARGIN_S
+
+        def fits(level: Level) -> bool:
+            if level.capacity > cap + 1e-12:
+                return False
+            return self._predict(fixed, [level] * len(flexible), frames) * LATENCY_SAFETY <= left
+
+        level = self.planner.largest_fitting(frames, fits)
+        if level is None:
+            return False
+        predicted = self._predict(fixed, [level] * len(flexible), frames)
+        for it in flexible:
+            it.level, it.planned_ms = level, (now - it.arrival + predicted) * 1e3
+            it.degraded = cap < 1.0 and level.capacity >= cap - 1e-3
+        return True
+
+    # -- the batch loop ------------------------------------------------------------------------------------
+    async def _loop(self) -> None:
+        assert self._batcher is not None
+        loop = asyncio.get_running_loop()
+        while True:
+            batch = await self._batcher.next_batch()
+            for item in batch.expired:
+                self._fail(item, DeadlineExceededError("deadline expired while queued"))
+            if not batch.items:
+                continue
+            run = batch.items
+            try:
+                run, back = self.plan(batch.items)
+                self._batcher.requeue_front(back)
+                self.events.load(self.queue_depth, self.stats.inflight)
+                levels = [it.level for it in run if it.level is not None]
+                args = ([it.x for it in run], [lv.capacity for lv in levels], [it.top_k for it in run])
+                out = await loop.run_in_executor(
+                    self._executor, self.runner.run, *args, [it.routing for it in run]
+                )
+            except Exception as exc:
+                log.exception("batch of %d failed", len(run))
+                for item in run:
+                    self._fail(item, InternalError(f"inference failed: {type(exc).__name__}"))
+                continue
+            frames = run[0].frames
+            self.latency.observe(
+                frames, len({lv.counts for lv in levels}), sum(lv.gflops for lv in levels), out.seconds
+            )
+            self.events.batch_done(len(run), out.seconds)
+            for item, sample in zip(run, out.samples, strict=True):
+                self._succeed(item, sample, out.seconds, len(run))
+            self.events.load(self.queue_depth, self.stats.inflight)
+
+    def _settle(self, item: WorkItem, outcome: str) -> bool:
+        if item.outcome is not None:
+            return False
+        item.outcome = outcome
+        if outcome == "succeeded":
+            self.stats.succeeded += 1
+        elif outcome == "failed":
+            self.stats.failed += 1
+        else:
+            self.stats.cancelled += 1
+        return True
+
+    def _fail(self, item: WorkItem, exc: ServeError) -> None:
+        if self._settle(item, "failed") and not item.future.done():
+            item.future.set_exception(exc)
+
+    def _succeed(self, item: WorkItem, sample: SampleOutput, seconds: float, size: int) -> None:
+        if not self._settle(item, "succeeded"):
+            return
+        assert item.level is not None
+        now = time.monotonic()
+        met = None
+        if item.budget.type == "latency_ms":
+            met = (now - item.arrival) * 1e3 <= item.budget.value
+        result = InferResult(
+            output=sample,
+            budget=item.budget,
+            level=item.level,
+            frames=item.frames,
+            dense_gflops=self.planner.dense_gflops(item.frames),
+            queue_ms=(item.dequeued - item.enqueued) * 1e3,
+            compute_ms=seconds * 1e3,
+            batch_size=size,
+            degraded=item.degraded,
+            planned_ms=item.planned_ms,
+            deadline_met=met,
+        )
+        self.events.request_done(result)
+        if not item.future.done():
+            item.future.set_result(result)
