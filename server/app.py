@@ -24,9 +24,17 @@ log = logging.getLogger("mone.app")
 NOT_REJECTIONS = (ClientGoneError.code, InternalError.code)
 
 
-def error_response(code: str, message: str, detail: dict[str, object] | None = None) -> JSONResponse:
+def error_response(
+    code: str, message: str, detail: dict[str, object] | None = None, path: str = ""
+) -> JSONResponse:
+    """The native error schema; under /v2 the Open Inference Protocol's `{"error": "<message>"}` (plus
+    `code` and `detail`), so that KServe/Triton clients can read it."""
     status = STATUS.get(code, 500)
-    body = {"error": {"code": code, "message": message, "detail": detail or {}}}
+    body: dict[str, object]
+    if path.startswith("/v2"):
+        body = {"error": message, "code": code, "detail": detail or {}}
+    else:
+        body = {"error": {"code": code, "message": message, "detail": detail or {}}}
     return JSONResponse(body, status_code=status)
 
 
@@ -75,7 +83,7 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     async def serve_error(request: Request, exc: ServeError) -> JSONResponse:
         if exc.code not in NOT_REJECTIONS:
             metrics.reject(exc.reason)
-        response = error_response(exc.code, exc.message, exc.detail)
+        response = error_response(exc.code, exc.message, exc.detail, request.url.path)
         if isinstance(exc, OverloadedError):
             response.headers["Retry-After"] = str(int(max(1, round(exc.retry_after))))
         return response
@@ -84,19 +92,22 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         metrics.reject("bad_input")
         errors = [{"field": ".".join(map(str, e["loc"])), "message": e["msg"]} for e in exc.errors()]
-        return error_response("validation_error", "request does not match the schema", {"errors": errors})
+        message = "request does not match the schema"
+        return error_response("validation_error", message, {"errors": errors}, request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
-        response = error_response(code, str(exc.detail))
+        response = error_response(code, str(exc.detail), path=request.url.path)
         response.status_code = exc.status_code
         return response
 
     @app.exception_handler(Exception)
     async def unexpected(request: Request, exc: Exception) -> JSONResponse:
         log.exception("unhandled error on %s", request.url.path)
-        return error_response(InternalError.code, f"internal error: {type(exc).__name__}")
+        return error_response(
+            InternalError.code, f"internal error: {type(exc).__name__}", path=request.url.path
+        )
 
 
 def app_factory() -> FastAPI:

@@ -123,6 +123,7 @@ class Batcher:
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._wakeup.wait(), timeout=left)
+        items = [it for it in items if not it.cancelled]  # clients that left while the batch formed
         now = time.monotonic()
         for item in items:
             item.dequeued = now

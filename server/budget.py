@@ -2,8 +2,8 @@
 
 The realised e_c is a step function of the requested one (token counts are floored, MoNE Algorithm 1), so
 planning searches the distinct token splits ("levels") found on a fine grid of e_c, each represented by
-the largest grid e_c that produces it.  GFLOPs grow with the level, so the largest level that fits a
-budget is found by bisection.
+the largest grid e_c that produces it (of splits with equal cost, the one with the largest e_c).  Levels
+are ordered by cost, so the largest level that fits a budget is found by bisection.
 """
 
 from __future__ import annotations
@@ -94,8 +94,10 @@ class Planner:
                 Level(e_c, realised_capacity(counts), counts, sample_gflops(self.cfg, counts, frames))
                 for counts, e_c in self._splits
             ]
-            levels.sort(key=lambda lv: lv.gflops)
-            self._levels[frames] = levels
+            # Splits of equal cost are interchangeable for budgeting: keep the largest e_c of each cost.
+            levels.sort(key=lambda lv: (lv.gflops, lv.capacity))
+            unique: dict[float, Level] = {round(lv.gflops, 12): lv for lv in levels}
+            self._levels[frames] = list(unique.values())
         return self._levels[frames]
 
     def level_of(self, capacity: float, frames: int) -> Level:

@@ -257,6 +257,7 @@ class Engine:
             self._batcher.remove(item)
         if self._settle(item, "cancelled"):
             self.events.cancelled()
+            self.events.load(self.queue_depth, self.stats.inflight)
 
     def _wait_estimate(self, frames: int) -> float:
         """Predicted seconds until a new item of this kind finishes at the floor."""
@@ -377,8 +378,10 @@ class Engine:
         return True
 
     def _fail(self, item: WorkItem, exc: ServeError) -> None:
-        if self._settle(item, "failed") and not item.future.done():
-            item.future.set_exception(exc)
+        if self._settle(item, "failed"):
+            self.events.load(self.queue_depth, self.stats.inflight)
+            if not item.future.done():
+                item.future.set_exception(exc)
 
     def _succeed(self, item: WorkItem, sample: SampleOutput, seconds: float, size: int) -> None:
         if not self._settle(item, "succeeded"):

@@ -50,6 +50,13 @@ class OverLimitError(ServeError):
     reason = "too_large"
 
 
+class InvalidParamsError(ServeError):
+    """Request parameters of the wrong type or range."""
+
+    code = "validation_error"
+    reason = "bad_input"
+
+
 class InvalidBudgetError(ServeError):
     """A budget outside what the model can serve (e.g. GFLOPs below the floor)."""
 
@@ -112,7 +119,7 @@ STATUS: dict[str, int] = {
     UnsupportedMediaError.code: 415,
     OverLimitError.code: 422,
     InvalidBudgetError.code: 422,
-    "validation_error": 422,
+    InvalidParamsError.code: 422,
     OverloadedError.code: 429,
     ClientGoneError.code: 499,
     InternalError.code: 500,

@@ -25,7 +25,7 @@ from server.budget import Budget, parse_budget
 from server.config import Settings
 from server.deps import EngineDep, SettingsDep, cancel_on_disconnect, check_model, decode_payload, require_key
 from server.engine import Engine, InferResult
-from server.errors import BadInputError
+from server.errors import BadInputError, InvalidParamsError
 from server.schemas import (
     InferInputTensor,
     InferOutputTensor,
@@ -180,11 +180,11 @@ def _number(params: Parameters, key: str) -> float | None:
     if v is None:
         return None
     if isinstance(v, bool) or not isinstance(v, int | float | str):
-        raise BadInputError(f"parameter {key} must be a number")
+        raise InvalidParamsError(f"parameter {key} must be a number")
     try:
         return float(v)
     except ValueError:
-        raise BadInputError(f"parameter {key} must be a number, got {v!r}") from None
+        raise InvalidParamsError(f"parameter {key} must be a number, got {v!r}") from None
 
 
 def _budget(params: Parameters, default_capacity: float) -> Budget:

@@ -33,7 +33,9 @@ def to_model_mode(img: Image.Image, in_chans: int) -> Image.Image:
     if img.mode.startswith("I;16") or img.mode in ("I", "F"):
         # 16/32-bit grey: scale the full range to 8 bits rather than clipping at 255.
         arr = np.asarray(img, dtype=np.float64)
-        hi = 65535.0 if img.mode.startswith("I;16") else max(float(arr.max()), 1.0)
+        peak = float(arr.max()) if arr.size else 0.0
+        sixteen = img.mode.startswith("I;16") or 255.0 < peak <= 65535.0
+        hi = 65535.0 if sixteen else 255.0 if peak <= 255.0 else peak
         img = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     return img if img.mode == target else img.convert(target)
 

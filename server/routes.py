@@ -21,7 +21,7 @@ from server.deps import (
     require_key,
 )
 from server.engine import InferResult
-from server.errors import BadInputError, NotReadyError, TooLargeError
+from server.errors import BadInputError, InvalidParamsError, NotReadyError, TooLargeError
 from server.metadata import model_metadata
 from server.schemas import (
     ClassifyParams,
@@ -133,7 +133,7 @@ def _parse_params(fields: dict[str, str], default_top_k: int) -> ClassifyParams:
         return ClassifyParams.model_validate(values)
     except ValidationError as exc:
         errors = [{"field": ".".join(map(str, e["loc"])), "message": e["msg"]} for e in exc.errors()]
-        raise BadInputError("invalid request parameters", errors=errors) from None
+        raise InvalidParamsError("invalid request parameters", errors=errors) from None
 
 
 def build_response(

@@ -1,0 +1,94 @@
+"""Budget parsing, capacity levels, GFLOPs planning and the latency model (no HTTP, no model run)."""
+
+from __future__ import annotations
+
+import pytest
+
+from model import MoNEConfig, gflops
+from server.budget import Planner, parse_budget
+from server.errors import InvalidBudgetError
+from server.latency import LatencyModel
+
+CFG = MoNEConfig.from_variant("Mi/4", num_classes=10)
+
+
+@pytest.fixture(scope="module")
+def planner() -> Planner:
+    return Planner(CFG)
+
+
+def test_no_budget_means_default() -> None:
+    b = parse_budget(None, None, None, 0.75)
+    assert (b.type, b.value, b.pinned) == ("default", 0.75, False)
+
+
+@pytest.mark.parametrize("capacity", [0.1, 1.5, -1.0, float("nan")])
+def test_capacity_outside_range_is_invalid(capacity: float) -> None:
+    with pytest.raises(InvalidBudgetError):
+        parse_budget(capacity, None, None, 1.0)
+
+
+def test_two_budgets_are_invalid() -> None:
+    with pytest.raises(InvalidBudgetError, match="at most one"):
+        parse_budget(0.5, 1.0, None, 1.0)
+
+
+def test_levels_are_distinct_and_monotone(planner: Planner) -> None:
+    for frames in (1, 8):
+        levels = planner.levels(frames)
+        assert len({lv.counts for lv in levels}) == len(levels) > 10
+        assert all(a.gflops < b.gflops for a, b in zip(levels, levels[1:], strict=False))
+        assert all(a.realised < b.realised + 1e-12 for a, b in zip(levels, levels[1:], strict=False))
+        assert levels[0].realised == pytest.approx(0.125)
+        assert levels[-1].realised == 1.0
+
+
+@pytest.mark.parametrize("frames", [1, 8])
+@pytest.mark.parametrize("fraction", [0.2, 0.35, 0.5, 0.77, 1.0, 3.0])
+def test_gflops_budget_gives_largest_fitting_capacity(planner: Planner, frames: int, fraction: float) -> None:
+    floor, dense = gflops(CFG, 0.125, frames), gflops(CFG, 1.0, frames)
+    budget = floor + fraction * (dense - floor) if fraction <= 1 else dense * fraction
+    level = planner.for_gflops(budget, frames)
+    assert level.gflops <= budget
+    assert gflops(CFG, level.capacity, frames) == pytest.approx(level.gflops)
+    # No finer e_c on the grid fits and costs more: the next level up does not fit.
+    higher = [lv for lv in planner.levels(frames) if lv.gflops > level.gflops]
+    assert not higher or higher[0].gflops > budget
+
+
+def test_gflops_below_floor_names_the_floor(planner: Planner) -> None:
+    floor = gflops(CFG, 0.125, 1)
+    with pytest.raises(InvalidBudgetError) as info:
+        planner.for_gflops(floor * 0.99, 1)
+    assert info.value.detail["floor_gflops"] == pytest.approx(floor)
+    assert f"{floor:.6g}" in info.value.message
+    assert planner.for_gflops(floor, 1).realised == pytest.approx(0.125)
+
+
+def test_latency_model_recovers_a_linear_cost() -> None:
+    lm = LatencyModel()
+    for g in (0.1, 0.5, 1.0, 2.0):
+        lm.observe(1, 1, g, 0.002 + 0.01 * g, calibration=True)
+    lm.observe(1, 2, 1.0, 0.002 + 0.001 + 0.01, calibration=True)
+    assert lm.predict(1, 1, 3.0) == pytest.approx(0.032, rel=1e-6)
+    assert lm.predict(1, 2, 1.0) == pytest.approx(0.013, rel=1e-6)
+    assert lm.to_dict()["1"]["ms_per_gflop"] == pytest.approx(10.0)
+
+
+def test_latency_model_follows_observations_and_stays_monotone() -> None:
+    lm = LatencyModel(window=64)
+    for g in (0.1, 1.0):
+        lm.observe(1, 1, g, 0.01 * g, calibration=True)
+    before = lm.predict(1, 1, 1.0)
+    for _ in range(64):  # the device became 3x slower
+        for g in (0.1, 1.0):
+            lm.observe(1, 1, g, 0.03 * g)
+    assert lm.predict(1, 1, 1.0) > 2 * before
+    assert lm.predict(1, 1, 0.5) < lm.predict(1, 1, 1.0)
+
+
+def test_uncalibrated_kind_borrows_the_nearest() -> None:
+    lm = LatencyModel()
+    lm.observe(1, 1, 1.0, 0.01, calibration=True)
+    lm.observe(1, 1, 2.0, 0.02, calibration=True)
+    assert lm.predict(8, 1, 4.0) == pytest.approx(0.04, rel=1e-3)
