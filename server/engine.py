@@ -339,11 +339,12 @@ class Engine:
             batch = await self._batcher.next_batch()
             for item in batch.expired:
                 self._fail(item, DeadlineExceededError("deadline expired while queued"))
-            if not batch.items:
+            items = self._drop_hopeless(batch.items)
+            if not items:
                 continue
-            run = batch.items
+            run = items
             try:
-                run, back = self.plan(batch.items)
+                run, back = self.plan(items)
                 self._batcher.requeue_front(back)
                 self.events.load(self.queue_depth, self.stats.inflight)
                 levels = [it.level for it in run if it.level is not None]
@@ -364,6 +365,23 @@ class Engine:
             for item, sample in zip(run, out.samples, strict=True):
                 self._succeed(item, sample, out.seconds, len(run))
             self.events.load(self.queue_depth, self.stats.inflight)
+
+    def _drop_hopeless(self, items: list[WorkItem]) -> list[WorkItem]:
+        """Answer 504 without running the items whose hard deadline even a floor-capacity batch would miss."""
+        if not items:
+            return items
+        frames = items[0].frames
+        floor = self.latency.predict(frames, 1, len(items) * self.planner.floor(frames).gflops)
+        now = time.monotonic()
+        keep = []
+        for item in items:
+            if now + floor > item.deadline:
+                self._fail(
+                    item, DeadlineExceededError("the deadline cannot be met", predicted_ms=floor * 1e3)
+                )
+            else:
+                keep.append(item)
+        return keep
 
     def _settle(self, item: WorkItem, outcome: str) -> bool:
         if item.outcome is not None:

@@ -216,3 +216,15 @@ async def test_latency_budget_is_planned_within_budget(checkpoint_dir: Path) -> 
     assert tiny.output.realised == pytest.approx(0.125)
     assert tiny.deadline_met is False
     await engine.stop(drain_s=5)
+
+
+async def test_hard_deadline_that_cannot_be_met_is_504_without_running(checkpoint_dir: Path) -> None:
+    engine = await start_engine(checkpoint_dir, request_timeout_s=0.5)
+    sizes = slow_down(engine, 0.0)
+    for g in (0.01, 1.0):  # teach the latency model that every batch takes at least 2 s
+        engine.latency.observe(1, 1, g, 2.0 + g, calibration=True)
+    with pytest.raises(DeadlineExceededError):
+        await engine.infer(inputs(1)[0], Budget("default", 1.0))
+    await engine.stop(drain_s=5)
+    assert sizes == []
+    assert engine.stats.failed == 1
