@@ -93,6 +93,9 @@ class Settings(BaseSettings):
     api_key: SecretStr | None = Field(
         default=None, description="when set, inference and model routes need a Bearer"
     )
+    allow_unauthenticated: bool = Field(
+        default=False, description="allow binding a non-loopback address without an api_key"
+    )
     docs: bool = Field(default=True, description="serve OpenAPI docs at /docs")
 
     @field_validator("calibration_batch_sizes")
@@ -122,6 +125,12 @@ class Settings(BaseSettings):
             raise ValueError("max_image_bytes cannot exceed max_body_bytes")
         if self.degrade_floor > self.default_capacity:
             raise ValueError("degrade_floor cannot exceed default_capacity")
+        loopback = self.host in ("127.0.0.1", "localhost", "::1")
+        if not loopback and self.api_key is None and not self.allow_unauthenticated:
+            raise ValueError(
+                f"binding {self.host} without an api_key would expose inference to the network; "
+                "set api_key, or allow_unauthenticated=true behind an authenticating proxy"
+            )
         return self
 
 

@@ -228,3 +228,22 @@ async def test_hard_deadline_that_cannot_be_met_is_504_without_running(checkpoin
     await engine.stop(drain_s=5)
     assert sizes == []
     assert engine.stats.failed == 1
+
+
+async def test_pinned_work_does_not_hold_a_latency_budget_hostage(checkpoint_dir: Path) -> None:
+    engine = await start_engine(checkpoint_dir, max_batch_size=7, max_batch_wait_ms=200.0)
+    sizes = slow_down(engine, 0.0)
+    for g in (0.01, 1.0, 3.0):  # planning model: 1 ms + 100 ms per GFLOP (a dense Mi/4 image: ~12 ms)
+        engine.latency.observe(1, 1, g, 0.001 + 0.1 * g, calibration=True)
+    engine.latency.observe = lambda *a, **k: None  # type: ignore[method-assign]  # keep the model fixed
+    x = inputs(1)[0]
+    budgets = [Budget("capacity", 1.0)] * 6 + [Budget("latency_ms", 40.0)]
+    results = await asyncio.gather(*(engine.infer(x, b) for b in budgets))
+    await engine.stop(drain_s=5)
+    fast = results[-1]
+    assert fast.planned_ms is not None
+    assert fast.planned_ms <= 40.0
+    assert fast.batch_size == 1, "with six dense images the batch could not fit 40 ms even at the floor"
+    assert fast.output.realised > 0.5, "alone, it fits at a high capacity"
+    assert sizes == [1, 6]
+    assert all(r.output.realised == 1.0 for r in results[:6])

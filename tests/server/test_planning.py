@@ -92,3 +92,16 @@ def test_uncalibrated_kind_borrows_the_nearest() -> None:
     lm.observe(1, 1, 1.0, 0.01, calibration=True)
     lm.observe(1, 1, 2.0, 0.02, calibration=True)
     assert lm.predict(8, 1, 4.0) == pytest.approx(0.04, rel=1e-3)
+
+
+def test_settings_refuse_an_open_unauthenticated_bind() -> None:
+    from pydantic import ValidationError
+
+    from server.config import Settings
+
+    with pytest.raises(ValidationError, match="api_key"):
+        Settings(host="0.0.0.0")
+    assert Settings(host="0.0.0.0", api_key="k").host == "0.0.0.0"
+    assert Settings(host="0.0.0.0", allow_unauthenticated=True).host == "0.0.0.0"
+    with pytest.raises(ValidationError):
+        Settings(max_image_bytes=10, max_body_bytes=5)
