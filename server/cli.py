@@ -71,7 +71,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         settings = settings_from_args(argv)
     except ValidationError as exc:
-        print(f"mone-serve: invalid settings:\n{exc}", file=sys.stderr)
+        # Without the input values: they may hold the api_key.
+        lines = [f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()]
+        print("mone-serve: invalid settings:\n" + "\n".join(lines), file=sys.stderr)
         return 2
     logging.basicConfig(
         level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
@@ -79,9 +81,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not settings.random_init and not settings.checkpoint.exists():
         print(
             f"mone-serve: checkpoint {settings.checkpoint} does not exist.\n"
-            "  Point MONE_CHECKPOINT (or --checkpoint) at a checkpoint directory\n"
-            "  (model.safetensors + config.json),"
-            "  or start with --random-init to serve a randomly initialised model for development.",
+            "  Point MONE_CHECKPOINT (or --checkpoint) at a checkpoint directory (model.safetensors +\n"
+            "  config.json), or start with --random-init to serve a randomly initialised model.",
             file=sys.stderr,
         )
         return 2

@@ -112,6 +112,13 @@ class Settings(BaseSettings):
             raise ValueError("calibration_capacities must lie in [0.125, 1]")
         return sorted(set(v))
 
+    @field_validator("api_key")
+    @classmethod
+    def _key(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value().strip()) < 8:
+            raise ValueError("api_key must have at least 8 characters")
+        return v
+
     @field_validator("device")
     @classmethod
     def _device(cls, v: str) -> str:

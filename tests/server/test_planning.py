@@ -101,7 +101,10 @@ def test_settings_refuse_an_open_unauthenticated_bind() -> None:
 
     with pytest.raises(ValidationError, match="api_key"):
         Settings(host="0.0.0.0")
-    assert Settings(host="0.0.0.0", api_key="k").host == "0.0.0.0"
+    assert Settings(host="0.0.0.0", api_key="a-long-key").host == "0.0.0.0"
     assert Settings(host="0.0.0.0", allow_unauthenticated=True).host == "0.0.0.0"
     with pytest.raises(ValidationError):
         Settings(max_image_bytes=10, max_body_bytes=5)
+    for weak in ("", "   ", "short"):
+        with pytest.raises(ValidationError, match="api_key"):
+            Settings(host="0.0.0.0", api_key=weak)
