@@ -74,7 +74,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(oip.models)
     _add_error_handlers(app, metrics)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics)
-    app.add_middleware(MetricsMiddleware, metrics=metrics)
+    known = [*routes.router.routes, *routes.v1.routes, *oip.router.routes, *oip.models.routes]
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=known)
     return app
 
 

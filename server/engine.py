@@ -263,8 +263,11 @@ class Engine:
         """Predicted seconds until a new item of this kind finishes at the floor."""
         b = self.settings.max_batch_size
         floor = self.planner.floor(frames).gflops
-        batches = self.queue_depth // b + 1
-        return batches * self.latency.predict(frames, 1, b * floor) + self.settings.max_batch_wait_ms / 1e3
+        full, rest = divmod(self.queue_depth, b)
+        compute = full * self.latency.predict(frames, 1, b * floor) + self.latency.predict(
+            frames, 1, (rest + 1) * floor
+        )
+        return compute + self.settings.max_batch_wait_ms / 1e3
 
     def _drain_estimate(self) -> float:
         b = self.settings.max_batch_size

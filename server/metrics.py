@@ -9,9 +9,11 @@ from __future__ import annotations
 
 import os
 import time
+from collections.abc import Sequence
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 from prometheus_client.multiprocess import MultiProcessCollector
+from starlette.routing import BaseRoute, Match
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.engine import InferResult
@@ -112,9 +114,10 @@ class Metrics:
 class MetricsMiddleware:
     """Counts and times every HTTP request by its route template (unmatched paths share one label)."""
 
-    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+    def __init__(self, app: ASGIApp, metrics: Metrics, routes: Sequence[BaseRoute] = ()) -> None:
         self.app = app
         self.metrics = metrics
+        self.routes = routes  # to label requests answered before routing (e.g. 413 on Content-Length)
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -131,12 +134,14 @@ class MetricsMiddleware:
         try:
             await self.app(scope, receive, send_wrapper)
         finally:
-            route = _route_label(scope)
+            route = _route_label(scope, self.routes)
             self.metrics.requests.labels(route=route, code=str(status["code"])).inc()
             self.metrics.request_duration.labels(route=route).observe(time.perf_counter() - start)
 
 
-def _route_label(scope: Scope) -> str:
+def _route_label(scope: Scope, routes: Sequence[BaseRoute]) -> str:
     route = scope.get("route")
+    if route is None:
+        route = next((r for r in routes if r.matches(scope)[0] == Match.FULL), None)
     path = getattr(route, "path", None)
     return str(path) if path else "other"

@@ -72,6 +72,8 @@ async def test_declared_body_over_limit_is_413_before_reading(client: httpx.Asyn
     r = await client.post("/v1/classify", content=b"\0" * 5000, headers={"content-type": "image/png"})
     assert r.status_code == 413
     assert code_of(r) == "too_large"
+    metrics = (await client.get("/metrics")).text
+    assert 'mone_requests_total{code="413",route="/v1/classify"}' in metrics
     ok = await client.post(
         "/v1/classify", content=png(fashion_images(1)[0]), headers={"content-type": "image/png"}
     )
