@@ -12,6 +12,8 @@ from typing import Any
 import pytest
 import torch
 import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from PIL import Image
 from torch import Tensor
 
@@ -19,7 +21,7 @@ from model import MoNE, MoNEConfig, gflops, load_checkpoint
 from model.flops import count_flops
 from server.budget import Budget
 from server.engine import Engine
-from server.errors import DeadlineExceededError, OverloadedError
+from server.errors import DeadlineExceededError, InternalError, OverloadedError
 from server.preprocess import pil_to_tensor
 from server.runner import Runner
 from tests.server.conftest import fashion_images, fast_settings
@@ -247,3 +249,38 @@ async def test_pinned_work_does_not_hold_a_latency_budget_hostage(checkpoint_dir
     assert fast.output.realised > 0.5, "alone, it fits at a high capacity"
     assert sizes == [1, 6]
     assert all(r.output.realised == 1.0 for r in results[:6])
+
+
+async def test_a_failing_batch_fails_only_its_requests(checkpoint_dir: Path) -> None:
+    engine = await start_engine(checkpoint_dir, max_batch_size=1, max_batch_wait_ms=0.0)
+    run = engine.runner.run
+    calls = {"n": 0}
+
+    def flaky(*args: Any) -> Any:
+        calls["n"] += 1
+        if calls["n"] == 1:
+            raise RuntimeError("CUDA out of memory (simulated)")
+        return run(*args)
+
+    engine.runner.run = flaky  # type: ignore[method-assign]
+    x = inputs(1)[0]
+    with pytest.raises(InternalError):
+        await engine.infer(x, Budget("default", 1.0))
+    ok = await engine.infer(x, Budget("default", 1.0))
+    await engine.stop(drain_s=5)
+    assert ok.output.realised == 1.0
+    s = engine.stats
+    assert (s.accepted, s.succeeded, s.failed, s.inflight) == (2, 1, 1, 0)
+
+
+@settings(max_examples=5, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(st.lists(st.sampled_from([0.125, 0.2, 0.33, 0.5, 0.61, 0.8, 1.0]), min_size=1, max_size=6))
+async def test_each_response_matches_its_own_input(engine: Engine, capacities: list[float]) -> None:
+    xs = inputs(len(capacities))
+    results = await asyncio.gather(
+        *(engine.infer(x, Budget("capacity", c)) for x, c in zip(xs, capacities, strict=True))
+    )
+    with torch.inference_mode():
+        for x, c, r in zip(xs, capacities, results, strict=True):
+            want = engine.runner.model(x.unsqueeze(0), capacity=c).logits[0]
+            torch.testing.assert_close(torch.tensor(r.output.logits), want, rtol=1e-4, atol=1e-4)
