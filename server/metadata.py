@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from server.engine import Engine
+from server.schemas import KindCost, ModelInfo, ProfileRow
 
 PROFILE_CAPACITIES = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
 
@@ -18,7 +19,7 @@ def _accuracy_at(evaluation: dict[str, Any] | None, capacity: float, key: str) -
     return None
 
 
-def profile(engine: Engine) -> list[dict[str, Any]]:
+def profile(engine: Engine) -> list[ProfileRow]:
     """One row per capacity: token split, GFLOPs and predicted batch latency per input kind, accuracy."""
     evaluation = engine.runner.checkpoint.profile
     capacities = set(PROFILE_CAPACITIES)
@@ -27,30 +28,39 @@ def profile(engine: Engine) -> list[dict[str, Any]]:
     b = engine.settings.max_batch_size
     rows = []
     for c in sorted(capacities):
-        row: dict[str, Any] = {"capacity": c, "capacity_distribution": list(engine.planner.distribution(c))}
+        costs = {}
         for kind, frames in engine.kinds.items():
             level = engine.planner.level_of(c, frames)
-            row["realised_capacity"] = level.realised
-            row["expert_counts"] = list(level.counts)
-            row[f"gflops_{kind}"] = level.gflops
-            row[f"latency_ms_{kind}_batch1"] = engine.latency.predict(frames, 1, level.gflops) * 1e3
-            row[f"latency_ms_{kind}_batch{b}"] = engine.latency.predict(frames, 1, b * level.gflops) * 1e3
-        row["accuracy"] = _accuracy_at(evaluation, c, "accuracy")
-        row["clip_accuracy"] = _accuracy_at(evaluation, c, "clip_accuracy")
-        rows.append(row)
+            costs[kind] = KindCost(
+                gflops=level.gflops,
+                latency_ms_batch1=engine.latency.predict(frames, 1, level.gflops) * 1e3,
+                latency_ms_max_batch=engine.latency.predict(frames, 1, b * level.gflops) * 1e3,
+            )
+        rows.append(
+            ProfileRow(
+                capacity=c,
+                realised_capacity=level.realised,
+                capacity_distribution=list(engine.planner.distribution(c)),
+                expert_counts=list(level.counts),
+                image=costs["image"],
+                clip=costs["clip"],
+                accuracy=_accuracy_at(evaluation, c, "accuracy"),
+                clip_accuracy=_accuracy_at(evaluation, c, "clip_accuracy"),
+            )
+        )
     return rows
 
 
-def model_metadata(engine: Engine, name: str) -> dict[str, Any]:
+def model_metadata(engine: Engine, name: str) -> ModelInfo:
     cfg, s = engine.cfg, engine.settings
-    return {
-        "name": name,
-        "variant": cfg.variant,
-        "device": str(engine.runner.device),
-        "ready": engine.ready,
-        "labels": engine.runner.checkpoint.labels,
-        "config": cfg.to_dict(),
-        "input": {
+    return ModelInfo(
+        name=name,
+        variant=cfg.variant,
+        device=str(engine.runner.device),
+        ready=engine.ready,
+        labels=engine.runner.checkpoint.labels,
+        config=cfg.to_dict(),
+        input={
             "image": {
                 "formats": ["image/jpeg", "image/png", "image/webp", "image/gif"],
                 "channels": cfg.in_chans,
@@ -61,20 +71,20 @@ def model_metadata(engine: Engine, name: str) -> dict[str, Any]:
             "clip": {"formats": ["video/mp4", "video/webm", "image/gif"], "frames": cfg.num_frames},
             "tensor_shape": [-1, cfg.in_chans, cfg.img_size, cfg.img_size],
         },
-        "budgets": {
+        budgets={
             "default_capacity": s.default_capacity,
             "min_capacity": cfg.min_capacity,
             "floor_gflops": {k: engine.planner.floor(f).gflops for k, f in engine.kinds.items()},
             "dense_gflops": {k: engine.planner.dense_gflops(f) for k, f in engine.kinds.items()},
         },
-        "profile": profile(engine),
-        "latency_model": engine.latency.to_dict(),
-        "evaluation": engine.runner.checkpoint.profile,
-        "batching": {
+        profile=profile(engine),
+        latency_model=engine.latency.to_dict(),
+        evaluation=engine.runner.checkpoint.profile,
+        batching={
             "max_batch_size": s.max_batch_size,
             "max_batch_wait_ms": s.max_batch_wait_ms,
             "max_queue_size": s.max_queue_size,
             "overload_policy": s.overload_policy,
         },
-        "checkpoint": engine.runner.describe(),
-    }
+        checkpoint=engine.runner.describe(),
+    )

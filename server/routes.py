@@ -26,6 +26,7 @@ from server.metadata import model_metadata
 from server.schemas import (
     ClassifyParams,
     ClassifyResponse,
+    ModelInfo,
     ModelList,
     Prediction,
     RequestedBudget,
@@ -82,8 +83,8 @@ async def list_models(engine: EngineDep, settings: SettingsDep) -> ModelList:
     return ModelList(models=[model_metadata(engine, settings.model_name)])
 
 
-@v1.get("/models/{name}")
-async def get_model(name: str, engine: EngineDep, settings: SettingsDep) -> dict[str, Any]:
+@v1.get("/models/{name}", response_model=ModelInfo)
+async def get_model(name: str, engine: EngineDep, settings: SettingsDep) -> ModelInfo:
     """One model's metadata."""
     check_model(name, settings)
     return model_metadata(engine, name)

@@ -86,8 +86,43 @@ class ClassifyResponse(BaseModel):
     )
 
 
+class KindCost(BaseModel):
+    gflops: float = Field(description="analytic GFLOPs of one input of this kind")
+    latency_ms_batch1: float = Field(description="predicted compute time of a batch of one")
+    latency_ms_max_batch: float = Field(description="predicted compute time of a full batch (max_batch_size)")
+
+
+class ProfileRow(BaseModel):
+    capacity: float
+    realised_capacity: float
+    capacity_distribution: list[float]
+    expert_counts: list[int]
+    image: KindCost
+    clip: KindCost
+    accuracy: float | None = Field(
+        None, description="from the checkpoint's evaluation, where it has this e_c"
+    )
+    clip_accuracy: float | None = None
+
+
+class ModelInfo(BaseModel):
+    name: str
+    variant: str
+    device: str
+    ready: bool
+    labels: list[str]
+    config: dict[str, Any]
+    input: dict[str, Any]
+    budgets: dict[str, Any]
+    profile: list[ProfileRow]
+    latency_model: dict[str, Any] = Field(description="coefficients per frames-per-sample, refreshed online")
+    evaluation: dict[str, Any] | None = Field(description="the checkpoint's capacity -> accuracy profile")
+    batching: dict[str, Any]
+    checkpoint: dict[str, Any]
+
+
 class ModelList(BaseModel):
-    models: list[dict[str, Any]]
+    models: list[ModelInfo]
 
 
 # -- Open Inference Protocol ---------------------------------------------------------------------------------

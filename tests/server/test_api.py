@@ -74,8 +74,9 @@ async def test_model_metadata_has_labels_inputs_and_profile(client: httpx.AsyncC
     assert m["budgets"]["floor_gflops"]["image"] == pytest.approx(gflops(m_cfg(m), 0.125, 1))
     rows = {r["capacity"]: r for r in m["profile"]}
     assert rows[0.5]["accuracy"] == 0.8
-    assert rows[1.0]["gflops_image"] == pytest.approx(gflops(m_cfg(m), 1.0))
-    assert rows[1.0]["latency_ms_image_batch1"] > rows[0.125]["latency_ms_image_batch1"] > 0
+    assert rows[1.0]["image"]["gflops"] == pytest.approx(gflops(m_cfg(m), 1.0))
+    assert rows[1.0]["image"]["latency_ms_batch1"] > rows[0.125]["image"]["latency_ms_batch1"] > 0
+    assert rows[1.0]["clip"]["latency_ms_max_batch"] > rows[1.0]["clip"]["latency_ms_batch1"]
     assert m["latency_model"]["1"]["samples"] > 0
     assert m["latency_model"]["8"]["samples"] > 0
     assert m["evaluation"]["capacities"] == [0.25, 0.5, 1.0]
