@@ -367,3 +367,29 @@ async def test_metrics_move(client: httpx.AsyncClient) -> None:
     assert "summary" not in text.lower().split("# type")[0]
     for family in text_string_to_metric_families(text):
         assert family.type != "summary"
+
+
+async def test_oip_clip_and_animated_gif_as_clip(client: httpx.AsyncClient) -> None:
+    frames = fashion_images(10)
+    mp4 = base64.b64encode(encode_clip(frames)).decode()
+    gif_frames = [Image.fromarray(a) for a in frames[:4]]
+    gif = base64.b64encode(encode(gif_frames[0], "GIF", save_all=True, append_images=gif_frames[1:])).decode()
+    req = {
+        "parameters": {"capacity": 0.5},
+        "inputs": [
+            {"name": "input", "shape": [1], "datatype": "BYTES", "data": [mp4]},
+            {
+                "name": "input",
+                "shape": [1],
+                "datatype": "BYTES",
+                "data": [gif],
+                "parameters": {"kind": "clip"},
+            },
+        ],
+    }
+    body = (await oip_infer(client, req)).json()
+    out = {o["name"]: o for o in body["outputs"]}
+    from model import MoNEConfig
+
+    clip_gflops = gflops(MoNEConfig.from_variant("Mi/4", num_classes=10), 0.5, 8)
+    assert out["gflops"]["data"] == pytest.approx([clip_gflops, clip_gflops], rel=1e-6)

@@ -126,3 +126,28 @@ async def test_accounting_identity_after_all_of_the_above(app: FastAPI) -> None:
     assert s.accepted > 0
     assert s.accepted == s.succeeded + s.failed + s.cancelled
     assert s.inflight == 0
+
+
+async def test_health_and_metrics_answer_while_the_model_computes(
+    app: FastAPI, client: httpx.AsyncClient
+) -> None:
+    engine = app.state.engine
+    run = engine.runner.run
+
+    def busy(*args: Any) -> Any:
+        time.sleep(0.6)  # a long batch, on the worker thread
+        return run(*args)
+
+    engine.runner.run = busy
+    try:
+        work = asyncio.ensure_future(client.post("/v1/classify", content=png(fashion_images(1)[0])))
+        await asyncio.sleep(0.1)
+        for path in ("/healthz", "/metrics", "/readyz"):
+            start = time.perf_counter()
+            r = await client.get(path)
+            assert r.status_code == 200
+            assert time.perf_counter() - start < 0.3, f"{path} waited for the model"
+        assert not work.done()
+        assert (await work).status_code == 200
+    finally:
+        engine.runner.run = run
