@@ -12,13 +12,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-import math
 import time
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from functools import partial
 from typing import Protocol
 
-import torch
 from torch import Tensor
 
 from server.batcher import Batcher, WorkItem
@@ -33,11 +32,10 @@ from server.errors import (
     ServeError,
 )
 from server.latency import LatencyModel
-from server.runner import Runner, SampleOutput
+from server.runner import Runner, SampleOutput, warm_up_and_calibrate
+from server.scheduling import BatchPlanner
 
 log = logging.getLogger("mone.engine")
-LATENCY_SAFETY = 1.1  # plan against 110 % of the predicted compute time
-LATENCY_MARGIN_S = 0.002  # plus 2 ms for unbatching and answering
 
 
 class EngineEvents(Protocol):
@@ -108,6 +106,7 @@ class Engine:
         self.events: EngineEvents = events or NullEvents()
         self.planner = Planner(self.cfg)
         self.latency = LatencyModel()
+        self.scheduler = BatchPlanner(self.planner, self.latency, settings)
         self.stats = Stats()
         self.ready = False
         self._batcher: Batcher | None = None
@@ -128,7 +127,10 @@ class Engine:
         """Warm up, calibrate the latency model, start the batch loop; then report ready."""
         s = self.settings
         self._batcher = Batcher(s.max_batch_size, s.max_batch_wait_ms, s.max_queue_size)
-        await asyncio.get_running_loop().run_in_executor(self._executor, self._warm_up_and_calibrate)
+        calibrate = partial(
+            warm_up_and_calibrate, self.runner, self.latency, s, sorted(set(self.kinds.values()))
+        )
+        await asyncio.get_running_loop().run_in_executor(self._executor, calibrate)
         self._task = asyncio.create_task(self._loop(), name="mone-batch-loop")
         self.ready = True
 
@@ -146,31 +148,6 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self._executor.shutdown(wait=True)
-
-    def _warm_up_and_calibrate(self) -> None:
-        s, r = self.settings, self.runner
-        if s.threads:
-            torch.set_num_threads(s.threads)
-        for frames in sorted(set(self.kinds.values())):
-            if s.warmup_iters:
-                r.time_batch(frames, 1, 1.0, s.warmup_iters)
-            if not s.calibrate:
-                continue
-            sizes = sorted({min(b, s.max_batch_size) for b in s.calibration_batch_sizes})
-            for b in sizes:
-                for c in s.calibration_capacities:
-                    seconds = r.time_batch(frames, b, c, s.calibration_repeats)
-                    self.latency.observe(
-                        frames, 1, b * self.planner.level_of(c, frames).gflops, seconds, True
-                    )
-            b = sizes[-1]
-            if b > 1:  # one mixed batch so that the per-split cost is identifiable
-                caps = [self.cfg.min_capacity, 1.0] * (b // 2) + [1.0] * (b % 2)
-                xs = [r.dummy(frames)] * b
-                out = r.run(xs, caps, [1] * b, [False] * b)
-                gf = sum(self.planner.level_of(c, frames).gflops for c in caps)
-                self.latency.observe(frames, 2, gf, out.seconds, True)
-            log.info("latency model for %d-frame inputs: %s", frames, self.latency.to_dict().get(str(frames)))
 
     # -- admission -----------------------------------------------------------------------------------------
     async def infer(
@@ -221,10 +198,14 @@ class Engine:
         if self._batcher.full():
             raise self._reject(
                 OverloadedError(
-                    f"queue full ({self._batcher.max_queue_size})", retry_after=self._drain_estimate()
+                    f"queue full ({self._batcher.max_queue_size})",
+                    retry_after=self.scheduler.drain_estimate(self.queue_depth),
                 )
             )
-        if deadline_ms is not None and now + self._wait_estimate(frames) > deadline:
+        if (
+            deadline_ms is not None
+            and now + self.scheduler.wait_estimate(frames, self.queue_depth) > deadline
+        ):
             raise self._reject(
                 DeadlineExceededError(
                     f"deadline of {deadline_ms:g} ms cannot be met", deadline_ms=deadline_ms
@@ -259,81 +240,6 @@ class Engine:
             self.events.cancelled()
             self.events.load(self.queue_depth, self.stats.inflight)
 
-    def _wait_estimate(self, frames: int) -> float:
-        """Predicted seconds until a new item of this kind finishes at the floor."""
-        b = self.settings.max_batch_size
-        floor = self.planner.floor(frames).gflops
-        full, rest = divmod(self.queue_depth, b)
-        compute = full * self.latency.predict(frames, 1, b * floor) + self.latency.predict(
-            frames, 1, (rest + 1) * floor
-        )
-        return compute + self.settings.max_batch_wait_ms / 1e3
-
-    def _drain_estimate(self) -> float:
-        b = self.settings.max_batch_size
-        dense = self.planner.dense_gflops(1)
-        batches = math.ceil(self.queue_depth / b)
-        return float(max(1, math.ceil(batches * self.latency.predict(1, 1, b * dense))))
-
-    # -- batch formation (planning) ------------------------------------------------------------------------
-    def _degrade_cap(self, depth: int) -> float:
-        s = self.settings
-        if s.overload_policy != "degrade":
-            return 1.0
-        fill = depth / s.max_queue_size
-        if fill <= s.degrade_start:
-            return 1.0
-        t = min(1.0, (fill - s.degrade_start) / (1.0 - s.degrade_start))
-        return s.default_capacity - (s.default_capacity - s.degrade_floor) * t
-
-    def plan(self, items: list[WorkItem]) -> tuple[list[WorkItem], list[WorkItem]]:
-        """Give every item of a forming batch its level; returns (run now, put back at the queue head)."""
-        frames = items[0].frames
-        cap = self._degrade_cap(self.queue_depth + len(items))
-        fixed = [it for it in items if it.budget.type != "latency_ms"]
-        flexible = [it for it in items if it.budget.type == "latency_ms"]
-        for it in fixed:
-            assert it.level is not None
-            if it.budget.type == "default" and it.level.capacity > cap + 1e-12:
-                it.level, it.degraded = self.planner.level_of(max(cap, self.cfg.min_capacity), frames), True
-        if not flexible:
-            return items, []
-        if self._fit_latency(fixed, flexible, frames, cap):
-            return items, []
-        # Pinned work must not push latency-budgeted requests past their budget: run those alone first.
-        if fixed and self._fit_latency([], flexible, frames, cap):
-            return flexible, fixed
-        floor = self.planner.floor(frames)
-        now = time.monotonic()
-        predicted = self._predict(fixed, [floor] * len(flexible), frames)
-        for it in flexible:
-            it.level, it.planned_ms = floor, (now - it.arrival + predicted) * 1e3
-        return items, []
-
-    def _predict(self, fixed: list[WorkItem], levels: list[Level], frames: int) -> float:
-        all_levels = [it.level for it in fixed if it.level is not None] + levels
-        groups = len({lv.counts for lv in all_levels})
-        return self.latency.predict(frames, groups, sum(lv.gflops for lv in all_levels))
-
-    def _fit_latency(self, fixed: list[WorkItem], flexible: list[WorkItem], frames: int, cap: float) -> bool:
-        """Give the latency-budgeted items the largest level whose predicted batch time fits the tightest."""
-        now = time.monotonic()
-        left = min(it.latency_deadline or math.inf for it in flexible) - now - LATENCY_MARGIN_S
-
-        def fits(level: Level) -> bool:
-            if level.capacity > cap + 1e-12:
-                return False
-            return self._predict(fixed, [level] * len(flexible), frames) * LATENCY_SAFETY <= left
-
-        level = self.planner.largest_fitting(frames, fits)
-        if level is None:
-            return False
-        predicted = self._predict(fixed, [level] * len(flexible), frames)
-        for it in flexible:
-            it.level, it.planned_ms = level, (now - it.arrival + predicted) * 1e3
-            it.degraded = cap < 1.0 and level.capacity >= cap - 1e-3
-        return True
-
     # -- the batch loop ------------------------------------------------------------------------------------
     async def _loop(self) -> None:
         assert self._batcher is not None
@@ -347,7 +253,7 @@ class Engine:
                 continue
             run = items
             try:
-                run, back = self.plan(items)
+                run, back = self.scheduler.plan(items, self.queue_depth + len(items))
                 self._batcher.requeue_front(back)
                 self.events.load(self.queue_depth, self.stats.inflight)
                 levels = [it.level for it in run if it.level is not None]
@@ -374,7 +280,7 @@ class Engine:
         if not items:
             return items
         frames = items[0].frames
-        floor = self.latency.predict(frames, 1, len(items) * self.planner.floor(frames).gflops)
+        floor = self.scheduler.floor_batch_seconds(frames, len(items))
         now = time.monotonic()
         keep = []
         for item in items:

@@ -17,8 +17,9 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from model import Checkpoint, MoNE, MoNEConfig, load_checkpoint, save_checkpoint
+from model import Checkpoint, MoNE, MoNEConfig, gflops, load_checkpoint, save_checkpoint
 from server.config import Settings
+from server.latency import LatencyModel
 
 log = logging.getLogger("mone.runner")
 
@@ -140,3 +141,31 @@ class Runner:
             "sha256": ck.sha256,
             "meta": ck.meta,
         }
+
+
+def warm_up_and_calibrate(
+    runner: Runner, latency: LatencyModel, settings: Settings, kinds: list[int]
+) -> None:
+    """Warm the model up and measure the latency model: batch sizes x capacities x input kinds (frames per
+    sample), plus one mixed batch per kind so that the cost of an extra token split is identifiable."""
+    s, cfg = settings, runner.cfg
+    if s.threads:
+        torch.set_num_threads(s.threads)
+    for frames in kinds:
+        if s.warmup_iters:
+            runner.time_batch(frames, 1, 1.0, s.warmup_iters)
+        if not s.calibrate:
+            continue
+        sizes = sorted({min(b, s.max_batch_size) for b in s.calibration_batch_sizes})
+        for b in sizes:
+            for c in s.calibration_capacities:
+                seconds = runner.time_batch(frames, b, c, s.calibration_repeats)
+                latency.observe(frames, 1, b * gflops(cfg, c, frames), seconds, calibration=True)
+        b = sizes[-1]
+        if b > 1:
+            caps = [cfg.min_capacity, 1.0] * (b // 2) + [1.0] * (b % 2)
+            out = runner.run([runner.dummy(frames)] * b, caps, [1] * b, [False] * b)
+            latency.observe(
+                frames, 2, sum(gflops(cfg, c, frames) for c in caps), out.seconds, calibration=True
+            )
+        log.info("latency model for %d-frame inputs: %s", frames, latency.to_dict().get(str(frames)))

@@ -108,3 +108,18 @@ def test_settings_refuse_an_open_unauthenticated_bind() -> None:
     for weak in ("", "   ", "short"):
         with pytest.raises(ValidationError, match="api_key"):
             Settings(host="0.0.0.0", api_key=weak)
+
+
+def test_degrade_cap_goes_linearly_from_default_to_floor(planner: Planner) -> None:
+    from server.config import Settings
+    from server.latency import LatencyModel
+    from server.scheduling import BatchPlanner
+
+    s = Settings(overload_policy="degrade", max_queue_size=100, degrade_start=0.5, degrade_floor=0.25)
+    bp = BatchPlanner(planner, LatencyModel(), s)
+    assert bp.degrade_cap(10) == 1.0
+    assert bp.degrade_cap(50) == 1.0
+    assert bp.degrade_cap(75) == pytest.approx(0.625)
+    assert bp.degrade_cap(100) == pytest.approx(0.25)
+    assert bp.degrade_cap(500) == pytest.approx(0.25)
+    assert BatchPlanner(planner, LatencyModel(), Settings()).degrade_cap(10**6) == 1.0  # reject policy
