@@ -77,6 +77,9 @@ class Batcher:
     def __len__(self) -> int:
         return len(self._queue)
 
+    def __contains__(self, item: WorkItem) -> bool:
+        return any(it is item for it in self._queue)
+
     def full(self) -> bool:
         return len(self._queue) >= self.max_queue_size
 

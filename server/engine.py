@@ -61,6 +61,31 @@ class NullEvents:
         pass
 
 
+class SafeEvents:
+    """Hooks that can never break serving: an exception in a hook is logged and swallowed."""
+
+    def __init__(self, events: EngineEvents) -> None:
+        self._events = events
+
+    def _call(self, name: str, *args: object) -> None:
+        try:
+            getattr(self._events, name)(*args)
+        except Exception:
+            log.exception("engine event %s failed", name)
+
+    def batch_done(self, size: int, seconds: float) -> None:
+        self._call("batch_done", size, seconds)
+
+    def request_done(self, result: InferResult) -> None:
+        self._call("request_done", result)
+
+    def cancelled(self) -> None:
+        self._call("cancelled")
+
+    def load(self, queue_depth: int, inflight: int) -> None:
+        self._call("load", queue_depth, inflight)
+
+
 @dataclass
 class InferResult:
     """One served sample and its account."""
@@ -103,7 +128,7 @@ class Engine:
         self.runner = runner
         self.cfg = runner.cfg
         self.settings = settings
-        self.events: EngineEvents = events or NullEvents()
+        self.events: EngineEvents = SafeEvents(events or NullEvents())
         self.planner = Planner(self.cfg)
         self.latency = LatencyModel()
         self.scheduler = BatchPlanner(self.planner, self.latency, settings)
@@ -243,7 +268,6 @@ class Engine:
     # -- the batch loop ------------------------------------------------------------------------------------
     async def _loop(self) -> None:
         assert self._batcher is not None
-        loop = asyncio.get_running_loop()
         while True:
             batch = await self._batcher.next_batch()
             for item in batch.expired:
@@ -251,29 +275,31 @@ class Engine:
             items = self._drop_hopeless(batch.items)
             if not items:
                 continue
-            run = items
             try:
-                run, back = self.scheduler.plan(items, self.queue_depth + len(items))
-                self._batcher.requeue_front(back)
-                self.events.load(self.queue_depth, self.stats.inflight)
-                levels = [it.level for it in run if it.level is not None]
-                args = ([it.x for it in run], [lv.capacity for lv in levels], [it.top_k for it in run])
-                out = await loop.run_in_executor(
-                    self._executor, self.runner.run, *args, [it.routing for it in run]
-                )
-            except Exception as exc:
-                log.exception("batch of %d failed", len(run))
-                for item in run:
-                    self._fail(item, InternalError(f"inference failed: {type(exc).__name__}"))
-                continue
-            frames = run[0].frames
-            self.latency.observe(
-                frames, len({lv.counts for lv in levels}), sum(lv.gflops for lv in levels), out.seconds
-            )
-            self.events.batch_done(len(run), out.seconds)
-            for item, sample in zip(run, out.samples, strict=True):
-                self._succeed(item, sample, out.seconds, len(run))
-            self.events.load(self.queue_depth, self.stats.inflight)
+                await self._run_batch(items)
+            except Exception as exc:  # the loop must outlive any failure: fail this batch, keep serving
+                log.exception("batch of %d failed", len(items))
+                for item in items:
+                    if item not in self._batcher:  # not put back for a later batch
+                        self._fail(item, InternalError(f"inference failed: {type(exc).__name__}"))
+
+    async def _run_batch(self, items: list[WorkItem]) -> None:
+        """Plan, predict on the worker thread, unbatch; items put back for later are not run here."""
+        assert self._batcher is not None
+        run, back = self.scheduler.plan(items, self.queue_depth + len(items))
+        self._batcher.requeue_front(back)
+        self.events.load(self.queue_depth, self.stats.inflight)
+        levels = [it.level for it in run if it.level is not None]
+        args = ([it.x for it in run], [lv.capacity for lv in levels], [it.top_k for it in run])
+        out = await asyncio.get_running_loop().run_in_executor(
+            self._executor, self.runner.run, *args, [it.routing for it in run]
+        )
+        groups, gflops = len({lv.counts for lv in levels}), sum(lv.gflops for lv in levels)
+        self.latency.observe(run[0].frames, groups, gflops, out.seconds)
+        self.events.batch_done(len(run), out.seconds)
+        for item, sample in zip(run, out.samples, strict=True):
+            self._succeed(item, sample, out.seconds, len(run))
+        self.events.load(self.queue_depth, self.stats.inflight)
 
     def _drop_hopeless(self, items: list[WorkItem]) -> list[WorkItem]:
         """Answer 504 without running the items whose hard deadline even a floor-capacity batch would miss."""
@@ -311,7 +337,7 @@ class Engine:
                 item.future.set_exception(exc)
 
     def _succeed(self, item: WorkItem, sample: SampleOutput, seconds: float, size: int) -> None:
-        if not self._settle(item, "succeeded"):
+        if item.outcome is not None:  # cancelled meanwhile
             return
         assert item.level is not None
         now = time.monotonic()
@@ -331,6 +357,7 @@ class Engine:
             planned_ms=item.planned_ms,
             deadline_met=met,
         )
-        self.events.request_done(result)
+        self._settle(item, "succeeded")
         if not item.future.done():
             item.future.set_result(result)
+        self.events.request_done(result)

@@ -284,3 +284,20 @@ async def test_each_response_matches_its_own_input(engine: Engine, capacities: l
         for x, c, r in zip(xs, capacities, results, strict=True):
             want = engine.runner.model(x.unsqueeze(0), capacity=c).logits[0]
             torch.testing.assert_close(torch.tensor(r.output.logits), want, rtol=1e-4, atol=1e-4)
+
+
+async def test_failing_hooks_do_not_break_serving(checkpoint_dir: Path) -> None:
+    class Broken:
+        def __getattr__(self, name: str) -> Any:
+            def fail(*args: Any) -> None:
+                raise RuntimeError(f"{name} is broken")
+
+            return fail
+
+    settings = fast_settings(checkpoint_dir, calibrate=False)
+    engine = Engine(Runner(load_checkpoint(checkpoint_dir), torch.device("cpu")), settings, events=Broken())
+    await engine.start()
+    results = await asyncio.gather(*(engine.infer(x, Budget("capacity", 0.5)) for x in inputs(3)))
+    await engine.stop(drain_s=5)
+    assert all(r.output.realised < 0.6 for r in results)
+    assert engine.stats.succeeded == 3
