@@ -137,6 +137,20 @@ def test_two_workers_report_one_consistent_metrics(checkpoint_dir: Path) -> None
         stop(proc)
 
 
+@pytest.fixture
+def clean_env() -> Iterator[None]:
+    """The CLI exports its settings as MONE_* variables (for uvicorn workers): undo that after the test."""
+    saved = dict(os.environ)
+    for key in [k for k in os.environ if k.startswith("MONE_")]:
+        del os.environ[key]
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.mark.usefixtures("clean_env")
 def test_missing_checkpoint_fails_with_a_clear_message(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
@@ -146,27 +160,11 @@ def test_missing_checkpoint_fails_with_a_clear_message(
     assert "--random-init" in err
 
 
-def test_cli_mirrors_settings(monkeypatch: pytest.MonkeyPatch) -> None:
-    for key in list(os.environ):
-        if key.startswith("MONE_"):
-            monkeypatch.delenv(key)
-    s = settings_from_args(
-        [
-            "--max-batch-size",
-            "7",
-            "--overload-policy",
-            "degrade",
-            "--no-calibrate",
-            "--calibration-capacities",
-            "0.25,1.0",
-        ]
-    )
-    assert (s.max_batch_size, s.overload_policy, s.calibrate, s.calibration_capacities) == (
-        7,
-        "degrade",
-        False,
-        [0.25, 1.0],
-    )
+@pytest.mark.usefixtures("clean_env")
+def test_cli_mirrors_settings() -> None:
+    args = ["--max-batch-size", "7", "--overload-policy", "degrade", "--no-calibrate"]
+    s = settings_from_args([*args, "--calibration-capacities", "0.25,1.0"])
+    assert (s.max_batch_size, s.overload_policy, s.calibrate) == (7, "degrade", False)
+    assert s.calibration_capacities == [0.25, 1.0]
     assert s.host == "127.0.0.1"
-    for key in [k for k in os.environ if k.startswith("MONE_")]:
-        monkeypatch.delenv(key)
+    assert os.environ["MONE_MAX_BATCH_SIZE"] == "7", "workers read the settings from the environment"
