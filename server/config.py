@@ -40,6 +40,7 @@ class Settings(BaseSettings):
     checkpoint_sha256: str | None = Field(default=None, description="pin the weights to this digest")
     random_init: bool = Field(default=False, description="development: serve a randomly initialised model")
     random_variant: str = Field(default="Mi/4", description="variant for --random-init")
+    random_classes: int = Field(default=10, ge=1, description="classes for --random-init")
     model_name: str = Field(default="mone", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     device: str = Field(default="auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     threads: int | None = Field(default=None, ge=1, description="torch intra-op threads (default: torch's)")

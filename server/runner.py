@@ -61,7 +61,8 @@ def load_model(settings: Settings, device: torch.device) -> Checkpoint:
     if settings.random_init:
         log.warning("serving a RANDOMLY INITIALISED %s model (development only)", settings.random_variant)
         torch.manual_seed(0)
-        net = MoNE(MoNEConfig.from_variant(settings.random_variant)).eval()
+        cfg = MoNEConfig.from_variant(settings.random_variant, num_classes=settings.random_classes)
+        net = MoNE(cfg).eval()
         with tempfile.TemporaryDirectory() as tmp:
             save_checkpoint(tmp, net, meta={"random_init": True})
             ck = load_checkpoint(tmp, device=device)

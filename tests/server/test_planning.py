@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from model import MoNEConfig, gflops
@@ -123,3 +125,15 @@ def test_degrade_cap_goes_linearly_from_default_to_floor(planner: Planner) -> No
     assert bp.degrade_cap(100) == pytest.approx(0.25)
     assert bp.degrade_cap(500) == pytest.approx(0.25)
     assert BatchPlanner(planner, LatencyModel(), Settings()).degrade_cap(10**6) == 1.0  # reject policy
+
+
+def test_random_init_and_missing_checkpoint(tmp_path: Path) -> None:
+    import torch
+
+    from server.config import Settings
+    from server.runner import CheckpointMissingError, load_model
+
+    ck = load_model(Settings(random_init=True), torch.device("cpu"))
+    assert (ck.config.variant, ck.config.num_classes, ck.meta.get("random_init")) == ("Mi/4", 10, True)
+    with pytest.raises(CheckpointMissingError, match="--random-init"):
+        load_model(Settings(checkpoint=tmp_path / "absent"), torch.device("cpu"))
