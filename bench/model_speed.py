@@ -135,7 +135,9 @@ def run(variant: str, batch: int, repeats: int) -> list[dict[str, object]]:
 
 
 def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     parser.add_argument("--variants", nargs="+", default=["S/16", "Mi/4"])
     parser.add_argument("--batches", nargs="+", type=int, default=[1, 32])
     parser.add_argument("--repeats", type=int, default=7)
@@ -155,7 +157,10 @@ def main(argv: list[str] | None = None) -> None:
         ("efficiency", 10),
     ]
     if not args.json:
-        print(f"# {platform.processor() or platform.machine()}, {args.threads} threads, torch {torch.__version__}")
+        print(
+            f"# {platform.processor() or platform.machine()}, {args.threads} threads, "
+            f"torch {torch.__version__}"
+        )
         print(" ".join(f"{name:>{w}}" for name, w in cols))
     for variant in args.variants:
         for batch in args.batches:
@@ -163,7 +168,9 @@ def main(argv: list[str] | None = None) -> None:
                 if args.json:
                     print(json.dumps(row), flush=True)
                 elif row["model"] == "memory":
-                    mem = ", ".join(f"{k} {v}" for k, v in row.items() if k not in ("variant", "batch", "model"))
+                    mem = ", ".join(
+                        f"{k} {v}" for k, v in row.items() if k not in ("variant", "batch", "model")
+                    )
                     print(f"{variant:>7} {batch:>5} memory: {mem}", flush=True)
                 else:
                     print(" ".join(f"{row[name]!s:>{w}}" for name, w in cols), flush=True)

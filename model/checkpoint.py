@@ -3,7 +3,8 @@
 Layout of a checkpoint directory:
     model.safetensors   the state dict (never a pickle)
     config.json         {"format": "mone-checkpoint/1", "config": {...}, "labels": [...],
-                         "profile": {...} | null, "sha256": "<hex digest of model.safetensors>", "meta": {...}}
+                         "profile": {...} | null, "sha256": "<hex digest of model.safetensors>",
+                         "meta": {...}}
 
 Loading verifies the digest before the weights are parsed, rebuilds the model from the stored config and
 loads the weights strictly; every failure raises CheckpointError naming the file and the problem.
@@ -128,7 +129,9 @@ def load_checkpoint(
     digest = _sha256(weights)
     for want, source in ((doc.get("sha256"), CONFIG), (expected_sha256, "the pinned digest")):
         if want and digest != want:
-            raise CheckpointError(f"{weights}: sha256 {digest} does not match {source} ({want}); refusing to load")
+            raise CheckpointError(
+                f"{weights}: sha256 {digest} does not match {source} ({want}); refusing to load"
+            )
     try:
         cfg = MoNEConfig.from_dict(doc.get("config"))  # type: ignore[arg-type]
     except (TypeError, ValueError) as exc:
@@ -151,7 +154,8 @@ def load_checkpoint(
     for name, tensor in state.items():
         if tensor.shape != expected[name].shape:
             raise CheckpointError(
-                f"{weights}: {name} has shape {tuple(tensor.shape)}, the config needs {tuple(expected[name].shape)}"
+                f"{weights}: {name} has shape {tuple(tensor.shape)}, "
+                f"the config needs {tuple(expected[name].shape)}"
             )
     model.load_state_dict(state, strict=True)
     model.to(device).eval()

@@ -41,7 +41,8 @@ class MoNEConfig:
         mlp_ratio: MLP hidden = mlp_ratio * dim, the same for every expert.
         num_experts: nested experts E; expert i has width dim / 2**(E-i).
         num_frames: maximum frames per clip (size of the temporal position table).
-        temporal_depth: full-capacity temporal transformer layers over per-frame tokens (0: frames are averaged).
+        temporal_depth: full-capacity temporal transformer layers over per-frame tokens
+            (0: frames are averaged).
         mean, std: per-channel input normalisation, applied by the caller's preprocessing.
         variant: the variant string this config came from, for display.
     """
@@ -78,10 +79,13 @@ class MoNEConfig:
         if not isinstance(self.num_experts, int) or not 1 <= self.num_experts <= 8:
             raise ValueError(f"num_experts must be an integer in [1, 8], got {self.num_experts!r}")
         if self.dim % (2 ** (self.num_experts - 1)):
-            raise ValueError(f"dim {self.dim} is not divisible by 2**(num_experts-1) = {2 ** (self.num_experts - 1)}")
+            raise ValueError(
+                f"dim {self.dim} is not divisible by 2**(num_experts-1) = {2 ** (self.num_experts - 1)}"
+            )
         if len(self.mean) != self.in_chans or len(self.std) != self.in_chans:
             raise ValueError(
-                f"mean/std need one value per input channel ({self.in_chans}), got {self.mean!r} / {self.std!r}"
+                f"mean/std need one value per input channel ({self.in_chans}), "
+                f"got {self.mean!r} / {self.std!r}"
             )
         if any(s <= 0 for s in self.std):
             raise ValueError(f"std must be positive, got {self.std!r}")

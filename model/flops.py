@@ -25,7 +25,9 @@ def spatial_frame_flops(cfg: MoNEConfig, counts: Sequence[int]) -> int:
     hidden = cfg.mlp_ratio * D
     flops = 2 * N * D * cfg.in_chans * cfg.patch_size**2  # patch embedding
     flops += 2 * N * D * E  # router
-    per_layer = sum(2 * k * d * (3 * D + D + 2 * hidden) for k, d in zip(counts, cfg.expert_dims, strict=True))
+    per_layer = sum(
+        2 * k * d * (3 * D + D + 2 * hidden) for k, d in zip(counts, cfg.expert_dims, strict=True)
+    )
     per_layer += 4 * N * N * D  # Q K^T and A V at full width
     return flops + cfg.depth * per_layer
 
@@ -47,11 +49,15 @@ def gflops(cfg: MoNEConfig, capacity: float, frames: int = 1) -> float:
     return sample_gflops(cfg, expert_counts(capacity, cfg.num_tokens, cfg.num_experts), frames)
 
 
-def _cpu_sdpa_flops(query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+def _cpu_sdpa_flops(
+    query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any
+) -> int:
     return int(sdpa_flop_count(query, key, value))  # type: ignore[no-untyped-call]
 
 
-def _addmm_flops(self_shape: Any, a_shape: Any, b_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+def _addmm_flops(
+    self_shape: Any, a_shape: Any, b_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any
+) -> int:
     return 2 * int(a_shape[0]) * int(a_shape[1]) * int(b_shape[1])
 
 

@@ -47,7 +47,9 @@ def config_from_timm_state_dict(state: Mapping[str, Tensor], heads: int, **overr
     depth = 1 + max(int(m.group(1)) for k in state if (m := re.match(r"blocks\.(\d+)\.", k)))
     grid = int(round(pos.shape[1] ** 0.5))
     if grid * grid != pos.shape[1]:
-        raise ValueError(f"pos_embed has {pos.shape[1]} positions: a class token or register tokens are not supported")
+        raise ValueError(
+            f"pos_embed has {pos.shape[1]} positions: a class token or register tokens are not supported"
+        )
     mlp_ratio = state["blocks.0.mlp.fc1.weight"].shape[0] // D
     values: dict[str, Any] = {
         "img_size": grid * p,
@@ -71,7 +73,9 @@ def mone_state_dict_from_timm(state: Mapping[str, Tensor], cfg: MoNEConfig) -> d
     """Rename timm keys to MoNE's; raise ValueError naming what does not fit."""
     bad = sorted(k for k in state if any(u in k for u in _UNSUPPORTED) and not k.startswith("fc_norm"))
     if bad:
-        raise ValueError(f"unsupported timm ViT features (need global_pool='avg', class_token=False): {bad[:4]}")
+        raise ValueError(
+            f"unsupported timm ViT features (need global_pool='avg', class_token=False): {bad[:4]}"
+        )
     out: dict[str, Tensor] = {
         "patch_embed.weight": state["patch_embed.proj.weight"],
         "patch_embed.bias": state["patch_embed.proj.bias"],
@@ -81,7 +85,9 @@ def mone_state_dict_from_timm(state: Mapping[str, Tensor], cfg: MoNEConfig) -> d
     }
     for name in ("fc_norm.weight", "fc_norm.bias"):
         if name not in state:
-            raise ValueError(f"{name} is missing: export the timm model with global_pool='avg' (fc_norm after pooling)")
+            raise ValueError(
+                f"{name} is missing: export the timm model with global_pool='avg' (fc_norm after pooling)"
+            )
         out[name] = state[name]
     for i in range(cfg.depth):
         for key in _BLOCK_KEYS:
@@ -99,7 +105,8 @@ def from_timm_state_dict(state: Mapping[str, Tensor], heads: int, seed: int = 0,
     allowed_missing = {"router.proj.weight", "router.proj.bias", "alpha"}
     if set(missing) - allowed_missing or unexpected:
         raise ValueError(
-            f"timm weights do not fit: missing {sorted(set(missing) - allowed_missing)}, unexpected {unexpected}"
+            f"timm weights do not fit: missing {sorted(set(missing) - allowed_missing)}, "
+            f"unexpected {unexpected}"
         )
     return net.eval()
 

@@ -159,12 +159,15 @@ class Block(nn.Module):
     def _update(self, x: Tensor, a: Tensor, layout: Layout, scale: Tensor | None) -> Tensor:
         """Attention out-projection and MLP, out of place (for autograd).
 
-        Out-projections produce only the first d_j outputs (Eq. 5-6), zero-padded to D before the residual add.
+        Out-projections produce only the first d_j outputs (Eq. 5-6), zero-padded to D before the residual
+        add.
         """
         D = x.shape[-1]
         out = []
         for s, e, d in layout.segments():
-            xs = x[s:e] + F.pad(F.linear(a[s:e], self.attn.proj.weight[:d], self.attn.proj.bias[:d]), (0, D - d))
+            xs = x[s:e] + F.pad(
+                F.linear(a[s:e], self.attn.proj.weight[:d], self.attn.proj.bias[:d]), (0, D - d)
+            )
             h = F.layer_norm(xs, (D,), self.norm2.weight, self.norm2.bias, self.norm2.eps)[:, :d]
             u = F.gelu(F.linear(h, self.mlp.fc1.weight[:, :d], self.mlp.fc1.bias))
             y = F.linear(u, self.mlp.fc2.weight[:d], self.mlp.fc2.bias[:d])
@@ -203,7 +206,9 @@ def _as_capacities(capacity: float | Sequence[float] | Tensor, batch: int, num_e
         elif capacity.shape == (batch,):
             values = [float(c) for c in capacity.tolist()]
         else:
-            raise ValueError(f"capacity tensor must be a scalar or have shape ({batch},), got {capacity.shape}")
+            raise ValueError(
+                f"capacity tensor must be a scalar or have shape ({batch},), got {capacity.shape}"
+            )
     elif isinstance(capacity, int | float):
         values = [float(capacity)] * batch
     else:
@@ -230,13 +235,15 @@ class MoNE(nn.Module):
         self.patch_embed = nn.Conv2d(cfg.in_chans, D, cfg.patch_size, cfg.patch_size)
         self.pos_embed = nn.Parameter(torch.zeros(1, cfg.num_tokens, D))
         self.router = Router(D, cfg.num_experts)
-        # Eq. 1's alpha: one learnable scalar for all layers, starting at 0, used clamped to [0, 1) (`mlp_alpha`).
+        # Eq. 1's alpha: one learnable scalar for all layers, starting at 0, clamped to [0, 1) (`mlp_alpha`).
         self.alpha = nn.Parameter(torch.zeros(()))
         self.blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.depth))
         self.fc_norm = nn.LayerNorm(D, eps=1e-6)
         if cfg.temporal_depth:
             self.temporal_pos = nn.Parameter(torch.zeros(1, cfg.num_frames, D))
-            self.temporal_blocks = nn.ModuleList(Block(D, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.temporal_depth))
+            self.temporal_blocks = nn.ModuleList(
+                Block(D, cfg.heads, cfg.mlp_ratio) for _ in range(cfg.temporal_depth)
+            )
             self.temporal_norm = nn.LayerNorm(D, eps=1e-6)
         self.head = nn.Linear(D, cfg.num_classes)
         self.reset_parameters()
@@ -259,8 +266,8 @@ class MoNE(nn.Module):
         nn.init.zeros_(self.alpha)
 
     def mlp_alpha(self) -> Tensor:
-        """alpha clamped to [0, 1) with a straight-through gradient: a plain clamp would stop learning for good
-        once an update pushed the raw value below 0 (where it starts)."""
+        """alpha clamped to [0, 1) with a straight-through gradient: a plain clamp would stop learning for
+        good once an update pushed the raw value below 0 (where it starts)."""
         a = self.alpha
         return a + (a.clamp(0.0, 1.0 - 1e-6) - a).detach()
 
@@ -311,7 +318,9 @@ class MoNE(nn.Module):
         return x.view(F_, N, D).mean(dim=1), experts  # global average pooling, no un-permute needed
 
     # -- full model ------------------------------------------------------------------------------------
-    def forward_features(self, clips: Tensor, capacities: list[float]) -> tuple[Tensor, Tensor, list[tuple[int, ...]]]:
+    def forward_features(
+        self, clips: Tensor, capacities: list[float]
+    ) -> tuple[Tensor, Tensor, list[tuple[int, ...]]]:
         """Pooled clip features (B, D), the (B, T, N) expert map and per-sample token splits."""
         B, T = clips.shape[:2]
         N, E = self.cfg.num_tokens, self.cfg.num_experts
@@ -346,11 +355,14 @@ class MoNE(nn.Module):
         if x.dim() == 4:
             x = x.unsqueeze(1)
         if x.dim() != 5:
-            raise ValueError(f"expected (B, C, H, W) images or (B, T, C, H, W) clips, got shape {tuple(x.shape)}")
+            raise ValueError(
+                f"expected (B, C, H, W) images or (B, T, C, H, W) clips, got shape {tuple(x.shape)}"
+            )
         B, T, C, Hh, Ww = x.shape
         if (C, Hh, Ww) != (cfg.in_chans, cfg.img_size, cfg.img_size):
             raise ValueError(
-                f"expected frames of shape ({cfg.in_chans}, {cfg.img_size}, {cfg.img_size}), got {(C, Hh, Ww)}"
+                f"expected frames of shape ({cfg.in_chans}, {cfg.img_size}, {cfg.img_size}), "
+                f"got {(C, Hh, Ww)}"
             )
         if cfg.temporal_depth and cfg.num_frames < T:
             raise ValueError(f"clip has {T} frames, the model takes at most {cfg.num_frames}")

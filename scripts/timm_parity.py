@@ -1,4 +1,5 @@
-"""Real-timm parity: a randomly initialised timm ViT, converted to MoNE, gives the same logits at capacity 1.0.
+"""Real-timm parity: a randomly initialised timm ViT, converted to MoNE, gives the same logits at
+capacity 1.0.
 
 timm needs torchvision, which does not import beside the project's CPU torch build, so this runs in its own
 environment (scripts/timm_parity.sh makes it).  No weights are downloaded.
@@ -27,7 +28,9 @@ def main() -> int:
     worst = 0.0
     for name in args.model:
         torch.manual_seed(0)
-        ref = timm.create_model(name, pretrained=False, global_pool="avg", class_token=False, num_classes=1000)
+        ref = timm.create_model(
+            name, pretrained=False, global_pool="avg", class_token=False, num_classes=1000
+        )
         ref.eval()
         with torch.no_grad():  # random weights with non-trivial norms, biases and a non-zero head
             for p in ref.parameters():

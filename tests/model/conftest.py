@@ -14,7 +14,7 @@ def make_net(variant: str = "Mi/4", alpha: float = 0.3, seed: int = 0, **overrid
     with torch.no_grad():
         torch.nn.init.normal_(net.head.weight, std=0.5)
         net.alpha.fill_(alpha)
-        # A larger router spread than the init, so that the probabilities (and the MLP scale) differ per token.
+        # A larger router spread than the init: router probabilities (and the MLP scale) differ per token.
         net.router.proj.weight.normal_(std=0.5)
     return net.eval()
 

@@ -35,12 +35,18 @@ def reference_forward(net: MoNE, x: Tensor, capacity: float, experts: Tensor | N
     scale = net.alpha.clamp(0.0, 1.0 - 1e-6) * r + 1.0  # forward value of net.mlp_alpha()
     for blk in net.blocks:
         h = F.layer_norm(tok, (D,), blk.norm1.weight, blk.norm1.bias, blk.norm1.eps) * mask
-        q, k, v = F.linear(h, blk.attn.qkv.weight, blk.attn.qkv.bias).view(F_, N, 3, H, D // H).permute(2, 0, 3, 1, 4)
+        q, k, v = (
+            F.linear(h, blk.attn.qkv.weight, blk.attn.qkv.bias)
+            .view(F_, N, 3, H, D // H)
+            .permute(2, 0, 3, 1, 4)
+        )
         att = ((q @ k.transpose(-1, -2)) / (D // H) ** 0.5).softmax(-1) @ v
         att = att.transpose(1, 2).reshape(F_, N, D)
         tok = tok + F.linear(att, blk.attn.proj.weight, blk.attn.proj.bias) * mask
         h = F.layer_norm(tok, (D,), blk.norm2.weight, blk.norm2.bias, blk.norm2.eps) * mask
-        y = F.linear(F.gelu(F.linear(h, blk.mlp.fc1.weight, blk.mlp.fc1.bias)), blk.mlp.fc2.weight, blk.mlp.fc2.bias)
+        y = F.linear(
+            F.gelu(F.linear(h, blk.mlp.fc1.weight, blk.mlp.fc1.bias)), blk.mlp.fc2.weight, blk.mlp.fc2.bias
+        )
         tok = tok + scale * y * mask
     z = net.fc_norm(tok.mean(dim=1)).view(B, T, D)
     if cfg.temporal_depth:

@@ -14,7 +14,9 @@ from tests.model.conftest import make_net
 @pytest.fixture
 def saved(tmp_path: Path) -> tuple[MoNE, Path]:
     net = make_net()
-    path = save_checkpoint(tmp_path / "ck", net, labels=[f"c{i}" for i in range(10)], profile={"capacities": [1.0]})
+    path = save_checkpoint(
+        tmp_path / "ck", net, labels=[f"c{i}" for i in range(10)], profile={"capacities": [1.0]}
+    )
     return net, path
 
 

@@ -83,7 +83,13 @@ def timm_like() -> TimmLikeViT:
 
 def test_converted_model_reproduces_logits(timm_like: TimmLikeViT) -> None:
     net = from_timm(timm_like)
-    assert (net.cfg.img_size, net.cfg.patch_size, net.cfg.dim, net.cfg.depth, net.cfg.heads) == (32, 8, 64, 3, 4)
+    assert (net.cfg.img_size, net.cfg.patch_size, net.cfg.dim, net.cfg.depth, net.cfg.heads) == (
+        32,
+        8,
+        64,
+        3,
+        4,
+    )
     x = torch.randn(3, 3, 32, 32)
     with torch.no_grad():
         ref = timm_like(x)

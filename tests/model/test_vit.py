@@ -33,7 +33,9 @@ def test_grouped_forward_equals_reference_for_clips(capacity: float) -> None:
     net = make_net(temporal_depth=2, num_frames=4)
     x = torch.randn(2, 4, 1, 28, 28, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
-        torch.testing.assert_close(net(x, capacity).logits, reference_forward(net, x, capacity), atol=2e-5, rtol=1e-4)
+        torch.testing.assert_close(
+            net(x, capacity).logits, reference_forward(net, x, capacity), atol=2e-5, rtol=1e-4
+        )
 
 
 def test_nested_linear_at_full_width_equals_dense_linear(net: MoNE) -> None:
@@ -43,7 +45,11 @@ def test_nested_linear_at_full_width_equals_dense_linear(net: MoNE) -> None:
     with torch.no_grad():
         full = blk.forward_nested(x.clone(), Layout(2, (49,), (D,)), None)
         h = blk.norm1(x.view(2, 49, D))
-        qkv = F.linear(h, blk.attn.qkv.weight, blk.attn.qkv.bias).view(2, 49, 3, 4, D // 4).permute(2, 0, 3, 1, 4)
+        qkv = (
+            F.linear(h, blk.attn.qkv.weight, blk.attn.qkv.bias)
+            .view(2, 49, 3, 4, D // 4)
+            .permute(2, 0, 3, 1, 4)
+        )
         a = F.scaled_dot_product_attention(*qkv).transpose(1, 2).reshape(2, 49, D)
         z = x.view(2, 49, D) + blk.attn.proj(a)
         dense = z + blk.mlp.fc2(F.gelu(blk.mlp.fc1(blk.norm2(z))))

@@ -1,0 +1,444 @@
+"""Serving benchmark: mone-serve against LitServe on the same checkpoint, batch size and wait, on 127.0.0.1.
+
+    python -m bench.serve                 # both models, full durations
+    python -m bench.serve --quick         # short smoke run (shipped model only)
+    python -m bench.serve --write         # also append the tables to bench/RESULTS.md
+
+Models: the shipped checkpoint (checkpoints/default, or a random Mi/4 when it is absent) and a random S/16
+at 224 px (compute-bound).  The same asyncio client drives both servers: closed loop at several
+concurrencies and open loop at fixed rates.  Reported: requests/s, p50/p99 latency (client side), and for
+`latency_ms` runs the share of requests the server reports as met.  Also: /healthz p99 while inference
+saturates the machine, and mone-serve's resident memory after warm-up and after many requests.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import io
+import os
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ProcessPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import torch
+from PIL import Image
+
+from model import MoNE, MoNEConfig, load_checkpoint, save_checkpoint
+from model.checkpoint import read_checkpoint_info
+
+ROOT = Path(__file__).resolve().parent.parent
+SHIPPED = ROOT / "checkpoints" / "default"
+
+
+@dataclass
+class Run:
+    label: str
+    requests: int
+    errors: int
+    seconds: float
+    latencies: list[float]
+    met: int = 0
+    budgeted: int = 0
+    rejected: int = 0
+
+    @property
+    def rps(self) -> float:
+        return self.requests / self.seconds if self.seconds else 0.0
+
+    def pct(self, q: float) -> float:
+        return float(np.percentile(self.latencies, q)) * 1e3 if self.latencies else float("nan")
+
+    def row(self) -> str:
+        met = f"{100 * self.met / self.budgeted:.1f} %" if self.budgeted else "-"
+        return (
+            f"| {self.label} | {self.rps:.1f} | {self.pct(50):.1f} | {self.pct(99):.1f} | {met} | "
+            f"{self.rejected} | {self.errors} |"
+        )
+
+
+HEADER = (
+    "| run | req/s | p50 ms | p99 ms | met latency_ms | rejected (429/503) | errors |\n"
+    "|---|---|---|---|---|---|---|"
+)
+
+
+# -- processes ----------
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Server:
+    """A server subprocess in its own process group (LitServe's workers outlive a plain SIGTERM)."""
+
+    def __init__(self, cmd: list[str], health: str, base: str) -> None:
+        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
+        self.base = base
+        deadline = time.monotonic() + 300
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"{cmd[:4]} exited with {self.proc.returncode}")
+            try:
+                if httpx.get(base + health, timeout=1).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            time.sleep(0.3)
+        self.stop()
+        raise RuntimeError(f"{cmd[:4]} did not become healthy")
+
+    def rss_mb(self) -> float:
+        for line in Path(f"/proc/{self.proc.pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+        return float("nan")
+
+    def stop(self) -> None:
+        try:
+            os.killpg(self.proc.pid, signal.SIGTERM)
+            self.proc.wait(timeout=30)
+        except (ProcessLookupError, subprocess.TimeoutExpired):
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+
+
+def start_mone(ckpt: Path, args: argparse.Namespace, *extra: str) -> Server:
+    port = free_port()
+    cmd = [
+        sys.executable,
+        "-m",
+        "server",
+        "--checkpoint",
+        str(ckpt),
+        "--port",
+        str(port),
+        "--log-level",
+        "warning",
+    ]
+    cmd += ["--max-batch-size", str(args.batch), "--max-batch-wait-ms", str(args.wait_ms)]
+    cmd += ["--max-queue-size", str(args.queue), "--limit-concurrency", "4096", *extra]
+    return Server(cmd, "/readyz", f"http://127.0.0.1:{port}")
+
+
+def start_litserve(ckpt: Path, args: argparse.Namespace) -> Server:
+    port = free_port()
+    cmd = [sys.executable, "-m", "bench.litserve_peer", "--checkpoint", str(ckpt), "--port", str(port)]
+    cmd += ["--max-batch-size", str(args.batch), "--batch-timeout-ms", str(args.wait_ms)]
+    return Server(cmd, "/health", f"http://127.0.0.1:{port}")
+
+
+# -- client ----------
+async def _one(client: httpx.AsyncClient, url: str, body: bytes, fields: dict[str, str], run: Run) -> None:
+    start = time.perf_counter()
+    try:
+        r = await client.post(url, files={"file": ("x.png", body, "image/png")}, data=fields)
+    except httpx.HTTPError:
+        run.errors += 1
+        return
+    if r.status_code in (429, 503):
+        run.rejected += 1
+        return
+    if r.status_code != 200:
+        run.errors += 1
+        return
+    run.latencies.append(time.perf_counter() - start)
+    run.requests += 1
+    if "latency_ms" in fields:
+        run.budgeted += 1
+        run.met += bool(r.json().get("served", {}).get("deadline_met"))
+
+
+async def closed_loop(
+    url: str, bodies: list[bytes], fields: dict[str, str], concurrency: int, seconds: float, label: str
+) -> Run:
+    run = Run(label, 0, 0, seconds, [])
+    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+        end = time.perf_counter() + seconds
+
+        async def worker(i: int) -> None:
+            n = i
+            while time.perf_counter() < end:
+                await _one(client, url, bodies[n % len(bodies)], fields, run)
+                n += concurrency
+
+        start = time.perf_counter()
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+        run.seconds = time.perf_counter() - start
+    return run
+
+
+async def open_loop(
+    url: str,
+    bodies: list[bytes],
+    fields: dict[str, str],
+    rate: float,
+    seconds: float,
+    label: str,
+    phase: float = 0,
+) -> Run:
+    """Requests at fixed intervals of 1/rate (shifted by `phase` intervals), whatever the answers do."""
+    run = Run(label, 0, 0, seconds, [])
+    limits = httpx.Limits(max_connections=2048, max_keepalive_connections=256)
+    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+        tasks = []
+        start = time.perf_counter()
+        for n in range(int(rate * seconds)):
+            delay = start + (n + phase) / rate - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(_one(client, url, bodies[n % len(bodies)], fields, run)))
+        await asyncio.gather(*tasks)
+        run.seconds = time.perf_counter() - start
+    return run
+
+
+def _client_process(
+    mode: str,
+    url: str,
+    bodies: list[bytes],
+    fields: dict[str, str],
+    load: float,
+    seconds: float,
+    label: str,
+    phase: float,
+) -> Run:
+    if mode == "closed":
+        return asyncio.run(closed_loop(url, bodies, fields, int(load), seconds, label))
+    return asyncio.run(open_loop(url, bodies, fields, load, seconds, label, phase))
+
+
+def drive(
+    mode: str,
+    url: str,
+    bodies: list[bytes],
+    fields: dict[str, str],
+    load: float,
+    seconds: float,
+    label: str,
+    procs: int = 1,
+) -> Run:
+    """Closed loop at concurrency `load` or open loop at `load` req/s, split over `procs` client processes
+    (one Python client tops out at a few hundred requests/s)."""
+    procs = max(1, min(procs, int(load))) if mode == "closed" else max(1, procs)
+    if procs == 1:
+        return _client_process(mode, url, bodies, fields, load, seconds, label, 0.0)
+    shares = (
+        [load // procs + (i < load % procs) for i in range(procs)]
+        if mode == "closed"
+        else [load / procs] * procs
+    )
+    with ProcessPoolExecutor(procs) as pool:
+        parts = list(
+            pool.map(
+                _client_process,
+                [mode] * procs,
+                [url] * procs,
+                [bodies] * procs,
+                [fields] * procs,
+                shares,
+                [seconds] * procs,
+                [label] * procs,
+                [i / procs for i in range(procs)],
+            )
+        )
+    merged = Run(label, 0, 0, max(p.seconds for p in parts), [])
+    for part in parts:
+        merged.requests += part.requests
+        merged.errors += part.errors
+        merged.latencies += part.latencies
+        merged.met += part.met
+        merged.budgeted += part.budgeted
+        merged.rejected += part.rejected
+    return merged
+
+
+async def probe(url: str, stop: asyncio.Event) -> list[float]:
+    times = []
+    async with httpx.AsyncClient(timeout=10) as client:
+        while not stop.is_set():
+            start = time.perf_counter()
+            await client.get(url)
+            times.append(time.perf_counter() - start)
+            await asyncio.sleep(0.02)
+    return times
+
+
+# -- scenarios ----------
+def make_images(cfg: MoNEConfig, n: int = 32) -> list[bytes]:
+    rng = np.random.default_rng(0)
+    mode = "L" if cfg.in_chans == 1 else "RGB"
+    shape = (cfg.img_size, cfg.img_size) if cfg.in_chans == 1 else (cfg.img_size, cfg.img_size, 3)
+    out = []
+    for _ in range(n):
+        buf = io.BytesIO()
+        Image.fromarray((rng.random(shape) * 255).astype(np.uint8), mode).save(buf, "PNG")
+        out.append(buf.getvalue())
+    return out
+
+
+def random_checkpoint(variant: str, tmp: Path, **overrides: Any) -> Path:
+    torch.manual_seed(0)
+    net = MoNE(MoNEConfig.from_variant(variant, **overrides)).eval()
+    return save_checkpoint(tmp / variant.replace("/", "_"), net, meta={"random_init": True})
+
+
+def model_speedup(ckpt: Path, batch: int, repeats: int = 3) -> float:
+    """Forward time at capacity 1.0 over capacity 0.5 for one full batch, the model alone (no server)."""
+    ck = load_checkpoint(ckpt, device="cuda" if torch.cuda.is_available() else "cpu")
+    c = ck.config
+    x = torch.randn(batch, c.in_chans, c.img_size, c.img_size, device=next(ck.model.parameters()).device)
+    times = {}
+    with torch.inference_mode():
+        for capacity in (1.0, 0.5, 1.0, 0.5):  # first pass of each warms up
+            samples = []
+            for _ in range(repeats):
+                start = time.perf_counter()
+                ck.model(x, capacity=capacity).logits.cpu()
+                samples.append(time.perf_counter() - start)
+            times[capacity] = statistics.median(samples)
+    return times[1.0] / times[0.5]
+
+
+def bench_model(name: str, ckpt: Path, cfg: MoNEConfig, args: argparse.Namespace) -> list[str]:
+    bodies = make_images(cfg)
+    secs, procs = args.seconds, args.client_procs
+    lines = [f"\n### {name} ({cfg.variant}, {cfg.img_size} px)\n", HEADER]
+    runs: dict[str, Run] = {}
+
+    def show(run: Run) -> None:
+        runs[run.label] = run
+        lines.append(run.row())
+        print(run.row(), flush=True)
+
+    peer = start_litserve(ckpt, args)
+    try:
+        for c in args.concurrency:
+            show(
+                asyncio.run(
+                    closed_loop(peer.base + "/predict", bodies, {}, c, secs, f"LitServe dense, c={c}")
+                )
+            )
+    finally:
+        peer.stop()
+
+    mone = start_mone(ckpt, args)
+    url = mone.base + "/v1/classify"
+    try:
+        rss_warm = mone.rss_mb()
+        for c in args.concurrency:
+            show(
+                asyncio.run(
+                    closed_loop(url, bodies, {"capacity": "1.0"}, c, secs, f"mone capacity 1.0, c={c}")
+                )
+            )
+        top = max(args.concurrency)
+        show(
+            asyncio.run(
+                closed_loop(url, bodies, {"capacity": "0.5"}, top, secs, f"mone capacity 0.5, c={top}")
+            )
+        )
+
+        async def saturated_probe() -> list[float]:
+            stop = asyncio.Event()
+            task = asyncio.create_task(probe(mone.base + "/healthz", stop))
+            await closed_loop(url, bodies, {"capacity": "1.0"}, top, secs, "probe load")
+            stop.set()
+            return await task
+
+        health = asyncio.run(saturated_probe())
+        served = sum(r.requests for r in runs.values() if r.label.startswith("mone"))
+        while served < args.memory_requests:
+            run = asyncio.run(closed_loop(url, bodies, {}, top, secs, "memory load"))
+            served += run.requests
+        rss_after = mone.rss_mb()
+    finally:
+        mone.stop()
+
+    dense_lat = runs["mone capacity 1.0, c=1"].pct(50) if "mone capacity 1.0, c=1" in runs else 50.0
+    saturation = max(r.rps for k, r in runs.items() if k.startswith("mone capacity 1.0"))
+    rate, budget = 1.5 * saturation, 3 * dense_lat
+    degrade = start_mone(ckpt, args, "--overload-policy", "degrade")
+    try:
+        url = degrade.base + "/v1/classify"
+        show(
+            asyncio.run(
+                open_loop(url, bodies, {"capacity": "1.0"}, rate, secs, f"open {rate:.0f}/s, capacity 1.0")
+            )
+        )
+        label = f"open {rate:.0f}/s, latency_ms={budget:.0f}, degrade"
+        show(drive("open", url, bodies, {"latency_ms": f"{budget:.1f}"}, rate, secs, label, procs))
+    finally:
+        degrade.stop()
+
+    lit = max(max(r.rps for k, r in runs.items() if k.startswith("LitServe")), 1e-9)
+    alone = model_speedup(ckpt, args.batch)
+    half = runs[f"mone capacity 0.5, c={top}"].rps
+    lines += [
+        "",
+        f"- throughput at capacity 1.0: mone {saturation:.1f} req/s vs LitServe {lit:.1f} req/s "
+        f"({saturation / lit:.2f}x)",
+        f"- mone at capacity 0.5 vs LitServe dense: {half / lit:.2f}x (the model alone, batch {args.batch}: "
+        f"{alone:.2f}x from capacity 1.0 to 0.5)",
+        f"- /healthz under saturation: p50 {1e3 * statistics.median(health):.1f} ms, "
+        f"p99 {1e3 * float(np.percentile(health, 99)):.1f} ms ({len(health)} probes)",
+        f"- mone-serve RSS: {rss_warm:.0f} MB after warm-up, {rss_after:.0f} MB after {served} requests "
+        f"({100 * (rss_after / rss_warm - 1):+.1f} %)",
+    ]
+    for line in lines[-4:]:
+        print(line, flush=True)
+    return lines
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="short smoke run of the shipped model only")
+    p.add_argument("--models", default="shipped,s16", help="comma list of shipped, s16")
+    p.add_argument("--seconds", type=float, default=20.0)
+    p.add_argument("--concurrency", default="1,8,32,64")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--wait-ms", type=float, default=5.0)
+    p.add_argument("--queue", type=int, default=128)
+    p.add_argument("--memory-requests", type=int, default=10_000)
+    p.add_argument("--client-procs", type=int, default=1, help="client processes generating the load")
+    p.add_argument("--write", action="store_true", help="append the tables to bench/RESULTS.md")
+    args = p.parse_args()
+    if args.quick:
+        args.models, args.seconds, args.concurrency, args.memory_requests = "shipped", 3.0, "1,16", 500
+    args.concurrency = [int(c) for c in str(args.concurrency).split(",")]
+    lines = [f"## bench.serve, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", ""]
+    lines.append(
+        f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, cuda={torch.cuda.is_available()}; "
+    )
+    lines.append(f"batch {args.batch}, wait {args.wait_ms} ms, {args.seconds:g} s per run")
+    with tempfile.TemporaryDirectory() as tmp:
+        for model in args.models.split(","):
+            if model == "shipped":
+                ckpt = SHIPPED if SHIPPED.exists() else random_checkpoint("Mi/4", Path(tmp), num_classes=10)
+                name = "shipped checkpoint" if SHIPPED.exists() else "random Mi/4 (no shipped checkpoint yet)"
+            else:
+                ckpt, name = random_checkpoint("S/16", Path(tmp), num_classes=1000), "random S/16"
+            cfg = MoNEConfig.from_dict(read_checkpoint_info(ckpt)["config"])
+            lines += bench_model(name, ckpt, cfg, args)
+    text = "\n".join(lines) + "\n"
+    print(text)
+    if args.write:
+        with (ROOT / "bench" / "RESULTS.md").open("a") as f:
+            f.write("\n" + text)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,116 @@
+"""The FastAPI application: `create_app()`, its lifespan (load, warm up, calibrate, drain) and the one error
+schema `{"error": {"code", "message", "detail"}}` for every failure."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from starlette.exceptions import HTTPException as StarletteHTTPException
+
+from server import __version__, oip, routes
+from server.config import Settings, get_settings
+from server.engine import Engine
+from server.errors import STATUS, ClientGoneError, InternalError, OverloadedError, ServeError
+from server.limits import BodyLimitMiddleware
+from server.metrics import Metrics, MetricsMiddleware
+from server.runner import Runner, load_model, resolve_device
+
+log = logging.getLogger("mone.app")
+NOT_REJECTIONS = (ClientGoneError.code, InternalError.code)
+
+
+def error_response(
+    code: str, message: str, detail: dict[str, object] | None = None, path: str = ""
+) -> JSONResponse:
+    """The native error schema; under /v2 the Open Inference Protocol's `{"error": "<message>"}` (plus
+    `code` and `detail`), so that KServe/Triton clients can read it."""
+    status = STATUS.get(code, 500)
+    body: dict[str, object]
+    if path.startswith("/v2"):
+        body = {"error": message, "code": code, "detail": detail or {}}
+    else:
+        body = {"error": {"code": code, "message": message, "detail": detail or {}}}
+    return JSONResponse(body, status_code=status)
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """Build the app; the model is loaded by the lifespan, so importing this module is cheap."""
+    settings = settings or get_settings()
+    metrics = Metrics()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        device = resolve_device(settings.device)
+        checkpoint = load_model(settings, device)
+        engine = Engine(Runner(checkpoint, device), settings, events=metrics)
+        app.state.engine = engine
+        metrics.set_model(settings.model_name, checkpoint.config.variant, str(device))
+        await engine.start()
+        log.info("ready: %s (%s) on %s", settings.model_name, checkpoint.config.variant, device)
+        try:
+            yield
+        finally:
+            await engine.stop(drain_s=float(settings.timeout_graceful_shutdown))
+
+    app = FastAPI(
+        title="mone-serve",
+        version=__version__,
+        description="MoNE vision transformers with per-request compute budgets",
+        lifespan=lifespan,
+        docs_url="/docs" if settings.docs else None,
+        redoc_url=None,
+        openapi_url="/openapi.json" if settings.docs else None,
+    )
+    app.state.settings = settings
+    app.state.metrics = metrics
+    app.include_router(routes.router)
+    app.include_router(routes.v1)
+    app.include_router(oip.router)
+    app.include_router(oip.models)
+    _add_error_handlers(app, metrics)
+    app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics)
+    known = [*routes.router.routes, *routes.v1.routes, *oip.router.routes, *oip.models.routes]
+    app.add_middleware(MetricsMiddleware, metrics=metrics, routes=known)
+    return app
+
+
+def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
+    @app.exception_handler(ServeError)
+    async def serve_error(request: Request, exc: ServeError) -> JSONResponse:
+        if exc.code not in NOT_REJECTIONS:
+            metrics.reject(exc.reason)
+        response = error_response(exc.code, exc.message, exc.detail, request.url.path)
+        if isinstance(exc, OverloadedError):
+            response.headers["Retry-After"] = str(int(max(1, round(exc.retry_after))))
+        return response
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
+        metrics.reject("bad_input")
+        errors = [{"field": ".".join(map(str, e["loc"])), "message": e["msg"]} for e in exc.errors()]
+        message = "request does not match the schema"
+        return error_response("validation_error", message, {"errors": errors}, request.url.path)
+
+    @app.exception_handler(StarletteHTTPException)
+    async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        response = error_response(code, str(exc.detail), path=request.url.path)
+        response.status_code = exc.status_code
+        return response
+
+    @app.exception_handler(Exception)
+    async def unexpected(request: Request, exc: Exception) -> JSONResponse:
+        log.exception("unhandled error on %s", request.url.path)
+        return error_response(
+            InternalError.code, f"internal error: {type(exc).__name__}", path=request.url.path
+        )
+
+
+def app_factory() -> FastAPI:
+    """Entry point for `uvicorn --factory server.app:app_factory` (settings from the environment)."""
+    return create_app(get_settings())

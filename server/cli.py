@@ -1,0 +1,109 @@
+"""`mone-serve` / `python -m server`: the command line mirrors `Settings` field by field.
+
+Every `--flag` is also the environment variable MONE_<FLAG>; flags win.  Values are exported to the
+environment so that uvicorn worker processes build the same settings.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+import tempfile
+import typing
+from collections.abc import Sequence
+from typing import Any
+
+from pydantic import ValidationError
+
+from server.config import Settings
+
+
+def _flag(name: str) -> str:
+    return "--" + name.replace("_", "-")
+
+
+def _is_list(annotation: Any) -> bool:
+    return typing.get_origin(annotation) is list
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="mone-serve",
+        description="Serve a MoNE checkpoint with per-request compute budgets. "
+        "Every option can also be set as the environment variable MONE_<OPTION>.",
+    )
+    for name, field in Settings.model_fields.items():
+        help_text = field.description or ""
+        default = field.get_default(call_default_factory=True)
+        help_text += (
+            f" (default: {default.get_secret_value() if hasattr(default, 'get_secret_value') else default})"
+        )
+        if field.annotation is bool:
+            parser.add_argument(_flag(name), dest=name, action=argparse.BooleanOptionalAction, help=help_text)
+        elif _is_list(field.annotation):
+            parser.add_argument(_flag(name), dest=name, metavar="A,B,...", help=help_text)
+        else:
+            parser.add_argument(_flag(name), dest=name, help=help_text)
+    return parser
+
+
+def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
+    """Parse flags, export them as MONE_* variables and build (validate) the settings."""
+    args = build_parser().parse_args(argv)
+    for name, value in vars(args).items():
+        if value is None:
+            continue
+        field = Settings.model_fields[name]
+        if field.annotation is bool:
+            text = "true" if value else "false"
+        elif _is_list(field.annotation):
+            text = json.dumps([float(v) if "." in v else int(v) for v in str(value).split(",") if v])
+        else:
+            text = str(value)
+        os.environ["MONE_" + name.upper()] = text
+    return Settings()
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    try:
+        settings = settings_from_args(argv)
+    except ValidationError as exc:
+        # Without the input values: they may hold the api_key.
+        lines = [f"  {'.'.join(map(str, e['loc'])) or 'settings'}: {e['msg']}" for e in exc.errors()]
+        print("mone-serve: invalid settings:\n" + "\n".join(lines), file=sys.stderr)
+        return 2
+    logging.basicConfig(
+        level=settings.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    if not settings.random_init and not settings.checkpoint.exists():
+        print(
+            f"mone-serve: checkpoint {settings.checkpoint} does not exist.\n"
+            "  Point MONE_CHECKPOINT (or --checkpoint) at a checkpoint directory (model.safetensors +\n"
+            "  config.json), or start with --random-init to serve a randomly initialised model.",
+            file=sys.stderr,
+        )
+        return 2
+    if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
+        # Before prometheus_client is imported anywhere: every worker writes its samples here.
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mone-metrics-")
+    import uvicorn
+
+    uvicorn.run(
+        "server.app:app_factory",
+        factory=True,
+        host=settings.host,
+        port=settings.port,
+        workers=settings.workers,
+        log_level=settings.log_level,
+        limit_concurrency=settings.limit_concurrency,
+        timeout_keep_alive=settings.timeout_keep_alive,
+        timeout_graceful_shutdown=settings.timeout_graceful_shutdown,
+    )
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

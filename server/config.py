@@ -1,0 +1,148 @@
+"""Server settings: one pydantic-settings class, environment prefix MONE_, mirrored by the command line.
+
+Every limit of shared/design/reliability.md is a field here with a safe default.  Settings are built by
+`get_settings()` (cached), never at import time.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field, SecretStr, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+DEFAULT_CHECKPOINT = Path(__file__).resolve().parent.parent / "checkpoints" / "default"
+MB = 1024 * 1024
+
+
+class Settings(BaseSettings):
+    """Everything an operator can configure (env `MONE_<NAME>` or `mone-serve --<name>`)."""
+
+    model_config = SettingsConfigDict(env_prefix="MONE_", extra="ignore")
+
+    # -- process -----------------------------------------------------------------------------------------
+    host: str = Field(default="127.0.0.1", description="bind address (loopback by default)")
+    port: int = Field(default=8000, ge=0, le=65535)
+    workers: int = Field(default=1, ge=1, le=64, description="uvicorn worker processes (one model each)")
+    log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
+    limit_concurrency: int = Field(default=512, ge=1, description="uvicorn: connections beyond this get 503")
+    timeout_keep_alive: int = Field(
+        default=5, ge=1, description="seconds an idle keep-alive connection stays open"
+    )
+    timeout_graceful_shutdown: int = Field(default=25, ge=1, description="seconds to drain before exit")
+
+    # -- model -------------------------------------------------------------------------------------------
+    checkpoint: Path = Field(
+        default=DEFAULT_CHECKPOINT, description="checkpoint directory (safetensors + JSON)"
+    )
+    checkpoint_sha256: str | None = Field(default=None, description="pin the weights to this digest")
+    random_init: bool = Field(default=False, description="development: serve a randomly initialised model")
+    random_variant: str = Field(default="Mi/4", description="variant for --random-init")
+    random_classes: int = Field(default=10, ge=1, description="classes for --random-init")
+    model_name: str = Field(default="mone", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+    device: str = Field(default="auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
+    threads: int | None = Field(default=None, ge=1, description="torch intra-op threads (default: torch's)")
+
+    # -- budgets -----------------------------------------------------------------------------------------
+    default_capacity: float = Field(
+        default=1.0, ge=0.125, le=1.0, description="e_c when a request gives no budget"
+    )
+    default_top_k: int = Field(default=5, ge=1)
+
+    # -- batching and overload ---------------------------------------------------------------------------
+    max_batch_size: int = Field(default=32, ge=1, le=1024)
+    max_batch_wait_ms: float = Field(default=5.0, ge=0.0, le=1000.0)
+    max_queue_size: int = Field(default=128, ge=1)
+    overload_policy: Literal["reject", "degrade"] = "reject"
+    degrade_start: float = Field(
+        default=0.25, ge=0.0, lt=1.0, description="queue fill at which degrading begins"
+    )
+    degrade_floor: float = Field(
+        default=0.25, ge=0.125, le=1.0, description="lowest e_c that degrading serves"
+    )
+    request_timeout_s: float = Field(default=30.0, gt=0.0, description="hard deadline; 504 when it expires")
+
+    # -- latency model -----------------------------------------------------------------------------------
+    calibrate: bool = Field(default=True, description="measure the latency model at start-up")
+    calibration_batch_sizes: list[int] = Field(default_factory=lambda: [1, 8, 32])
+    calibration_capacities: list[float] = Field(default_factory=lambda: [0.125, 0.5, 1.0])
+    calibration_repeats: int = Field(default=2, ge=1, le=20)
+    warmup_iters: int = Field(default=2, ge=0, le=100)
+
+    # -- input limits (reliability.md section 6) ---------------------------------------------------------
+    max_body_bytes: int = Field(
+        default=50 * MB, ge=1, description="any request body (video endpoint limit); 413"
+    )
+    max_image_bytes: int = Field(default=20 * MB, ge=1, description="encoded image; 413")
+    max_image_pixels: int = Field(default=40_000_000, ge=1, description="decoded width x height; 413")
+    max_image_side: int = Field(default=8192, ge=1)
+    max_animated_frames: int = Field(
+        default=1000, ge=1, description="GIF/WebP frames in an image upload; 422"
+    )
+    max_video_seconds: float = Field(default=30.0, gt=0.0)
+    max_video_side: int = Field(default=4096, ge=1, description="longest side of a video frame (4K)")
+    max_video_streams: int = Field(default=1, ge=1, description="video streams in a container")
+    max_video_frames: int = Field(default=2000, ge=1, description="frames decoded from one clip")
+    max_decode_seconds: float = Field(
+        default=10.0, gt=0.0, description="wall-time budget to decode one clip; 422"
+    )
+    max_request_frames: int = Field(default=32, ge=1, description="compute cap: frames per request; 422")
+
+    # -- security ----------------------------------------------------------------------------------------
+    api_key: SecretStr | None = Field(
+        default=None, description="when set, inference and model routes need a Bearer"
+    )
+    allow_unauthenticated: bool = Field(
+        default=False, description="allow binding a non-loopback address without an api_key"
+    )
+    docs: bool = Field(default=True, description="serve OpenAPI docs at /docs")
+
+    @field_validator("calibration_batch_sizes")
+    @classmethod
+    def _positive_sizes(cls, v: list[int]) -> list[int]:
+        if not v or any(b < 1 for b in v):
+            raise ValueError("calibration_batch_sizes must be positive integers")
+        return sorted(set(v))
+
+    @field_validator("calibration_capacities")
+    @classmethod
+    def _capacities(cls, v: list[float]) -> list[float]:
+        if not v or any(not 0.125 <= c <= 1.0 for c in v):
+            raise ValueError("calibration_capacities must lie in [0.125, 1]")
+        return sorted(set(v))
+
+    @field_validator("api_key")
+    @classmethod
+    def _key(cls, v: SecretStr | None) -> SecretStr | None:
+        if v is not None and len(v.get_secret_value().strip()) < 8:
+            raise ValueError("api_key must have at least 8 characters")
+        return v
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, v: str) -> str:
+        if v not in ("auto", "cpu", "cuda", "mps") and not (v.startswith("cuda:") and v[5:].isdigit()):
+            raise ValueError(f"device must be auto, cpu, cuda, cuda:N or mps, got {v!r}")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> Settings:
+        if self.max_image_bytes > self.max_body_bytes:
+            raise ValueError("max_image_bytes cannot exceed max_body_bytes")
+        if self.degrade_floor > self.default_capacity:
+            raise ValueError("degrade_floor cannot exceed default_capacity")
+        loopback = self.host in ("127.0.0.1", "localhost", "::1")
+        if not loopback and self.api_key is None and not self.allow_unauthenticated:
+            raise ValueError(
+                f"binding {self.host} without an api_key would expose inference to the network; "
+                "set api_key, or allow_unauthenticated=true behind an authenticating proxy"
+            )
+        return self
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once from the environment."""
+    return Settings()

@@ -1,0 +1,92 @@
+"""FastAPI dependencies and the request-side helpers the routers share.
+
+Routers stay thin: they fetch the engine and settings from here, call `decode_payload` and `serve`, and map
+the result to a response model.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+from collections.abc import Awaitable
+from typing import Annotated, Any, TypeVar
+
+from fastapi import Depends, Request
+
+from server.config import Settings
+from server.decode import Decoded, Kind, decode
+from server.engine import Engine
+from server.errors import ClientGoneError, NotFoundError, UnauthorizedError
+from server.metrics import Metrics
+
+T = TypeVar("T")
+
+
+def get_settings(request: Request) -> Settings:
+    settings: Settings = request.app.state.settings
+    return settings
+
+
+def get_engine(request: Request) -> Engine:
+    engine: Engine = request.app.state.engine
+    return engine
+
+
+def get_metrics(request: Request) -> Metrics:
+    metrics: Metrics = request.app.state.metrics
+    return metrics
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+EngineDep = Annotated[Engine, Depends(get_engine)]
+MetricsDep = Annotated[Metrics, Depends(get_metrics)]
+
+
+def require_key(request: Request, settings: SettingsDep) -> None:
+    """Bearer token check for inference and model routes (only when an api_key is configured)."""
+    if settings.api_key is None:
+        return
+    header = request.headers.get("authorization", "")
+    scheme, _, token = header.partition(" ")
+    want = settings.api_key.get_secret_value().encode()
+    if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), want):
+        raise UnauthorizedError("missing or wrong bearer token")
+
+
+def check_model(name: str, settings: Settings) -> None:
+    if name != settings.model_name:
+        raise NotFoundError(f"no model named {name!r}", models=[settings.model_name])
+
+
+async def decode_payload(data: bytes, engine: Engine, settings: Settings, kind: Kind = "auto") -> Decoded:
+    """Decode off the event loop."""
+    return await asyncio.to_thread(decode, data, engine.cfg, settings, kind)
+
+
+async def _wait_disconnect(request: Request) -> None:
+    while True:
+        message = await request.receive()
+        if message["type"] == "http.disconnect":
+            return
+
+
+async def cancel_on_disconnect(request: Request, work: Awaitable[T]) -> T:
+    """Await `work`; if the client disconnects first, cancel it (the engine drops queued items)."""
+    task: asyncio.Future[T] = asyncio.ensure_future(work)
+    watcher = asyncio.ensure_future(_wait_disconnect(request))
+    try:
+        pending: set[asyncio.Future[Any]] = {task, watcher}
+        done, _ = await asyncio.wait(pending, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        watcher.cancel()
+    if task in done:
+        return task.result()
+    task.cancel()
+    with contextlib.suppress(asyncio.CancelledError, Exception):
+        await task
+    raise ClientGoneError("client disconnected")
+
+
+def first_not_none(*values: Any) -> Any:
+    return next((v for v in values if v is not None), None)

@@ -1,0 +1,98 @@
+"""Latency model: predicted compute time of a batch, calibrated at start-up and refreshed online.
+
+Per input kind (frames per sample) the model is linear:
+
+    t = a + b * (groups - 1) + c * sum of the batch's GFLOPs
+
+where `groups` is the number of distinct token splits in the batch (the model runs one pass per split).
+Coefficients are least-squares fits over the start-up measurements plus a window of recent batches, so the
+model follows the device as its load changes.  A coefficient that comes out negative is dropped and the
+rest refitted, which keeps predictions monotone in GFLOPs.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+FALLBACK_GFLOPS_PER_S = 20.0  # used only before any measurement exists for a kind
+
+
+@dataclass
+class _KindModel:
+    calibration: list[tuple[float, float, float]] = field(default_factory=list)
+    recent: deque[tuple[float, float, float]] = field(default_factory=lambda: deque(maxlen=256))
+    coef: tuple[float, float, float] | None = None
+
+
+class LatencyModel:
+    """Predicts batch compute seconds from (frames, groups, total GFLOPs)."""
+
+    def __init__(self, window: int = 256) -> None:
+        self._kinds: dict[int, _KindModel] = {}
+        self._window = window
+
+    def _kind(self, frames: int) -> _KindModel:
+        if frames not in self._kinds:
+            self._kinds[frames] = _KindModel(recent=deque(maxlen=self._window))
+        return self._kinds[frames]
+
+    def observe(
+        self, frames: int, groups: int, gflops: float, seconds: float, calibration: bool = False
+    ) -> None:
+        """Record one executed batch and refit that kind's coefficients."""
+        km = self._kind(frames)
+        (km.calibration if calibration else km.recent).append((float(groups - 1), gflops, seconds))
+        km.coef = _fit(km.calibration + list(km.recent))
+
+    def predict(self, frames: int, groups: int, gflops: float) -> float:
+        """Predicted compute seconds of one batch."""
+        km = self._kinds.get(frames)
+        if km is None or km.coef is None:
+            # An uncalibrated kind borrows the nearest calibrated one: cost per GFLOP transfers well.
+            known = [f for f, k in self._kinds.items() if k.coef is not None]
+            if not known:
+                return gflops / FALLBACK_GFLOPS_PER_S
+            km = self._kinds[min(known, key=lambda f: abs(f - frames))]
+        assert km.coef is not None
+        a, b, c = km.coef
+        return a + b * max(groups - 1, 0) + c * gflops
+
+    def calibrated(self, frames: int) -> bool:
+        km = self._kinds.get(frames)
+        return km is not None and km.coef is not None
+
+    def to_dict(self) -> dict[str, Any]:
+        """Coefficients per kind, for the model metadata."""
+        out: dict[str, Any] = {}
+        for frames, km in sorted(self._kinds.items()):
+            if km.coef is None:
+                continue
+            a, b, c = km.coef
+            out[str(frames)] = {
+                "intercept_ms": a * 1e3,
+                "per_extra_split_ms": b * 1e3,
+                "ms_per_gflop": c * 1e3,
+                "samples": len(km.calibration) + len(km.recent),
+            }
+        return out
+
+
+def _fit(rows: list[tuple[float, float, float]]) -> tuple[float, float, float] | None:
+    if not rows:
+        return None
+    data = np.asarray(rows, dtype=np.float64)
+    X = np.column_stack([np.ones(len(data)), data[:, 0], data[:, 1]])
+    y = data[:, 2]
+    # Drop the split term first, then the intercept; the GFLOPs slope is what planning relies on.
+    for active in ([0, 1, 2], [0, 2], [2]):
+        sol, *_ = np.linalg.lstsq(X[:, active], y, rcond=None)
+        if (sol >= 0).all():
+            coef = [0.0, 0.0, 0.0]
+            for i, v in zip(active, sol, strict=True):
+                coef[i] = float(v)
+            return coef[0], coef[1], coef[2]
+    return float(y.mean()), 0.0, 0.0

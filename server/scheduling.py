@@ -1,0 +1,113 @@
+"""Batch formation: the levels a forming batch runs at, and the time estimates admission relies on.
+
+Pure planning over the latency model and the capacity levels; no queue, no model, no HTTP.  Budgets are
+decided here when a batch forms (serving.md section 4):
+
+* `capacity` / `gflops` items keep the level fixed at admission;
+* items without a budget get `default_capacity`, lowered by the `degrade` overload policy as the queue
+  fills (linearly from `degrade_start` fill down to `degrade_floor` when full);
+* `latency_ms` items get the largest level whose predicted batch time fits the tightest of their
+  budgets; if pinned work in the batch makes that impossible, they run first in a batch of their own;
+  if even the floor cannot fit, they run at the floor and will be counted as missed.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+
+from server.batcher import WorkItem
+from server.budget import Level, Planner
+from server.config import Settings
+from server.latency import LatencyModel
+
+LATENCY_SAFETY = 1.1  # plan against 110 % of the predicted compute time
+LATENCY_MARGIN_S = 0.002  # plus 2 ms for unbatching and answering
+
+
+class BatchPlanner:
+    """Args: planner (capacity levels), latency (the latency model), settings (batching and overload)."""
+
+    def __init__(self, planner: Planner, latency: LatencyModel, settings: Settings) -> None:
+        self.planner = planner
+        self.latency = latency
+        self.settings = settings
+
+    # -- estimates for admission ---------------------------------------------------------------------------
+    def wait_estimate(self, frames: int, queue_depth: int) -> float:
+        """Predicted seconds until a new item of this kind finishes at the floor."""
+        b = self.settings.max_batch_size
+        floor = self.planner.floor(frames).gflops
+        full, rest = divmod(queue_depth, b)
+        compute = full * self.latency.predict(frames, 1, b * floor)
+        compute += self.latency.predict(frames, 1, (rest + 1) * floor)
+        return compute + self.settings.max_batch_wait_ms / 1e3
+
+    def drain_estimate(self, queue_depth: int) -> float:
+        """Whole seconds to serve the queue at full capacity (for Retry-After)."""
+        b = self.settings.max_batch_size
+        batches = math.ceil(queue_depth / b)
+        dense = self.planner.dense_gflops(1)
+        return float(max(1, math.ceil(batches * self.latency.predict(1, 1, b * dense))))
+
+    def floor_batch_seconds(self, frames: int, size: int) -> float:
+        return self.latency.predict(frames, 1, size * self.planner.floor(frames).gflops)
+
+    # -- batch formation -----------------------------------------------------------------------------------
+    def degrade_cap(self, depth: int) -> float:
+        s = self.settings
+        if s.overload_policy != "degrade":
+            return 1.0
+        fill = depth / s.max_queue_size
+        if fill <= s.degrade_start:
+            return 1.0
+        t = min(1.0, (fill - s.degrade_start) / (1.0 - s.degrade_start))
+        return s.default_capacity - (s.default_capacity - s.degrade_floor) * t
+
+    def plan(self, items: list[WorkItem], depth: int) -> tuple[list[WorkItem], list[WorkItem]]:
+        """Give every item of a forming batch its level (with `depth` items queued, the batch included);
+        returns (run now, put back at the queue head)."""
+        frames = items[0].frames
+        cap = self.degrade_cap(depth)
+        fixed = [it for it in items if it.budget.type != "latency_ms"]
+        flexible = [it for it in items if it.budget.type == "latency_ms"]
+        for it in fixed:
+            assert it.level is not None
+            if it.budget.type == "default" and it.level.capacity > cap + 1e-12:
+                it.level = self.planner.level_of(max(cap, self.planner.cfg.min_capacity), frames)
+                it.degraded = True
+        if not flexible or self._fit_latency(fixed, flexible, frames, cap):
+            return items, []
+        # Pinned work must not push latency-budgeted requests past their budget: run those alone first.
+        if fixed and self._fit_latency([], flexible, frames, cap):
+            return flexible, fixed
+        floor = self.planner.floor(frames)
+        now = time.monotonic()
+        predicted = self._predict(fixed, [floor] * len(flexible), frames)
+        for it in flexible:
+            it.level, it.planned_ms = floor, (now - it.arrival + predicted) * 1e3
+        return items, []
+
+    def _predict(self, fixed: list[WorkItem], levels: list[Level], frames: int) -> float:
+        all_levels = [it.level for it in fixed if it.level is not None] + levels
+        groups = len({lv.counts for lv in all_levels})
+        return self.latency.predict(frames, groups, sum(lv.gflops for lv in all_levels))
+
+    def _fit_latency(self, fixed: list[WorkItem], flexible: list[WorkItem], frames: int, cap: float) -> bool:
+        """Give the latency-budgeted items the largest level whose predicted batch time fits the tightest."""
+        now = time.monotonic()
+        left = min(it.latency_deadline or math.inf for it in flexible) - now - LATENCY_MARGIN_S
+
+        def fits(level: Level) -> bool:
+            if level.capacity > cap + 1e-12:
+                return False
+            return self._predict(fixed, [level] * len(flexible), frames) * LATENCY_SAFETY <= left
+
+        level = self.planner.largest_fitting(frames, fits)
+        if level is None:
+            return False
+        predicted = self._predict(fixed, [level] * len(flexible), frames)
+        for it in flexible:
+            it.level, it.planned_ms = level, (now - it.arrival + predicted) * 1e3
+            it.degraded = cap < 1.0 and level.capacity >= cap - 1e-3
+        return True

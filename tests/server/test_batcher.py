@@ -1,0 +1,76 @@
+"""The dynamic batcher alone: sizes, waiting, kinds, cancellation and expiry."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+import torch
+
+from server.batcher import Batcher, WorkItem
+from server.budget import Budget
+
+pytestmark = pytest.mark.anyio
+
+
+def item(frames: int = 1, deadline_s: float = 10.0) -> WorkItem:
+    now = time.monotonic()
+    return WorkItem(torch.zeros(frames, 1, 4, 4), Budget("default", 1.0), now, now + deadline_s)
+
+
+async def test_full_batch_is_handed_out_at_once() -> None:
+    b = Batcher(max_batch_size=4, max_batch_wait_ms=1000, max_queue_size=16)
+    items = [item() for _ in range(6)]
+    for it in items:
+        b.put(it)
+    start = time.monotonic()
+    batch = await b.next_batch()
+    assert time.monotonic() - start < 0.5
+    assert batch.items == items[:4]
+    assert len(b) == 2
+
+
+async def test_partial_batch_waits_then_goes() -> None:
+    b = Batcher(max_batch_size=4, max_batch_wait_ms=50, max_queue_size=16)
+    b.put(item())
+
+    async def late() -> None:
+        await asyncio.sleep(0.01)
+        b.put(item())
+
+    task = asyncio.create_task(late())
+    start = time.monotonic()
+    batch = await b.next_batch()
+    await task
+    assert 0.04 <= time.monotonic() - start < 0.5
+    assert len(batch.items) == 2
+
+
+async def test_kinds_do_not_mix_and_order_is_kept() -> None:
+    b = Batcher(max_batch_size=8, max_batch_wait_ms=0, max_queue_size=16)
+    a1, c1, a2 = item(1), item(8), item(1)
+    for it in (a1, c1, a2):
+        b.put(it)
+    assert (await b.next_batch()).items == [a1, a2]
+    assert (await b.next_batch()).items == [c1]
+
+
+async def test_cancelled_items_are_dropped_and_expired_reported() -> None:
+    b = Batcher(max_batch_size=8, max_batch_wait_ms=0, max_queue_size=16)
+    gone, old, ok = item(), item(deadline_s=-1), item()
+    gone.cancelled = True
+    for it in (gone, old, ok):
+        b.put(it)
+    batch = await b.next_batch()
+    assert batch.items == [ok]
+    assert batch.expired == [old]
+
+
+async def test_queue_is_bounded() -> None:
+    b = Batcher(max_batch_size=2, max_batch_wait_ms=0, max_queue_size=2)
+    b.put(item())
+    b.put(item())
+    assert b.full()
+    with pytest.raises(OverflowError):
+        b.put(item())

@@ -1,0 +1,170 @@
+"""End to end against a real `python -m server` (uvicorn) process on 127.0.0.1."""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import httpx
+import pytest
+from prometheus_client.parser import text_string_to_metric_families
+
+from server.cli import main, settings_from_args
+from tests.server.conftest import fashion_images, png
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start(checkpoint: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MONE_", "PROMETHEUS_"))}
+    env["PYTHONPATH"] = str(ROOT)
+    cmd = [
+        sys.executable,
+        "-m",
+        "server",
+        "--checkpoint",
+        str(checkpoint),
+        "--port",
+        str(port),
+        "--threads",
+        "1",
+    ]
+    cmd += ["--calibration-batch-sizes", "1,2", "--calibration-repeats", "1", "--log-level", "warning", *args]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(base + "/readyz", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    proc.kill()
+    raise RuntimeError("server did not become ready")
+
+
+def stop(proc: subprocess.Popen[bytes]) -> None:
+    os.killpg(proc.pid, 15)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, 9)
+        proc.wait()
+
+
+def metric(base: str, name: str, **labels: str) -> float:
+    text = httpx.get(base + "/metrics").text
+    return sum(
+        s.value
+        for f in text_string_to_metric_families(text)
+        for s in f.samples
+        if s.name == name and all(s.labels.get(k) == v for k, v in labels.items())
+    )
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint_dir: Path) -> Iterator[str]:
+    proc, base = start(checkpoint_dir, "--max-batch-size", "8", "--max-batch-wait-ms", "1000")
+    yield base
+    stop(proc)
+
+
+@pytest.mark.slow
+def test_classify_against_a_real_server(server: str) -> None:
+    r = httpx.post(server + "/v1/classify?capacity=0.5", content=png(fashion_images(1)[0]), timeout=30)
+    assert r.status_code == 200, r.text
+    assert r.json()["served"]["capacity"] == 0.5
+    assert metric(server, "mone_requests_total", route="/v1/classify", code="200") >= 1
+
+
+@pytest.mark.slow
+def test_client_disconnect_cancels_queued_work(server: str) -> None:
+    """The server batches with a long wait, so a lone request stays queued until its client leaves."""
+    before = {n: metric(server, n) for n in ("mone_cancelled_total", "mone_batch_size_count")}
+    host, port = server.removeprefix("http://").split(":")
+    body = png(fashion_images(1)[0])
+    with socket.create_connection((host, int(port))) as sock:
+        head = "POST /v1/classify HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+        sock.sendall(f"{head}Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        deadline = time.monotonic() + 5
+        while metric(server, "mone_inflight_requests") < 1 and time.monotonic() < deadline:
+            time.sleep(0.01)
+    deadline = time.monotonic() + 5
+    while (
+        metric(server, "mone_cancelled_total") == before["mone_cancelled_total"]
+        and time.monotonic() < deadline
+    ):
+        time.sleep(0.05)
+    assert metric(server, "mone_cancelled_total") == before["mone_cancelled_total"] + 1
+    time.sleep(1.2)  # longer than the batch wait: the cancelled request must never run
+    assert metric(server, "mone_batch_size_count") == before["mone_batch_size_count"]
+    assert metric(server, "mone_inflight_requests") == 0
+    assert metric(server, "mone_requests_total", route="/v1/classify", code="499") == 1
+
+
+@pytest.mark.slow
+def test_two_workers_report_one_consistent_metrics(checkpoint_dir: Path) -> None:
+    proc, base = start(checkpoint_dir, "--workers", "2", "--no-calibrate")
+    try:
+        data = png(fashion_images(1)[0])
+        with ThreadPoolExecutor(4) as pool:
+            codes = list(
+                pool.map(
+                    lambda _: httpx.post(base + "/v1/classify", content=data, timeout=30).status_code,
+                    range(20),
+                )
+            )
+        assert codes == [200] * 20
+        for _ in range(5):  # whichever worker answers, it reports the total of both
+            assert metric(base, "mone_requests_total", route="/v1/classify", code="200") == 20
+    finally:
+        stop(proc)
+
+
+@pytest.fixture
+def clean_env() -> Iterator[None]:
+    """The CLI exports its settings as MONE_* variables (for uvicorn workers): undo that after the test."""
+    saved = dict(os.environ)
+    for key in [k for k in os.environ if k.startswith("MONE_")]:
+        del os.environ[key]
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_missing_checkpoint_fails_with_a_clear_message(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert main(["--checkpoint", str(tmp_path / "absent")]) == 2
+    err = capsys.readouterr().err
+    assert "does not exist" in err
+    assert "--random-init" in err
+
+
+@pytest.mark.usefixtures("clean_env")
+def test_cli_mirrors_settings() -> None:
+    args = ["--max-batch-size", "7", "--overload-policy", "degrade", "--no-calibrate"]
+    s = settings_from_args([*args, "--calibration-capacities", "0.25,1.0"])
+    assert (s.max_batch_size, s.overload_policy, s.calibrate) == (7, "degrade", False)
+    assert s.calibration_capacities == [0.25, 1.0]
+    assert s.host == "127.0.0.1"
+    assert os.environ["MONE_MAX_BATCH_SIZE"] == "7", "workers read the settings from the environment"

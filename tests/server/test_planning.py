@@ -1,0 +1,139 @@
+"""Budget parsing, capacity levels, GFLOPs planning and the latency model (no HTTP, no model run)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from model import MoNEConfig, gflops
+from server.budget import Planner, parse_budget
+from server.errors import InvalidBudgetError
+from server.latency import LatencyModel
+
+CFG = MoNEConfig.from_variant("Mi/4", num_classes=10)
+
+
+@pytest.fixture(scope="module")
+def planner() -> Planner:
+    return Planner(CFG)
+
+
+def test_no_budget_means_default() -> None:
+    b = parse_budget(None, None, None, 0.75)
+    assert (b.type, b.value, b.pinned) == ("default", 0.75, False)
+
+
+@pytest.mark.parametrize("capacity", [0.1, 1.5, -1.0, float("nan")])
+def test_capacity_outside_range_is_invalid(capacity: float) -> None:
+    with pytest.raises(InvalidBudgetError):
+        parse_budget(capacity, None, None, 1.0)
+
+
+def test_two_budgets_are_invalid() -> None:
+    with pytest.raises(InvalidBudgetError, match="at most one"):
+        parse_budget(0.5, 1.0, None, 1.0)
+
+
+def test_levels_are_distinct_and_monotone(planner: Planner) -> None:
+    for frames in (1, 8):
+        levels = planner.levels(frames)
+        assert len({lv.counts for lv in levels}) == len(levels) > 10
+        assert all(a.gflops < b.gflops for a, b in zip(levels, levels[1:], strict=False))
+        assert all(a.realised < b.realised + 1e-12 for a, b in zip(levels, levels[1:], strict=False))
+        assert levels[0].realised == pytest.approx(0.125)
+        assert levels[-1].realised == 1.0
+
+
+@pytest.mark.parametrize("frames", [1, 8])
+@pytest.mark.parametrize("fraction", [0.2, 0.35, 0.5, 0.77, 1.0, 3.0])
+def test_gflops_budget_gives_largest_fitting_capacity(planner: Planner, frames: int, fraction: float) -> None:
+    floor, dense = gflops(CFG, 0.125, frames), gflops(CFG, 1.0, frames)
+    budget = floor + fraction * (dense - floor) if fraction <= 1 else dense * fraction
+    level = planner.for_gflops(budget, frames)
+    assert level.gflops <= budget
+    assert gflops(CFG, level.capacity, frames) == pytest.approx(level.gflops)
+    # No finer e_c on the grid fits and costs more: the next level up does not fit.
+    higher = [lv for lv in planner.levels(frames) if lv.gflops > level.gflops]
+    assert not higher or higher[0].gflops > budget
+
+
+def test_gflops_below_floor_names_the_floor(planner: Planner) -> None:
+    floor = gflops(CFG, 0.125, 1)
+    with pytest.raises(InvalidBudgetError) as info:
+        planner.for_gflops(floor * 0.99, 1)
+    assert info.value.detail["floor_gflops"] == pytest.approx(floor)
+    assert f"{floor:.6g}" in info.value.message
+    assert planner.for_gflops(floor, 1).realised == pytest.approx(0.125)
+
+
+def test_latency_model_recovers_a_linear_cost() -> None:
+    lm = LatencyModel()
+    for g in (0.1, 0.5, 1.0, 2.0):
+        lm.observe(1, 1, g, 0.002 + 0.01 * g, calibration=True)
+    lm.observe(1, 2, 1.0, 0.002 + 0.001 + 0.01, calibration=True)
+    assert lm.predict(1, 1, 3.0) == pytest.approx(0.032, rel=1e-6)
+    assert lm.predict(1, 2, 1.0) == pytest.approx(0.013, rel=1e-6)
+    assert lm.to_dict()["1"]["ms_per_gflop"] == pytest.approx(10.0)
+
+
+def test_latency_model_follows_observations_and_stays_monotone() -> None:
+    lm = LatencyModel(window=64)
+    for g in (0.1, 1.0):
+        lm.observe(1, 1, g, 0.01 * g, calibration=True)
+    before = lm.predict(1, 1, 1.0)
+    for _ in range(64):  # the device became 3x slower
+        for g in (0.1, 1.0):
+            lm.observe(1, 1, g, 0.03 * g)
+    assert lm.predict(1, 1, 1.0) > 2 * before
+    assert lm.predict(1, 1, 0.5) < lm.predict(1, 1, 1.0)
+
+
+def test_uncalibrated_kind_borrows_the_nearest() -> None:
+    lm = LatencyModel()
+    lm.observe(1, 1, 1.0, 0.01, calibration=True)
+    lm.observe(1, 1, 2.0, 0.02, calibration=True)
+    assert lm.predict(8, 1, 4.0) == pytest.approx(0.04, rel=1e-3)
+
+
+def test_settings_refuse_an_open_unauthenticated_bind() -> None:
+    from pydantic import ValidationError
+
+    from server.config import Settings
+
+    with pytest.raises(ValidationError, match="api_key"):
+        Settings(host="0.0.0.0")
+    assert Settings(host="0.0.0.0", api_key="a-long-key").host == "0.0.0.0"
+    assert Settings(host="0.0.0.0", allow_unauthenticated=True).host == "0.0.0.0"
+    with pytest.raises(ValidationError):
+        Settings(max_image_bytes=10, max_body_bytes=5)
+    for weak in ("", "   ", "short"):
+        with pytest.raises(ValidationError, match="api_key"):
+            Settings(host="0.0.0.0", api_key=weak)
+
+
+def test_degrade_cap_goes_linearly_from_default_to_floor(planner: Planner) -> None:
+    from server.config import Settings
+    from server.latency import LatencyModel
+    from server.scheduling import BatchPlanner
+
+    s = Settings(overload_policy="degrade", max_queue_size=100, degrade_start=0.5, degrade_floor=0.25)
+    bp = BatchPlanner(planner, LatencyModel(), s)
+    assert bp.degrade_cap(10) == 1.0
+    assert bp.degrade_cap(50) == 1.0
+    assert bp.degrade_cap(75) == pytest.approx(0.625)
+    assert bp.degrade_cap(100) == pytest.approx(0.25)
+    assert bp.degrade_cap(500) == pytest.approx(0.25)
+    assert BatchPlanner(planner, LatencyModel(), Settings()).degrade_cap(10**6) == 1.0  # reject policy
+
+
+def test_random_init_and_missing_checkpoint(tmp_path: Path) -> None:
+    import torch
+
+    from server.config import Settings
+    from server.runner import CheckpointMissingError, load_model
+
+    ck = load_model(Settings(random_init=True), torch.device("cpu"))
+    assert (ck.config.variant, ck.config.num_classes, ck.meta.get("random_init")) == ("Mi/4", 10, True)
+    with pytest.raises(CheckpointMissingError, match="--random-init"):
+        load_model(Settings(checkpoint=tmp_path / "absent"), torch.device("cpu"))
