@@ -24,9 +24,9 @@ from clients import bench
 from clients.client import DEFAULT_URL, AsyncMoneClient, MoneClient, RetryPolicy
 from clients.errors import MoneError
 from clients.media import Input, to_payload
-from clients.plot import COLOURS, line_panels
+from clients.plot import COLOURS, Series, line_panels
 from clients.routing import frames_of, render
-from clients.schemas import Result
+from clients.schemas import ModelInfo, Result
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -143,15 +143,17 @@ def format_result(name: str, r: Result) -> str:
 def _models(client: MoneClient, args: argparse.Namespace) -> int:
     models = client.models()
     if args.json:
-        print(json.dumps(models, indent=2))
+        print(json.dumps([m.model_dump() for m in models], indent=2))
         return 0
-    print(f"{'name':<16}{'variant':<10}{'device':<8}{'ready':<7}{'classes':>8}  {'floor GFLOPs':<24}dense")
+    print(
+        f"{'name':<16}{'variant':<10}{'device':<8}{'ready':<7}{'classes':>8}  GFLOPs per image (floor-dense)"
+    )
     for m in models:
-        b = m.get("budgets", {})
-        floor = ", ".join(f"{k} {v:.4f}" for k, v in b.get("floor_gflops", {}).items())
-        dense = ", ".join(f"{k} {v:.4f}" for k, v in b.get("dense_gflops", {}).items())
-        name, variant, device, ready = m["name"], m["variant"], m["device"], str(m["ready"])
-        print(f"{name:<16}{variant:<10}{device:<8}{ready:<7}{len(m['labels']):>8}  {floor:<24}{dense}")
+        floor, dense = m.profile[0].image.gflops, m.profile[-1].image.gflops
+        ready = str(m.ready)
+        print(
+            f"{m.name:<16}{m.variant:<10}{m.device:<8}{ready:<7}{len(m.labels):>8}  {floor:.4f}-{dense:.4f}"
+        )
     return 0
 
 
@@ -166,37 +168,44 @@ def _health(client: MoneClient, args: argparse.Namespace) -> int:
 
 def _profile(client: MoneClient, args: argparse.Namespace) -> int:
     info = client.model(args.model)
-    rows: list[dict[str, Any]] = info["profile"]
     if args.json:
-        print(json.dumps(rows, indent=2))
+        print(json.dumps([r.model_dump() for r in info.profile], indent=2))
     else:
-        kinds = [k.removeprefix("gflops_") for k in rows[0] if k.startswith("gflops_")]
-        head = "".join(f"{'GFLOPs ' + k:>15}{'ms ' + k + ' b1':>15}" for k in kinds)
-        print(f"{'capacity':>9}{'realised':>10}{head}{'accuracy':>10}")
-        for r in rows:
-            cells = "".join(f"{r[f'gflops_{k}']:>15.4f}{r[f'latency_ms_{k}_batch1']:>15.2f}" for k in kinds)
-            acc = f"{r['accuracy']:.3f}" if r.get("accuracy") is not None else "-"
-            print(f"{r['capacity']:>9.3f}{r['realised_capacity']:>10.3f}{cells}{acc:>10}")
+        print(
+            f"{'capacity':>9}{'realised':>10}{'GFLOPs image':>14}{'ms image':>10}"
+            f"{'GFLOPs clip':>13}{'ms clip':>10}{'accuracy':>10}"
+        )
+        for r in info.profile:
+            acc = f"{r.accuracy:.3f}" if r.accuracy is not None else "-"
+            print(
+                f"{r.capacity:>9.3f}{r.realised_capacity:>10.3f}{r.image.gflops:>14.4f}"
+                f"{r.image.latency_ms_batch1:>10.2f}{r.clip.gflops:>13.4f}{r.clip.latency_ms_batch1:>10.2f}{acc:>10}"
+            )
     plot_profile(info).save(args.out)
     print(f"profile plot: {args.out}", file=sys.stderr if args.json else sys.stdout)
     return 0
 
 
-def plot_profile(info: dict[str, Any]) -> Image.Image:
+def plot_profile(info: ModelInfo) -> Image.Image:
     """Three panels against capacity: GFLOPs per input kind, predicted latency, accuracy (if evaluated)."""
-    rows: list[dict[str, Any]] = info["profile"]
-    xs = [float(r["capacity"]) for r in rows]
-    kinds = [k.removeprefix("gflops_") for k in rows[0] if k.startswith("gflops_")]
-    lat_keys = sorted({k for r in rows for k in r if k.startswith("latency_ms_")})
-
-    def col(key: str) -> list[float | None]:
-        return [float(r[key]) if r.get(key) is not None else None for r in rows]
-
-    gflops = [(k, xs, col(f"gflops_{k}"), COLOURS[i % 4]) for i, k in enumerate(kinds)]
-    latency = [(k.removeprefix("latency_ms_"), xs, col(k), COLOURS[i % 4]) for i, k in enumerate(lat_keys)]
-    accuracy = [(k, xs, col(k), COLOURS[i % 4]) for i, k in enumerate(("accuracy", "clip_accuracy"))]
-    panels = [("GFLOPs per sample", gflops), ("predicted latency (ms)", latency), ("accuracy", accuracy)]
-    return line_panels(f"{info['name']} ({info['variant']}): capacity profile", "capacity e_c", panels)
+    rows = info.profile
+    xs = [r.capacity for r in rows]
+    batch = info.batching.get("max_batch_size", "max")
+    gflops: list[Series] = [
+        ("image", xs, [r.image.gflops for r in rows], COLOURS[0]),
+        ("clip", xs, [r.clip.gflops for r in rows], COLOURS[1]),
+    ]
+    latency: list[Series] = [
+        ("image, batch 1", xs, [r.image.latency_ms_batch1 for r in rows], COLOURS[0]),
+        ("clip, batch 1", xs, [r.clip.latency_ms_batch1 for r in rows], COLOURS[1]),
+        (f"image, batch {batch}", xs, [r.image.latency_ms_max_batch for r in rows], COLOURS[2]),
+    ]
+    accuracy: list[Series] = [
+        ("image", xs, [r.accuracy for r in rows], COLOURS[0]),
+        ("clip", xs, [r.clip_accuracy for r in rows], COLOURS[1]),
+    ]
+    panels = [("GFLOPs per sample", gflops), ("predicted compute (ms)", latency), ("accuracy", accuracy)]
+    return line_panels(f"{info.name} ({info.variant}): capacity profile", "capacity e_c", panels)
 
 
 def _bench(args: argparse.Namespace, common: dict[str, Any]) -> int:

@@ -25,7 +25,16 @@ import httpx
 
 from clients.errors import MoneError, TransportError, from_response, retry_after
 from clients.media import Input, Kind, Payload, to_payload
-from clients.schemas import ClassifyResponse, InferResponse, Prediction, Protocol, Result, Timing
+from clients.schemas import (
+    ClassifyResponse,
+    InferResponse,
+    ModelInfo,
+    ModelList,
+    Prediction,
+    Protocol,
+    Result,
+    Timing,
+)
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 RETRY_STATUSES = frozenset({429, 503})
@@ -239,19 +248,17 @@ class MoneClient(_Base):
             return False
         return response.status_code == 200
 
-    def models(self) -> list[dict[str, Any]]:
+    def models(self) -> list[ModelInfo]:
         """Metadata of every served model (config, labels, input spec, capacity profile)."""
-        models: list[dict[str, Any]] = self._get("/v1/models")["models"]
-        return models
+        return ModelList.model_validate(self._get("/v1/models")).models
 
-    def model(self, name: str | None = None) -> dict[str, Any]:
+    def model(self, name: str | None = None) -> ModelInfo:
         """One model's metadata (`/v1/models/{name}`)."""
-        info: dict[str, Any] = self._get(f"/v1/models/{name or self._model_name()}")
-        return info
+        return ModelInfo.model_validate(self._get(f"/v1/models/{name or self._model_name()}"))
 
     def _model_name(self) -> str:
         if self.model_name is None:
-            self.model_name = str(self.models()[0]["name"])
+            self.model_name = self.models()[0].name
         return self.model_name
 
     def classify(
@@ -273,7 +280,7 @@ class MoneClient(_Base):
         if self.protocol == "oip":
             model = self._model_name()
             if self._labels is None:
-                self._labels = list(self.model(model).get("labels", []))
+                self._labels = self.model(model).labels
         response = self._send(lambda: self._classify_request(payload, model, options))
         return self._result(_json(response), model, top_k or 5)
 
@@ -328,17 +335,15 @@ class AsyncMoneClient(_Base):
             return False
         return response.status_code == 200
 
-    async def models(self) -> list[dict[str, Any]]:
-        models: list[dict[str, Any]] = (await self._get("/v1/models"))["models"]
-        return models
+    async def models(self) -> list[ModelInfo]:
+        return ModelList.model_validate(await self._get("/v1/models")).models
 
-    async def model(self, name: str | None = None) -> dict[str, Any]:
-        info: dict[str, Any] = await self._get(f"/v1/models/{name or await self._model_name()}")
-        return info
+    async def model(self, name: str | None = None) -> ModelInfo:
+        return ModelInfo.model_validate(await self._get(f"/v1/models/{name or await self._model_name()}"))
 
     async def _model_name(self) -> str:
         if self.model_name is None:
-            self.model_name = str((await self.models())[0]["name"])
+            self.model_name = (await self.models())[0].name
         return self.model_name
 
     async def classify(
@@ -359,7 +364,7 @@ class AsyncMoneClient(_Base):
         if self.protocol == "oip":
             model = await self._model_name()
             if self._labels is None:
-                self._labels = list((await self.model(model)).get("labels", []))
+                self._labels = (await self.model(model)).labels
         response = await self._send(lambda: self._classify_request(payload, model, options))
         return self._result(_json(response), model, top_k or 5)
 

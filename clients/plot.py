@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 from PIL import Image, ImageDraw
 
-Series = tuple[str, list[float], list[float | None], tuple[int, int, int]]
+Series = tuple[str, Sequence[float], Sequence[float | None], tuple[int, int, int]]
 COLOURS = [(31, 119, 180), (255, 127, 14), (44, 160, 44), (214, 39, 40)]
 
 

@@ -1,6 +1,8 @@
-"""Fixtures for client tests: a real `mone-serve --random-init` process on 127.0.0.1 and small inputs.
+"""Fixtures for client tests: a real mone-serve process on 127.0.0.1 serving a small random checkpoint, and
+small inputs.
 
-Every test here is marked `clients`.
+The checkpoint is a random Mi/4 with a non-zero head (`--random-init` zeros it, so every class would tie) and
+Fashion-MNIST labels, so that predictions differ between capacities.  Every test here is marked `clients`.
 """
 
 from __future__ import annotations
@@ -37,12 +39,42 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(*args: str) -> tuple[subprocess.Popen[bytes], str]:
-    """A randomly initialised Mi/4 served by a real uvicorn process; returns it and its base URL."""
+LABELS = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
+
+
+def make_checkpoint(path: Path) -> Path:
+    import torch
+
+    from model import MoNE, MoNEConfig, save_checkpoint
+
+    torch.manual_seed(0)
+    net = MoNE(MoNEConfig.from_variant("Mi/4", num_classes=10))
+    torch.nn.init.normal_(net.head.weight, std=0.5)
+    profile = {"capacities": [0.25, 0.5, 1.0], "accuracy": [0.7, 0.8, 0.9]}
+    return save_checkpoint(path, net.eval(), labels=LABELS, profile=profile, meta={"test": True})
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+def start_server(checkpoint: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
+    """`checkpoint` served by a real uvicorn process (`python -m server`); returns it and its base URL."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MONE_", "PROMETHEUS_"))}
     env["PYTHONPATH"] = str(ROOT)
-    cmd = [sys.executable, "-m", "server", "--random-init", "--port", str(port), "--threads", "1"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "server",
+        "--checkpoint",
+        str(checkpoint),
+        "--port",
+        str(port),
+        "--threads",
+        "1",
+    ]
     cmd += ["--calibration-batch-sizes", "1,2", "--calibration-repeats", "1", "--log-level", "warning", *args]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True)
     base = f"http://127.0.0.1:{port}"
@@ -70,8 +102,8 @@ def stop_server(proc: subprocess.Popen[bytes]) -> None:
 
 
 @pytest.fixture(scope="session")
-def server_url() -> Iterator[str]:
-    proc, base = start_server()
+def server_url(checkpoint_dir: Path) -> Iterator[str]:
+    proc, base = start_server(checkpoint_dir)
     try:
         yield base
     finally:
