@@ -220,6 +220,8 @@ async def run(
         if tasks:
             await asyncio.gather(*tasks)
     report.wall_s = time.monotonic() - start
+    errors = sum(s.status != 200 for s in report.samples)
+    bar.update(len(report.samples) if requests else report.wall_s, len(report.samples), errors, force=True)
     bar.close()
     return report
 
