@@ -73,6 +73,7 @@ class Sample:
 class Report:
     mode: str
     wall_s: float
+    load: float = 0.0  # closed loop: concurrency; open loop: offered rate (requests per second)
     samples: list[Sample] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
@@ -90,6 +91,7 @@ class Report:
             }
         return {
             "mode": self.mode,
+            "concurrency" if self.mode == "closed" else "offered_rps": self.load,
             "duration_s": self.wall_s,
             "requests": len(self.samples),
             "ok": len(ok),
@@ -133,9 +135,9 @@ class _Progress:
         self.last = now
         frac = min(1.0, done / self.total) if self.total else 1.0
         bar = "#" * int(30 * frac) + "." * (30 - int(30 * frac))
-        self.stream.write(
-            f"\r[{bar}] {done:.0f}/{self.total:.0f} {self.unit}  {count} answered, {errors} errors"
-        )
+        digits = 1 if self.unit == "s" else 0
+        counts = f"{done:.{digits}f}/{self.total:.{digits}f} {self.unit}"
+        self.stream.write(f"\r[{bar}] {counts}  {count} answered, {errors} errors")
         self.stream.flush()
 
     def close(self) -> None:
@@ -161,9 +163,10 @@ async def run(
         raise ValueError("give exactly one of concurrency (closed loop) or rate (open loop)")
     if duration is None and requests is None:
         raise ValueError("give a duration or a number of requests")
-    rng = random.Random(seed)
+    rng = random.Random(seed)  # budgets and inputs
+    arrivals = random.Random(seed + 1)  # open-loop gaps, a stream of their own
     weights = [b.weight for b in mix]
-    report = Report("closed" if concurrency else "open", 0.0)
+    report = Report("closed" if concurrency else "open", 0.0, float(concurrency or rate or 0))
     bar = _Progress(requests or duration or 0, "requests" if requests else "s", progress)
     start = time.monotonic()
     sent = 0
@@ -207,7 +210,7 @@ async def run(
         tasks: set[asyncio.Task[None]] = set()
         next_at = start
         while more():
-            next_at += rng.expovariate(rate)
+            next_at += arrivals.expovariate(rate)
             await asyncio.sleep(max(0.0, next_at - time.monotonic()))
             if not more():
                 break
@@ -233,8 +236,11 @@ def format_report(d: dict[str, Any]) -> str:
         return f"{v:8.1f} ms" if v is not None else "       - "
 
     lat = d["latency_ms"]
+    load = (
+        f"concurrency {d['concurrency']:g}" if "concurrency" in d else f"{d['offered_rps']:g} req/s offered"
+    )
     lines = [
-        f"mode            {d['mode']} loop, {d['duration_s']:.2f} s",
+        f"mode            {d['mode']} loop ({load}), {d['duration_s']:.2f} s",
         f"requests        {d['requests']} sent, {d['ok']} ok",
         f"throughput      {d['throughput_rps']:.1f} req/s",
         f"latency         p50 {ms(lat['p50'])}   p90 {ms(lat['p90'])}   p99 {ms(lat['p99'])}",
