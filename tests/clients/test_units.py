@@ -169,7 +169,9 @@ def test_parse_mix_and_report() -> None:
     assert mix == [Budget("capacity", 1.0, 0.5), Budget("latency_ms", 50.0, 0.25), Budget(None, None, 1.0)]
     with pytest.raises(ValueError, match="bad mix entry"):
         parse_mix("speed=3")
-    report = Report("closed", 2.0, [Sample("c", 0.01, 200, 0.05, 0.1, 0.5, True), Sample("c", 0.02, 429)])
+    report = Report(
+        "closed", 2.0, 2.0, [Sample("c", 0.01, 200, 0.05, 0.1, 0.5, True), Sample("c", 0.02, 429)]
+    )
     d = report.to_dict()
     assert (d["ok"], d["errors"], d["deadline_hit_rate"], d["throughput_rps"]) == (1, {"429": 1}, 1.0, 0.5)
     assert d["compute_saved"] == pytest.approx(0.5)
