@@ -12,6 +12,7 @@ from clients.errors import (
     NotReady,
     Overloaded,
     ServerError,
+    Timeout,
     TransportError,
     Unauthorized,
 )
@@ -29,6 +30,7 @@ __all__ = [
     "Result",
     "RetryPolicy",
     "ServerError",
+    "Timeout",
     "TransportError",
     "Unauthorized",
 ]

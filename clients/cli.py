@@ -40,6 +40,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("classify", help="classify images or clips")
     p.add_argument("files", nargs="+", type=Path, metavar="FILE")
     _add_budget(p)
+    p.add_argument("--deadline-ms", type=float, help="hard deadline: 504 instead of a late answer")
+    p.add_argument("--kind", choices=["auto", "image", "clip"], help="auto: MP4/WebM are clips (GIF: image)")
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--routing", action="store_true", help="write FILE.routing.png: patches shaded by expert")
     p.add_argument("--out", type=Path, default=None, help="folder for routing maps (default: next to FILE)")
@@ -103,8 +105,10 @@ def _classify(client: MoneClient, args: argparse.Namespace) -> int:
                 capacity=args.capacity,
                 gflops=args.gflops,
                 latency_ms=args.latency_ms,
+                deadline_ms=args.deadline_ms,
                 top_k=args.top_k,
                 routing=args.routing,
+                kind=args.kind,
             )
         except MoneError as exc:
             failed += 1
@@ -115,7 +119,7 @@ def _classify(client: MoneClient, args: argparse.Namespace) -> int:
             folder = args.out or path.parent
             folder.mkdir(parents=True, exist_ok=True)
             routing_png = folder / f"{path.stem}.routing.png"
-            render(frames_of(payload), result.routing).save(routing_png)
+            render(frames_of(payload, args.kind), result.routing).save(routing_png)
         if args.json:
             record = {"file": str(path), **result.model_dump(exclude={"native", "routing"})}
             if routing_png:

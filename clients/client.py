@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import base64
+import itertools
 import math
 import os
 import random
@@ -23,7 +24,7 @@ from typing import Any
 
 import httpx
 
-from clients.errors import MoneError, TransportError, from_response, retry_after
+from clients.errors import MoneError, Timeout, TransportError, from_response, retry_after
 from clients.media import Input, Kind, Payload, to_payload
 from clients.schemas import (
     ClassifyResponse,
@@ -86,6 +87,24 @@ class _Base:
         key = api_key if api_key is not None else os.environ.get("MONE_API_KEY")
         self.headers = {"authorization": f"Bearer {key}"} if key else {}
         self._labels: list[str] | None = None
+
+    def _retry_wait(self, attempt: int, outcome: httpx.Response | Exception) -> float | None:
+        """After one attempt: seconds to wait before the next, or None to hand the response back.
+
+        Retried: 429 and 503 answers, and connections that could not be made (nothing was sent).  A failure
+        after sending (a timeout, a reset) raises at once: the server may have done the work.
+        """
+        if isinstance(outcome, httpx.Response):
+            if outcome.status_code not in RETRY_STATUSES:
+                return None
+            return self.retry.delay(attempt, outcome)
+        if isinstance(outcome, httpx.TimeoutException) and not isinstance(outcome, httpx.ConnectTimeout):
+            raise Timeout(f"no answer from {self.url} within {self.timeout:g} s") from outcome
+        connect = isinstance(outcome, httpx.ConnectError | httpx.ConnectTimeout)
+        wait = self.retry.delay(attempt, None) if connect else None
+        if wait is None:
+            raise TransportError(f"cannot reach {self.url}: {type(outcome).__name__}: {outcome}") from outcome
+        return wait
 
     def _classify_request(self, payload: Payload, model: str, options: dict[str, Any]) -> httpx.Request:
         if self.protocol == "native":
@@ -213,25 +232,17 @@ class MoneClient(_Base):
         self._http.close()
 
     def _send(self, build: Callable[[], httpx.Request]) -> httpx.Response:
-        attempt = 0
-        while True:
-            response: httpx.Response | None = None
+        for attempt in itertools.count():
             try:
-                response = self._http.send(build())
-            except httpx.ConnectError as exc:
-                error: Exception = exc
+                response: httpx.Response | Exception = self._http.send(build())
             except httpx.HTTPError as exc:
-                raise TransportError(f"{type(exc).__name__}: {exc}") from exc
-            else:
-                if response.status_code not in RETRY_STATUSES:
-                    return response
-            wait = self.retry.delay(attempt, response)
+                response = exc
+            wait = self._retry_wait(attempt, response)
             if wait is None:
-                if response is not None:
-                    return response
-                raise TransportError(f"cannot reach {self.url}: {error}") from error
+                assert isinstance(response, httpx.Response)
+                return response
             time.sleep(wait)
-            attempt += 1
+        raise AssertionError("unreachable")
 
     def _get(self, path: str) -> Any:
         return _json(self._send(lambda: httpx.Request("GET", self.url + path, headers=self.headers)))
@@ -302,25 +313,17 @@ class AsyncMoneClient(_Base):
         await self._http.aclose()
 
     async def _send(self, build: Callable[[], httpx.Request]) -> httpx.Response:
-        attempt = 0
-        while True:
-            response: httpx.Response | None = None
+        for attempt in itertools.count():
             try:
-                response = await self._http.send(build())
-            except httpx.ConnectError as exc:
-                error: Exception = exc
+                response: httpx.Response | Exception = await self._http.send(build())
             except httpx.HTTPError as exc:
-                raise TransportError(f"{type(exc).__name__}: {exc}") from exc
-            else:
-                if response.status_code not in RETRY_STATUSES:
-                    return response
-            wait = self.retry.delay(attempt, response)
+                response = exc
+            wait = self._retry_wait(attempt, response)
             if wait is None:
-                if response is not None:
-                    return response
-                raise TransportError(f"cannot reach {self.url}: {error}") from error
+                assert isinstance(response, httpx.Response)
+                return response
             await asyncio.sleep(wait)
-            attempt += 1
+        raise AssertionError("unreachable")
 
     async def _get(self, path: str) -> Any:
         return _json(await self._send(lambda: httpx.Request("GET", self.url + path, headers=self.headers)))

@@ -51,7 +51,11 @@ class ServerError(MoneError):
 
 
 class TransportError(MoneError):
-    """No HTTP answer: connection refused, reset or timed out."""
+    """No HTTP answer: the connection was refused or reset."""
+
+
+class Timeout(TransportError):
+    """No answer within the client's timeout."""
 
 
 _BY_STATUS: dict[int, type[MoneError]] = {

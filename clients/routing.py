@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from clients.media import Payload, as_uint8
+from clients.media import Kind, Payload, as_uint8
 
 # Smallest expert first (viridis stops); a model with more experts than colours reuses the last one.
 PALETTE: list[tuple[int, int, int]] = [
@@ -34,7 +34,7 @@ def sample_indices(num_available: int, num_frames: int) -> list[int]:
     return [min(num_available - 1, int((i + 0.5) * num_available / num_frames)) for i in range(num_frames)]
 
 
-def frames_of(payload: Payload) -> list[np.ndarray[Any, Any]]:
+def frames_of(payload: Payload, kind: Kind | None = None) -> list[np.ndarray[Any, Any]]:
     """Decode an upload locally into RGB frames (all of a clip's, or the one of an image)."""
     if payload.content_type.startswith("video/"):
         import av
@@ -42,7 +42,7 @@ def frames_of(payload: Payload) -> list[np.ndarray[Any, Any]]:
         with av.open(io.BytesIO(payload.data), mode="r") as container:
             return [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
     img = Image.open(io.BytesIO(payload.data))
-    if payload.kind != "clip":
+    if (kind or payload.kind) != "clip":
         return [np.asarray(img.convert("RGB"))]
     frames = []
     for i in range(getattr(img, "n_frames", 1)):

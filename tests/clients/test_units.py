@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import io
 import json
 import subprocess
@@ -16,7 +17,16 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clients import BadRequest, MoneClient, NotReady, Overloaded, RetryPolicy, TransportError
+from clients import (
+    AsyncMoneClient,
+    BadRequest,
+    MoneClient,
+    NotReady,
+    Overloaded,
+    RetryPolicy,
+    Timeout,
+    TransportError,
+)
 from clients.bench import Budget, Report, Sample, parse_mix
 from clients.errors import from_response
 from clients.media import is_clip, sniff, to_payload
@@ -53,6 +63,8 @@ class Stub(BaseHTTPRequestHandler):
         self.rfile.read(int(self.headers.get("content-length", 0)))
         Stub.arrivals.append(time.monotonic())
         status, headers = Stub.script.pop(0) if Stub.script else (200, {})
+        if "x-stall" in headers:
+            time.sleep(float(headers.pop("x-stall")))
         body = OK_BODY if status == 200 else {"error": {"code": "overloaded", "message": "queue full"}}
         data = json.dumps(body).encode()
         self.send_response(status)
@@ -85,6 +97,25 @@ def test_retry_honours_retry_after(stub: str) -> None:
     assert len(Stub.arrivals) == 3
     gaps = np.diff(Stub.arrivals)
     assert (gaps >= 0.95).all(), gaps  # waited what Retry-After asked, not the 10 ms back-off
+
+
+def test_async_client_retries_too(stub: str) -> None:
+    Stub.script = [(503, {"retry-after": "1"})]
+
+    async def go() -> str:
+        async with AsyncMoneClient(stub, retry=RetryPolicy(retries=2, backoff=0.01)) as client:
+            return (await client.classify(picture(), capacity=0.5)).label
+
+    assert asyncio.run(go()) == "shirt"
+    assert len(Stub.arrivals) == 2
+    assert Stub.arrivals[1] - Stub.arrivals[0] >= 0.95
+
+
+def test_timeout_is_not_retried(stub: str) -> None:
+    Stub.script = [(200, {"x-stall": "1"})]
+    with MoneClient(stub, timeout=0.2, retry=RetryPolicy(retries=3)) as client, pytest.raises(Timeout):
+        client.classify(picture())
+    assert len(Stub.arrivals) == 1
 
 
 def test_retry_gives_up_with_typed_error(stub: str) -> None:
