@@ -113,6 +113,8 @@ class _Base:
             return httpx.Request(
                 "POST", f"{self.url}/v1/classify", files=files, data=fields, headers=self.headers
             )
+        if options.get("routing"):
+            raise ValueError("routing maps come with the native API only (protocol='native')")
         body = {
             "inputs": [
                 {
@@ -122,11 +124,11 @@ class _Base:
                     "data": [base64.b64encode(payload.data).decode()],
                 }
             ],
-            "parameters": {k: v for k, v in options.items() if k != "routing"},
+            "parameters": options,
         }
         return httpx.Request("POST", f"{self.url}/v2/models/{model}/infer", json=body, headers=self.headers)
 
-    def _result(self, body: Any, model: str, top_k: int) -> Result:
+    def _result(self, body: Any, top_k: int) -> Result:
         if self.protocol == "native":
             r = ClassifyResponse.model_validate(body)
             s = r.served
@@ -293,7 +295,7 @@ class MoneClient(_Base):
             if self._labels is None:
                 self._labels = self.model(model).labels
         response = self._send(lambda: self._classify_request(payload, model, options))
-        return self._result(_json(response), model, top_k or 5)
+        return self._result(_json(response), top_k or 5)
 
 
 class AsyncMoneClient(_Base):
@@ -369,7 +371,7 @@ class AsyncMoneClient(_Base):
             if self._labels is None:
                 self._labels = (await self.model(model)).labels
         response = await self._send(lambda: self._classify_request(payload, model, options))
-        return self._result(_json(response), model, top_k or 5)
+        return self._result(_json(response), top_k or 5)
 
 
 __all__ = ["AsyncMoneClient", "MoneError", "MoneClient", "Result", "RetryPolicy"]

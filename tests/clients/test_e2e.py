@@ -65,6 +65,10 @@ def test_oip_matches_native(client: MoneClient, server_url: str) -> None:
     native = client.classify(picture(), capacity=0.5)
     with MoneClient(server_url, protocol="oip") as oip:
         other = oip.classify(picture(), capacity=0.5)
+        clip = oip.classify(clip_frames(), gflops=0.5)
+        with pytest.raises(ValueError, match="native API only"):
+            oip.classify(picture(), routing=True)
+    assert 0 < clip.gflops <= 0.5
     assert other.protocol == "oip"
     assert other.top_k[0].index == native.top_k[0].index
     assert other.top_k[0].label == native.top_k[0].label
