@@ -32,7 +32,8 @@ def _panel(
     if not points:
         draw.text((x0, (y0 + y1) // 2), "no data", fill="gray")
         return
-    xmin, xmax = min(p[0] for p in points), max(p[0] for p in points)
+    all_x = [x for _, xs, _, _ in series for x in xs]  # every panel spans all of x
+    xmin, xmax = min(all_x), max(all_x)
     ymin, ymax = 0.0, max(p[1] for p in points) * 1.1 or 1.0
     xmax = xmax if xmax > xmin else xmin + 1
 
