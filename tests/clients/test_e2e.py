@@ -13,7 +13,7 @@ from PIL import Image
 
 from clients import AsyncMoneClient, BadRequest, MoneClient, Unauthorized
 from clients.cli import main
-from tests.clients.conftest import clip_frames, picture, start_server, stop_server
+from tests.clients.conftest import ROOT, clip_frames, picture, start_server, stop_server
 
 pytestmark = pytest.mark.slow
 
@@ -193,3 +193,17 @@ def test_cli_bench(server_url: str, image_path: Path, capsys: pytest.CaptureFixt
     assert "open loop" in out
     assert "deadlines met" in out
     assert "throughput" in out
+
+
+def test_cli_gif_clip_routing_and_env_url(
+    server_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("MONE_URL", server_url)  # no --url: the environment names the server
+    gif = ROOT / "clients" / "web" / "samples" / "sweep.gif"
+    code, out = run_cli(
+        capsys, "classify", str(gif), "--kind", "clip", "--routing", "--out", str(tmp_path), "--json"
+    )
+    record = json.loads(out)
+    assert code == 0
+    routing_map = Image.open(record["routing_png"])
+    assert routing_map.size == (4 * 228 - 4, 2 * 228 + 24)  # 8 frames: 2 rows of 4 tiles (224 + gap), legend
