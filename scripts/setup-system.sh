@@ -1,8 +1,9 @@
 #!/usr/bin/env bash
-# System packages the project uses beyond PyPI: the Fashion-MNIST data set (training, evaluation tests).
+# System packages the project uses beyond PyPI: the Fashion-MNIST data set (training, evaluation tests) and
+# Chromium (the web page's browser test drives it headless with Playwright).
 # Installs what is missing with apt-get when run as root; otherwise says what to install.
 set -euo pipefail
-packages=(dataset-fashion-mnist)
+packages=(dataset-fashion-mnist chromium)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")

@@ -6,10 +6,12 @@ from __future__ import annotations
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from pathlib import Path
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import __version__, oip, routes
@@ -22,6 +24,7 @@ from server.runner import Runner, load_model, resolve_device
 
 log = logging.getLogger("mone.app")
 NOT_REJECTIONS = (ClientGoneError.code, InternalError.code)
+WEB_DIR = Path(__file__).resolve().parent.parent / "clients" / "web"
 
 
 def error_response(
@@ -72,6 +75,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(routes.v1)
     app.include_router(oip.router)
     app.include_router(oip.models)
+    if WEB_DIR.is_dir():  # the web page, after every API route so that it only answers what they do not
+        app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")
     _add_error_handlers(app, metrics)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics)
     known = [*routes.router.routes, *routes.v1.routes, *oip.router.routes, *oip.models.routes]

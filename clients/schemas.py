@@ -1,0 +1,67 @@
+"""What the client sends and gets back.
+
+The wire models are the server's own (`server.schemas`, which imports nothing but pydantic), so client and
+server cannot drift apart; importing them pulls in neither torch nor FastAPI.  `Result` is the
+protocol-neutral view the client returns: the native API and the Open Inference Protocol both map onto it.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+from pydantic import BaseModel, Field
+
+from server.schemas import (
+    ClassifyResponse,
+    ErrorBody,
+    InferResponse,
+    KindCost,
+    ModelInfo,
+    ModelList,
+    Prediction,
+    ProfileRow,
+    ServedBudget,
+    Timing,
+)
+
+Protocol = Literal["native", "oip"]
+BudgetType = Literal["capacity", "gflops", "latency_ms"]
+
+__all__ = [
+    "BudgetType",
+    "ClassifyResponse",
+    "ErrorBody",
+    "InferResponse",
+    "KindCost",
+    "ModelInfo",
+    "ModelList",
+    "Prediction",
+    "ProfileRow",
+    "Protocol",
+    "Result",
+    "ServedBudget",
+    "Timing",
+]
+
+
+class Result(BaseModel):
+    """One classified image or clip, whichever protocol carried it."""
+
+    model: str
+    protocol: Protocol
+    top_k: list[Prediction] = Field(description="most likely classes, most likely first")
+    capacity: float = Field(description="e_c the model was run at")
+    realised_capacity: float = Field(description="e_c after flooring the token counts")
+    gflops: float
+    dense_gflops: float = Field(description="what capacity 1 would have cost for the same input")
+    deadline_met: bool | None = Field(default=None, description="for a latency_ms budget")
+    timing: Timing
+    routing: list[list[list[int]]] | None = Field(
+        default=None,
+        description="per frame, the expert (0 = smallest) of each patch (native API, routing=True)",
+    )
+    native: ClassifyResponse | None = Field(default=None, description="the full native response")
+
+    @property
+    def label(self) -> str:
+        return self.top_k[0].label if self.top_k else ""

@@ -1,0 +1,142 @@
+"""Fixtures for client tests: a real mone-serve process on 127.0.0.1 serving a small random checkpoint, and
+small inputs.
+
+The checkpoint is a random Mi/4 with a non-zero head (`--random-init` zeros it, so every class would tie) and
+Fashion-MNIST labels, so that predictions differ between capacities.  Every test here is marked `clients`.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from clients.media import mp4_bytes
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    here = Path(__file__).parent
+    for item in items:
+        if here in Path(str(item.fspath)).parents:
+            item.add_marker(pytest.mark.clients)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+LABELS = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
+
+
+def make_checkpoint(path: Path) -> Path:
+    import torch
+
+    from model import MoNE, MoNEConfig, save_checkpoint
+
+    torch.manual_seed(0)
+    net = MoNE(MoNEConfig.from_variant("Mi/4", num_classes=10))
+    torch.nn.init.normal_(net.head.weight, std=0.5)
+    profile = {"capacities": [0.25, 0.5, 1.0], "accuracy": [0.7, 0.8, 0.9]}
+    return save_checkpoint(path, net.eval(), labels=LABELS, profile=profile, meta={"test": True})
+
+
+@pytest.fixture(scope="session")
+def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return make_checkpoint(tmp_path_factory.mktemp("ckpt"))
+
+
+def start_server(checkpoint: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
+    """`checkpoint` served by a real uvicorn process (`python -m server`); returns it and its base URL."""
+    port = free_port()
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MONE_", "PROMETHEUS_"))}
+    env["PYTHONPATH"] = str(ROOT)
+    cmd = [
+        sys.executable,
+        "-m",
+        "server",
+        "--checkpoint",
+        str(checkpoint),
+        "--port",
+        str(port),
+        "--threads",
+        "1",
+    ]
+    cmd += ["--calibration-batch-sizes", "1,2", "--calibration-repeats", "1", "--log-level", "warning", *args]
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"server exited with {proc.returncode}")
+        try:
+            if httpx.get(base + "/readyz", timeout=1).status_code == 200:
+                return proc, base
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.2)
+    stop_server(proc)
+    raise RuntimeError("server did not become ready")
+
+
+def stop_server(proc: subprocess.Popen[bytes]) -> None:
+    os.killpg(proc.pid, signal.SIGTERM)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:
+        os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
+@pytest.fixture(scope="session")
+def server_url(checkpoint_dir: Path) -> Iterator[str]:
+    proc, base = start_server(checkpoint_dir)
+    try:
+        yield base
+    finally:
+        stop_server(proc)
+
+
+def picture(seed: int = 0, size: int = 28) -> np.ndarray:
+    """A grey picture: a bright square on a dark background, placed by `seed`."""
+    rng = np.random.default_rng(seed)
+    arr = (rng.random((size, size)) * 40).astype(np.uint8)
+    x, y = rng.integers(0, size // 2, 2)
+    arr[y : y + size // 3, x : x + size // 3] = 230
+    return arr
+
+
+def clip_frames(frames: int = 8, size: int = 28) -> np.ndarray:
+    """(T, H, W) uint8: a square moving left to right."""
+    out = np.zeros((frames, size, size), dtype=np.uint8)
+    for t in range(frames):
+        x = t * (size - 8) // max(1, frames - 1)
+        out[t, 10:18, x : x + 8] = 255
+    return out
+
+
+@pytest.fixture
+def image_path(tmp_path: Path) -> Path:
+    path = tmp_path / "square.png"
+    Image.fromarray(picture()).save(path)
+    return path
+
+
+@pytest.fixture
+def clip_path(tmp_path: Path) -> Path:
+    path = tmp_path / "moving.mp4"
+    path.write_bytes(mp4_bytes(list(clip_frames())))
+    return path
