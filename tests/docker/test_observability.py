@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import re
 import shutil
 import subprocess
@@ -224,3 +225,37 @@ def test_every_panel_query_returns_data(local_server: str, prometheus: str) -> N
     loaded = [rule for group in rules for rule in group["rules"]]
     assert len(loaded) == 3
     assert all(rule["health"] == "ok" for rule in loaded), loaded
+
+
+@pytest.mark.slow
+def test_podman_compose_reads_the_compose_file() -> None:
+    """podman-compose (1.0.3 has no `config`) prints the commands `up` would run; the posture survives."""
+    assert shutil.which("podman-compose"), "podman-compose missing: run scripts/setup-system.sh"
+    env = {**os.environ, "MONE_API_KEY": "compose-test-key"}
+    env.setdefault("CONTAINERS_CONF", str(DOCKER / "containers.conf"))
+    project = "mone-compose-test"
+    try:
+        result = subprocess.run(
+            ["podman-compose", "-p", project, "-f", "compose.yaml", "--dry-run", "up", "-d"],
+            cwd=DOCKER,
+            env=env,
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+    finally:  # its dry run still creates the project network
+        subprocess.run(
+            ["podman", "network", "rm", "--force", f"{project}_default"],
+            env=env,
+            capture_output=True,
+            timeout=60,
+            check=False,
+        )
+    assert result.returncode == 0, result.stdout + result.stderr
+    (serve,) = [line for line in result.stdout.splitlines() if f"--name={project}_mone-serve_1" in line]
+    for flag in ("--read-only", "--cap-drop ALL", "--tmpfs /tmp:", "-p 127.0.0.1:8000:8000"):
+        assert flag in serve, flag
+    assert "-e MONE_API_KEY=compose-test-key" in serve
+    assert f"--name={project}_prometheus_1" in result.stdout
+    assert f"--name={project}_grafana_1" in result.stdout
