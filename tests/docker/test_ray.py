@@ -13,6 +13,7 @@ import ray
 import yaml
 from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
+from ray.serve.schema import ServeDeploySchema
 
 from server.config import Settings
 from server.ray_app import REPLICA_HEADER, MoneServe, app_builder
@@ -92,6 +93,7 @@ def test_two_replicas_serve_with_budgets_and_metrics(ray_base: str) -> None:
 
 def test_serve_config_file_matches_the_deployment() -> None:
     config = yaml.safe_load((DOCKER / "ray" / "serve.yaml").read_text())
+    ServeDeploySchema.model_validate(config)  # what `serve deploy` checks
     (app,) = config["applications"]
     module, _, attr = app["import_path"].partition(":")
     assert (module, attr) == ("server.ray_app", "app_builder")
