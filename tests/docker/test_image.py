@@ -15,6 +15,7 @@ from collections.abc import Iterator
 
 import httpx
 import pytest
+from prometheus_client.parser import text_string_to_metric_families
 
 from tests.docker.conftest import API_KEY, DOCKER, FAST_ENV, ROOT, free_port, png_bytes, wait_http
 
@@ -138,9 +139,7 @@ def test_serves_classify_and_metrics(container: Container) -> None:
     assert r.status_code == 200, r.text
     assert r.json()["served"]["capacity"] == pytest.approx(0.5)
     metrics = httpx.get(container.base + "/metrics", timeout=10).text
-    assert 'mone_requests_total{code="200",route="/v1/classify"}' in metrics.replace(
-        'route="/v1/classify",code="200"', 'code="200",route="/v1/classify"'
-    )
+    assert metric_sum(metrics, "mone_requests_total", route="/v1/classify", code="200") == 1
     assert "mone_model_info{" in metrics
 
 
@@ -158,6 +157,15 @@ def test_posture_and_healthcheck(container: Container) -> None:
     config = container.inspect()["HostConfig"]
     assert isinstance(config, dict)
     assert config["ReadonlyRootfs"] is True
+
+
+def metric_sum(text: str, name: str, **labels: str) -> float:
+    return sum(
+        sample.value
+        for family in text_string_to_metric_families(text)
+        for sample in family.samples
+        if sample.name == name and labels.items() <= sample.labels.items()
+    )
 
 
 def wait_inflight(base: str, timeout_s: float) -> None:
@@ -195,5 +203,24 @@ def test_sigterm_finishes_in_flight_request_and_exits_zero(image: str) -> None:
         assert state["ExitCode"] == 0, c.logs()
         assert stopped_s < 30, stopped_s
         assert "Finished server process" in c.logs() or "Shutting down" in c.logs()
+    finally:
+        c.remove()
+
+
+def test_two_workers_report_one_consistent_metrics_page(image: str) -> None:
+    """MONE_WORKERS=2 on a read-only root: the multiprocess metrics directory lives on the /tmp tmpfs and
+    /metrics from either worker counts the requests of both."""
+    c = Container(image, "mone-test-workers", MONE_WORKERS="2")
+    try:
+        c.wait_ready()
+        headers = {"Authorization": f"Bearer {API_KEY}"}
+        n = 24
+        for i in range(n):
+            files = {"file": ("x.png", png_bytes(seed=i), "image/png")}
+            r = httpx.post(c.base + "/v1/classify", files=files, headers=headers, timeout=30)
+            assert r.status_code == 200, r.text
+        for _ in range(4):  # whichever worker answers
+            text = httpx.get(c.base + "/metrics", timeout=10).text
+            assert metric_sum(text, "mone_requests_total", route="/v1/classify", code="200") == n
     finally:
         c.remove()
