@@ -76,6 +76,12 @@ def test_alert_rules_pass_promtool() -> None:
         assert metric_names(rule["expr"]) <= {HISTOGRAM_PARTS.sub("_bucket", n) for n in CONTRACT} | CONTRACT
 
 
+def test_alerts_fire_on_synthetic_histories() -> None:
+    """docker/prometheus/alerts_test.yml: each alert fires when it should and stays quiet otherwise."""
+    result = promtool("test", "rules", str(PROM / "alerts_test.yml"))
+    assert result.returncode == 0, result.stdout + result.stderr
+
+
 def test_prometheus_config_passes_promtool(tmp_path: Path) -> None:
     config = yaml.safe_load((PROM / "prometheus.yml").read_text())
     assert config["rule_files"] == ["/etc/prometheus/alerts.yml"]  # where compose mounts it
