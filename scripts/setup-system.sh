@@ -1,9 +1,13 @@
 #!/usr/bin/env bash
-# System packages the project uses beyond PyPI: the Fashion-MNIST data set (training, evaluation tests) and
+# System packages the project uses beyond PyPI: the Fashion-MNIST data set (training, evaluation tests);
+# for the deployment tests (tests/docker/) podman, buildah and runc (build and run the image), debootstrap
+# (its local base image), Prometheus with promtool, podman-compose, and kubectl (`kubectl kustomize`);
 # Chromium (the web page's browser test drives it headless with Playwright).
 # Installs what is missing with apt-get when run as root; otherwise says what to install.
 set -euo pipefail
-packages=(dataset-fashion-mnist chromium)
+packages=(dataset-fashion-mnist chromium podman buildah runc debootstrap prometheus podman-compose)
+# Debian's kubectl is the kubernetes-client package; keep a kubectl that is already installed another way.
+command -v kubectl >/dev/null || packages+=(kubernetes-client)
 missing=()
 for p in "${packages[@]}"; do
   dpkg -s "$p" >/dev/null 2>&1 || missing+=("$p")
