@@ -13,9 +13,17 @@ from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from server import __version__, oip, routes
+from server.auth import AuthMiddleware
 from server.config import Settings, get_settings
 from server.engine import Engine
-from server.errors import STATUS, ClientGoneError, InternalError, OverloadedError, ServeError
+from server.errors import (
+    STATUS,
+    ClientGoneError,
+    InternalError,
+    OverloadedError,
+    ServeError,
+    UnauthorizedError,
+)
 from server.limits import BodyLimitMiddleware
 from server.metrics import Metrics, MetricsMiddleware
 from server.runner import Runner, load_model, resolve_device
@@ -74,6 +82,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(oip.models)
     _add_error_handlers(app, metrics)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics)
+    if settings.api_key is not None:  # outside the body limit: no key, no other answer than 401
+        key = settings.api_key.get_secret_value()
+        app.add_middleware(
+            AuthMiddleware, api_key=key, metrics=metrics, metrics_public=settings.metrics_public
+        )
     known = [*routes.router.routes, *routes.v1.routes, *oip.router.routes, *oip.models.routes]
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=known)
     return app
@@ -87,6 +100,8 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         response = error_response(exc.code, exc.message, exc.detail, request.url.path)
         if isinstance(exc, OverloadedError):
             response.headers["Retry-After"] = str(int(max(1, round(exc.retry_after))))
+        if isinstance(exc, UnauthorizedError):
+            response.headers["WWW-Authenticate"] = 'Bearer realm="mone-serve"'
         return response
 
     @app.exception_handler(RequestValidationError)

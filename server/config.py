@@ -96,6 +96,9 @@ class Settings(BaseSettings):
     allow_unauthenticated: bool = Field(
         default=False, description="allow binding a non-loopback address without an api_key"
     )
+    metrics_public: bool = Field(
+        default=False, description="serve /metrics without the api_key (when one is set)"
+    )
     docs: bool = Field(default=True, description="serve OpenAPI docs at /docs")
 
     @field_validator("calibration_batch_sizes")
