@@ -47,9 +47,10 @@ class Server:
     base: str
     metrics_dir: Path
     log: Path
+    headers: dict[str, str] = field(default_factory=dict)  # the bearer key, when the server has one
 
     def live_metrics(self) -> dict[str, float]:
-        return parse(httpx.get(self.base + "/metrics", timeout=5).text)
+        return parse(httpx.get(self.base + "/metrics", timeout=5, headers=self.headers).text)
 
     def dead_metrics(self) -> dict[str, float]:
         """Counters as the process left them (multiprocess files survive a SIGKILL)."""
@@ -77,6 +78,8 @@ def launch(*args: str, slow_ms: float = 0, timeout: float = 90) -> Server:
     with open(log, "wb") as out:
         proc = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True, stdout=out, stderr=out)
     server = Server(proc, f"http://127.0.0.1:{port}", metrics_dir, log)
+    if "--api-key" in args:
+        server.headers = {"authorization": f"Bearer {args[args.index('--api-key') + 1]}"}
     end = time.monotonic() + timeout
     while time.monotonic() < end:
         if proc.poll() is not None:
