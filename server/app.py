@@ -11,6 +11,7 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from server import __version__, oip, routes
 from server.auth import AuthMiddleware
@@ -103,6 +104,11 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         if isinstance(exc, UnauthorizedError):
             response.headers["WWW-Authenticate"] = 'Bearer realm="mone-serve"'
         return response
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # The client left while sending its body: nobody reads this answer, but it is a 499, not a 500.
+        return error_response(ClientGoneError.code, "client disconnected", path=request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

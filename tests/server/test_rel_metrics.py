@@ -117,3 +117,43 @@ async def test_rel_metrics_account_for_every_request(
         total(m, "mone_failed_total"),
         total(m, "mone_cancelled_total"),
     )
+
+
+async def test_rel_client_leaving_mid_upload_is_499_not_500(app: FastAPI) -> None:
+    """The body stops half way because the client hung up: answered (and counted) 499, never 500."""
+    sent: list[dict[str, Any]] = []
+    messages = [
+        {"type": "http.request", "body": BODY[:50], "more_body": True},
+        {"type": "http.disconnect"},
+    ]
+
+    async def receive() -> dict[str, Any]:
+        return messages.pop(0) if messages else {"type": "http.disconnect"}
+
+    async def send(message: dict[str, Any]) -> None:
+        sent.append(message)
+
+    scope = {
+        "type": "http",
+        "asgi": {"version": "3.0"},
+        "http_version": "1.1",
+        "method": "POST",
+        "scheme": "http",
+        "path": "/v1/classify",
+        "raw_path": b"/v1/classify",
+        "query_string": b"",
+        "root_path": "",
+        "headers": [(b"content-type", b"image/png"), (b"content-length", str(len(BODY)).encode())],
+        "client": ("127.0.0.1", 1),
+        "server": ("127.0.0.1", 80),
+        "app": app,
+    }
+    before = parse(app.state.metrics.render().decode())
+    await app(scope, receive, send)
+    assert sent[0]["status"] == 499
+    m = parse(app.state.metrics.render().decode())
+    for code, grew in (("500", 0), ("499", 1)):
+        assert (
+            total(m, "mone_requests_total", code=code) - total(before, "mone_requests_total", code=code)
+            == grew
+        )
