@@ -176,3 +176,12 @@ async def test_rel_no_cors_for_an_unknown_origin(client: httpx.AsyncClient, orig
         r = await client.request(method, path, headers={"origin": origin, **AUTH})
         assert "access-control-allow-origin" not in r.headers
         assert "access-control-allow-credentials" not in r.headers
+
+
+@pytest.mark.parametrize(
+    "path", ["/v1/models/", "//v1/models", "/v1//models", "/V1/models", "/%76%31/models", "/v1/./models"]
+)
+async def test_rel_path_tricks_do_not_bypass_the_key(client: httpx.AsyncClient, path: str) -> None:
+    r = await client.get(path)
+    assert r.status_code in (401, 404, 405), (path, r.status_code)
+    assert "labels" not in r.text
