@@ -13,11 +13,20 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
 from server import __version__, oip, routes
+from server.auth import AuthMiddleware
 from server.config import Settings, get_settings
 from server.engine import Engine
-from server.errors import STATUS, ClientGoneError, InternalError, OverloadedError, ServeError
+from server.errors import (
+    STATUS,
+    ClientGoneError,
+    InternalError,
+    OverloadedError,
+    ServeError,
+    UnauthorizedError,
+)
 from server.limits import BodyLimitMiddleware
 from server.metrics import Metrics, MetricsMiddleware
 from server.runner import Runner, load_model, resolve_device
@@ -79,6 +88,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")
     _add_error_handlers(app, metrics)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics)
+    if settings.api_key is not None:  # outside the body limit: no key, no other answer than 401
+        key = settings.api_key.get_secret_value()
+        app.add_middleware(
+            AuthMiddleware, api_key=key, metrics=metrics, metrics_public=settings.metrics_public
+        )
     known = [*routes.router.routes, *routes.v1.routes, *oip.router.routes, *oip.models.routes]
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=known)
     return app
@@ -92,7 +106,14 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
         response = error_response(exc.code, exc.message, exc.detail, request.url.path)
         if isinstance(exc, OverloadedError):
             response.headers["Retry-After"] = str(int(max(1, round(exc.retry_after))))
+        if isinstance(exc, UnauthorizedError):
+            response.headers["WWW-Authenticate"] = 'Bearer realm="mone-serve"'
         return response
+
+    @app.exception_handler(ClientDisconnect)
+    async def client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
+        # The client left while sending its body: nobody reads this answer, but it is a 499, not a 500.
+        return error_response(ClientGoneError.code, "client disconnected", path=request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:

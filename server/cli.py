@@ -10,6 +10,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import sys
 import tempfile
 import typing
@@ -91,9 +92,15 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mone-metrics-")
     import uvicorn
 
+    # uvicorn re-raises a captured SIGTERM once it has drained; without a handler of our own that would
+    # end the process with 143 after a clean shutdown.  (Before uvicorn takes over, it simply exits.)
+    signal.signal(signal.SIGTERM, _exit_cleanly)
+    from server.protocol import DeadlineH11Protocol
+
     uvicorn.run(
         "server.app:app_factory",
         factory=True,
+        http=DeadlineH11Protocol,
         host=settings.host,
         port=settings.port,
         workers=settings.workers,
@@ -103,6 +110,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         timeout_graceful_shutdown=settings.timeout_graceful_shutdown,
     )
     return 0
+
+
+def _exit_cleanly(signum: int, frame: object) -> None:
+    raise SystemExit(0)
 
 
 if __name__ == "__main__":

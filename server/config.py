@@ -31,6 +31,10 @@ class Settings(BaseSettings):
     timeout_keep_alive: int = Field(
         default=5, ge=1, description="seconds an idle keep-alive connection stays open"
     )
+    header_timeout_s: float = Field(
+        default=10.0, gt=0.0, description="a connection must send its request headers within this (slowloris)"
+    )
+    body_timeout_s: float = Field(default=30.0, gt=0.0, description="and then its body within this")
     timeout_graceful_shutdown: int = Field(default=25, ge=1, description="seconds to drain before exit")
 
     # -- model -------------------------------------------------------------------------------------------
@@ -96,6 +100,9 @@ class Settings(BaseSettings):
     )
     allow_unauthenticated: bool = Field(
         default=False, description="allow binding a non-loopback address without an api_key"
+    )
+    metrics_public: bool = Field(
+        default=False, description="serve /metrics without the api_key (when one is set)"
     )
     docs: bool = Field(default=True, description="serve OpenAPI docs at /docs")
 

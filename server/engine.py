@@ -45,6 +45,8 @@ class EngineEvents(Protocol):
     def request_done(self, result: InferResult) -> None: ...
     def cancelled(self) -> None: ...
     def load(self, queue_depth: int, inflight: int) -> None: ...
+    def accepted(self) -> None: ...
+    def settled(self, outcome: str, reason: str) -> None: ...
 
 
 class NullEvents:
@@ -58,6 +60,12 @@ class NullEvents:
         pass
 
     def load(self, queue_depth: int, inflight: int) -> None:
+        pass
+
+    def accepted(self) -> None:
+        pass
+
+    def settled(self, outcome: str, reason: str) -> None:
         pass
 
 
@@ -84,6 +92,12 @@ class SafeEvents:
 
     def load(self, queue_depth: int, inflight: int) -> None:
         self._call("load", queue_depth, inflight)
+
+    def accepted(self) -> None:
+        self._call("accepted")
+
+    def settled(self, outcome: str, reason: str) -> None:
+        self._call("settled", outcome, reason)
 
 
 @dataclass
@@ -239,6 +253,7 @@ class Engine:
         item = WorkItem(x, budget, arrival, deadline, top_k=top_k, routing=routing, level=level)
         self._batcher.put(item)
         self.stats.accepted += 1
+        self.events.accepted()
         self.events.load(self.queue_depth, self.stats.inflight)
         return item
 
@@ -318,7 +333,7 @@ class Engine:
                 keep.append(item)
         return keep
 
-    def _settle(self, item: WorkItem, outcome: str) -> bool:
+    def _settle(self, item: WorkItem, outcome: str, reason: str = "") -> bool:
         if item.outcome is not None:
             return False
         item.outcome = outcome
@@ -328,10 +343,11 @@ class Engine:
             self.stats.failed += 1
         else:
             self.stats.cancelled += 1
+        self.events.settled(outcome, reason)
         return True
 
     def _fail(self, item: WorkItem, exc: ServeError) -> None:
-        if self._settle(item, "failed"):
+        if self._settle(item, "failed", exc.reason):
             self.events.load(self.queue_depth, self.stats.inflight)
             if not item.future.done():
                 item.future.set_exception(exc)

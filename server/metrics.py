@@ -59,6 +59,12 @@ class Metrics:
         )
         self.rejected = Counter("mone_rejected", "Requests refused, by reason", ["reason"], registry=r)
         self.cancelled_total = Counter("mone_cancelled", "Requests whose client went away", registry=r)
+        # The accounting identity: accepted = succeeded + failed + cancelled (+ in flight).
+        self.accepted_total = Counter("mone_accepted", "Requests admitted to the queue", registry=r)
+        self.succeeded_total = Counter("mone_succeeded", "Accepted requests answered 200", registry=r)
+        self.failed_total = Counter(
+            "mone_failed", "Accepted requests answered with an error, by reason", ["reason"], registry=r
+        )
         self.queue_depth = Gauge(
             "mone_queue_depth", "Queued samples", registry=r, multiprocess_mode="livesum"
         )
@@ -94,6 +100,15 @@ class Metrics:
 
     def cancelled(self) -> None:
         self.cancelled_total.inc()
+
+    def accepted(self) -> None:
+        self.accepted_total.inc()
+
+    def settled(self, outcome: str, reason: str) -> None:
+        if outcome == "succeeded":
+            self.succeeded_total.inc()
+        elif outcome == "failed":
+            self.failed_total.labels(reason=reason or "internal").inc()
 
     def load(self, queue_depth: int, inflight: int) -> None:
         self.queue_depth.set(queue_depth)

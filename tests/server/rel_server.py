@@ -1,0 +1,32 @@
+"""`python -m tests.server.rel_server [mone-serve flags]`: mone-serve with an optionally slowed model.
+
+REL_SLOW_MS=<ms> makes every forward sleep that long first (the model stub of reliability.md rows 16, 17,
+21 and 23: it keeps batches in flight long enough to be interrupted).  REL_FAIL_ONCE=1 makes the first
+forward after warm-up raise, as a CUDA out-of-memory error would.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from typing import Any
+
+from server import runner
+from server.cli import main
+
+
+def _patch() -> None:
+    slow = float(os.environ.get("REL_SLOW_MS", "0")) / 1e3
+    run = runner.Runner.run
+
+    def slowed(self: runner.Runner, *args: Any) -> Any:
+        if slow:
+            time.sleep(slow)
+        return run(self, *args)
+
+    runner.Runner.run = slowed  # type: ignore[method-assign]
+
+
+if __name__ == "__main__":
+    _patch()
+    raise SystemExit(main())
