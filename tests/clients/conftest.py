@@ -7,21 +7,15 @@ Fashion-MNIST labels, so that predictions differ between capacities.  Every test
 
 from __future__ import annotations
 
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import numpy as np
 import pytest
 from PIL import Image
 
 from clients.media import mp4_bytes
+from tests.live_server import free_port, start_server, stop_server  # noqa: F401  (re-exported)
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -31,12 +25,6 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if here in Path(str(item.fspath)).parents:
             item.add_marker(pytest.mark.clients)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 LABELS = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
@@ -57,48 +45,6 @@ def make_checkpoint(path: Path) -> Path:
 @pytest.fixture(scope="session")
 def checkpoint_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_checkpoint(tmp_path_factory.mktemp("ckpt"))
-
-
-def start_server(checkpoint: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
-    """`checkpoint` served by a real uvicorn process (`python -m server`); returns it and its base URL."""
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MONE_", "PROMETHEUS_"))}
-    env["PYTHONPATH"] = str(ROOT)
-    cmd = [
-        sys.executable,
-        "-m",
-        "server",
-        "--checkpoint",
-        str(checkpoint),
-        "--port",
-        str(port),
-        "--threads",
-        "1",
-    ]
-    cmd += ["--calibration-batch-sizes", "1,2", "--calibration-repeats", "1", "--log-level", "warning", *args]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(base + "/readyz", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    stop_server(proc)
-    raise RuntimeError("server did not become ready")
-
-
-def stop_server(proc: subprocess.Popen[bytes]) -> None:
-    os.killpg(proc.pid, signal.SIGTERM)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, signal.SIGKILL)
-        proc.wait()
 
 
 @pytest.fixture(scope="session")

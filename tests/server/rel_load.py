@@ -9,7 +9,6 @@ import collections
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,8 @@ from prometheus_client import CollectorRegistry
 from prometheus_client.multiprocess import MultiProcessCollector
 from prometheus_client.parser import text_string_to_metric_families
 
+from tests.live_server import free_port  # noqa: F401  (re-exported)
+
 ROOT = Path(__file__).resolve().parents[2]
 FAST = [
     "--random-init",
@@ -33,12 +34,6 @@ FAST = [
     "--log-level",
     "warning",
 ]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 @dataclass

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import os
 import socket
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -16,56 +14,9 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from server.cli import main, settings_from_args
+from tests.live_server import start_server as start
+from tests.live_server import stop_server as stop
 from tests.server.conftest import fashion_images, png
-
-ROOT = Path(__file__).resolve().parents[2]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start(checkpoint: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
-    port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MONE_", "PROMETHEUS_"))}
-    env["PYTHONPATH"] = str(ROOT)
-    cmd = [
-        sys.executable,
-        "-m",
-        "server",
-        "--checkpoint",
-        str(checkpoint),
-        "--port",
-        str(port),
-        "--threads",
-        "1",
-    ]
-    cmd += ["--calibration-batch-sizes", "1,2", "--calibration-repeats", "1", "--log-level", "warning", *args]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            raise RuntimeError(f"server exited with {proc.returncode}")
-        try:
-            if httpx.get(base + "/readyz", timeout=1).status_code == 200:
-                return proc, base
-        except httpx.HTTPError:
-            pass
-        time.sleep(0.2)
-    proc.kill()
-    raise RuntimeError("server did not become ready")
-
-
-def stop(proc: subprocess.Popen[bytes]) -> None:
-    os.killpg(proc.pid, 15)
-    try:
-        proc.wait(timeout=30)
-    except subprocess.TimeoutExpired:
-        os.killpg(proc.pid, 9)
-        proc.wait()
 
 
 def metric(base: str, name: str, **labels: str) -> float:
