@@ -234,13 +234,7 @@ class Engine:
         level = self._admission_level(budget, frames)
         timeout = self.settings.request_timeout_s
         deadline = arrival + (min(timeout, deadline_ms / 1e3) if deadline_ms else timeout)
-        if self._batcher.full():
-            raise self._reject(
-                OverloadedError(
-                    f"queue full ({self._batcher.max_queue_size})",
-                    retry_after=self.scheduler.drain_estimate(self.queue_depth),
-                )
-            )
+        self.shed_if_full()
         if (
             deadline_ms is not None
             and now + self.scheduler.wait_estimate(frames, self.queue_depth) > deadline
@@ -256,6 +250,19 @@ class Engine:
         self.events.accepted()
         self.events.load(self.queue_depth, self.stats.inflight)
         return item
+
+    def shed_if_full(self) -> None:
+        """Raise 503/429 now when a new request could not be admitted, so that routes can refuse it before
+        paying for its decoding."""
+        if not self.ready or self._batcher is None:
+            raise NotReadyError("the model is not ready")
+        if self._batcher.full():
+            raise self._reject(
+                OverloadedError(
+                    f"queue full ({self._batcher.max_queue_size})",
+                    retry_after=self.scheduler.drain_estimate(self.queue_depth),
+                )
+            )
 
     def _admission_level(self, budget: Budget, frames: int) -> Level | None:
         try:

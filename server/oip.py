@@ -106,6 +106,7 @@ async def post_infer(
     """Inference; the budget goes in `parameters`."""
     arrival = time.monotonic()
     check_model(name, settings)
+    engine.shed_if_full()  # an overloaded server refuses before decoding
     jobs: list[tuple[Tensor, Parameters]] = []
     for tensor in body.inputs:
         params = {**(body.parameters or {}), **(tensor.parameters or {})}

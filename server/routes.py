@@ -97,6 +97,7 @@ async def post_classify(request: Request, engine: EngineDep, settings: SettingsD
     data, fields = await _read_input(request, settings.max_body_bytes)
     params = _parse_params(fields, settings.default_top_k)
     budget = parse_budget(params.capacity, params.gflops, params.latency_ms, settings.default_capacity)
+    engine.shed_if_full()  # an overloaded server refuses before decoding
     decoded = await decode_payload(data, engine, settings, params.kind)
     decode_ms = (time.monotonic() - arrival) * 1e3
     work = engine.infer(

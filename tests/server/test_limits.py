@@ -111,6 +111,25 @@ async def test_overload_gives_429_with_retry_after(client: httpx.AsyncClient) ->
             assert code_of(r) == "overloaded"
 
 
+async def test_overloaded_server_refuses_before_decoding(app: FastAPI, client: httpx.AsyncClient) -> None:
+    """A full queue answers 429 without decoding: bytes that would be a 415 still get the 429."""
+    engine = app.state.engine
+    full = engine._batcher.full
+    engine._batcher.full = lambda: True
+    try:
+        r = await client.post("/v1/classify", content=b"definitely not an image")
+        oip = await client.post(
+            "/v2/models/mone/infer",
+            json={"inputs": [{"name": "x", "shape": [1], "datatype": "BYTES", "data": ["bm90IGFuIGltYWdl"]}]},
+        )
+    finally:
+        engine._batcher.full = full
+    assert r.status_code == 429, r.text
+    assert code_of(r) == "overloaded"
+    assert oip.status_code == 429, oip.text
+    assert (await client.post("/v1/classify", content=b"definitely not an image")).status_code == 415
+
+
 async def test_hard_deadline_is_504(client: httpx.AsyncClient) -> None:
     data = png(fashion_images(1)[0])
     busy = [asyncio.ensure_future(client.post("/v1/classify", content=data)) for _ in range(2)]
