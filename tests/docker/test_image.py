@@ -19,6 +19,9 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from tests.docker.conftest import API_KEY, DOCKER, FAST_ENV, ROOT, free_port, png_bytes, wait_http
 
+# With an API key set, /metrics needs it too (unless MONE_METRICS_PUBLIC): the image keeps that default.
+METRICS_AUTH = {"authorization": f"Bearer {API_KEY}"}
+
 pytestmark = pytest.mark.slow
 
 TAG = "localhost/mone-serve:test"
@@ -138,7 +141,7 @@ def test_serves_classify_and_metrics(container: Container) -> None:
     )
     assert r.status_code == 200, r.text
     assert r.json()["served"]["capacity"] == pytest.approx(0.5)
-    metrics = httpx.get(container.base + "/metrics", timeout=10).text
+    metrics = httpx.get(container.base + "/metrics", headers=METRICS_AUTH, timeout=10).text
     assert metric_sum(metrics, "mone_requests_total", route="/v1/classify", code="200") == 1
     assert "mone_model_info{" in metrics
 
@@ -171,7 +174,7 @@ def metric_sum(text: str, name: str, **labels: str) -> float:
 def wait_inflight(base: str, timeout_s: float) -> None:
     end = time.monotonic() + timeout_s
     while time.monotonic() < end:
-        text = httpx.get(base + "/metrics", timeout=5).text
+        text = httpx.get(base + "/metrics", headers=METRICS_AUTH, timeout=5).text
         if any(line.startswith("mone_inflight_requests 1") for line in text.splitlines()):
             return
         time.sleep(0.02)
@@ -220,7 +223,7 @@ def test_two_workers_report_one_consistent_metrics_page(image: str) -> None:
             r = httpx.post(c.base + "/v1/classify", files=files, headers=headers, timeout=30)
             assert r.status_code == 200, r.text
         for _ in range(4):  # whichever worker answers
-            text = httpx.get(c.base + "/metrics", timeout=10).text
+            text = httpx.get(c.base + "/metrics", headers=METRICS_AUTH, timeout=10).text
             assert metric_sum(text, "mone_requests_total", route="/v1/classify", code="200") == n
     finally:
         c.remove()
