@@ -71,6 +71,7 @@ class TrainConfig:
         clip_batch_size: clips per clip batch (a clip costs T images).
         num_frames: frames per clip.
         init_from: start from this checkpoint's weights (fine-tuning).
+        alpha_init: set the router scale alpha (Eq. 1) to this value before training (not on --resume).
         resume: continue `out` from its last epoch.
         max_steps: stop after this many steps (0: no limit).
         seed: everything random derives from it.
@@ -103,6 +104,7 @@ class TrainConfig:
     clip_batch_size: int = 16
     num_frames: int = 8
     init_from: str | None = None
+    alpha_init: float | None = None
     resume: bool = False
     max_steps: int = 0
     seed: int = 0
@@ -274,6 +276,9 @@ def train(cfg: TrainConfig) -> Path:
         net = load_checkpoint(cfg.init_from).model
     else:
         net = MoNE(MoNEConfig.from_variant(cfg.variant, num_classes=10, num_frames=cfg.num_frames))
+    if cfg.alpha_init is not None:
+        with torch.no_grad():
+            net.alpha.fill_(cfg.alpha_init)
     data = load_data(cfg, net.cfg)
     if net.cfg.num_classes != len(data.train.classes):
         raise ValueError(f"model has {net.cfg.num_classes} classes, data {len(data.train.classes)}")
@@ -342,6 +347,10 @@ def train(cfg: TrainConfig) -> Path:
             opt.zero_grad(set_to_none=True)
             loss.backward()  # type: ignore[no-untyped-call]
             opt.step()
+            with torch.no_grad():
+                # Project alpha onto [0, 1): the forward clamps it, and below 0 the clamp would cut the
+                # router's only gradient path (Eq. 1) for good.
+                net.alpha.clamp_(0.0, 1.0 - 1e-6)
             frames = x.shape[1] if x.dim() == 5 else 1
             # Forward + backward ~ 3x the forward FLOPs (Kaplan et al. 2020), summed over ranks.
             state["train_gflops"] += 3 * gflops(net.cfg, capacity, frames) * len(idx)
@@ -403,8 +412,9 @@ def parse_args(argv: list[str] | None = None) -> TrainConfig:
             p.add_argument(flag, action=argparse.BooleanOptionalAction, default=default)
         elif isinstance(default, tuple):
             p.add_argument(flag, type=float, nargs="+", default=list(default))
-        elif default is None:
-            p.add_argument(flag, type=str, default=None)
+        elif default is None:  # optional fields: "float | None" or "str | None"
+            kind = float if str(f.type).startswith("float") else str
+            p.add_argument(flag, type=kind, default=None)
         else:
             p.add_argument(flag, type=type(default), default=default)
     args = vars(p.parse_args(argv))

@@ -78,7 +78,11 @@ def test_fixed_capacity_and_init_from(tmp_path: Path) -> None:
     args = ["--epochs", "1", "--max-steps", "4", *SMALL]
     train(parse_args(["--out", str(base), "--capacity", "1.0", *args]))
     tuned = tmp_path / "tuned"
-    train(parse_args(["--out", str(tuned), "--init-from", str(base / "last"), "--capacity", "0.5", *args]))
+    init = ["--init-from", str(base / "last"), "--alpha-init", "0.3"]
+    train(parse_args(["--out", str(tuned), *init, "--capacity", "0.5", *args]))
+    alpha = load_checkpoint(tuned / "last").model.alpha.item()
+    assert 0.0 < alpha < 1.0
+    assert alpha == pytest.approx(0.3, abs=0.02)  # set, then moved by at most a few Adam steps
     rec = epochs_of(tuned)[-1]
     assert "val_acc@0.5" in rec
     assert rec["step"] == 4
