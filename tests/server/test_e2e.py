@@ -119,3 +119,16 @@ def test_cli_mirrors_settings() -> None:
     assert s.calibration_capacities == [0.25, 1.0]
     assert s.host == "127.0.0.1"
     assert os.environ["MONE_MAX_BATCH_SIZE"] == "7", "workers read the settings from the environment"
+
+
+@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
+def test_cli_lets_idle_openmp_threads_sleep(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], given: str | None, expected: str
+) -> None:
+    if given is None:
+        monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    else:
+        monkeypatch.setenv("OMP_WAIT_POLICY", given)
+    with pytest.raises(SystemExit):
+        main(["--help"])
+    assert os.environ["OMP_WAIT_POLICY"] == expected
