@@ -245,6 +245,8 @@ class Engine:
                 )
             )
         item = WorkItem(x, budget, arrival, deadline, top_k=top_k, routing=routing, level=level)
+        if budget.type == "latency_ms":
+            self.scheduler.note_arrival(now)
         self._batcher.put(item)
         self.stats.accepted += 1
         self.events.accepted()

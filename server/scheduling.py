@@ -9,12 +9,18 @@ decided here when a batch forms (serving.md section 4):
 * `latency_ms` items get the largest level whose predicted batch time fits the tightest of their
   budgets; if pinned work in the batch makes that impossible, they run first in a batch of their own;
   if even the floor cannot fit, they run at the floor and will be counted as missed.
+* Under a stream of latency-budgeted requests (another one expected while the batch runs), a batch may
+  take at most half of the tightest budget: a request that arrives just after a batch starts waits for
+  all of it, then needs its own batch.  Planning each batch against its own deadline alone lets a long
+  batch eat the next one's time, and the misses come in runs (the rule of Clipper and Nexus: batch
+  duration <= SLO / 2).
 """
 
 from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 
 from server.batcher import WorkItem
 from server.budget import Level, Planner
@@ -23,6 +29,8 @@ from server.latency import LatencyModel
 
 LATENCY_SAFETY = 1.1  # plan against 110 % of the predicted compute time
 LATENCY_MARGIN_S = 0.002  # plus 2 ms for unbatching and answering
+LATENCY_HEADROOM = 0.5  # under a stream of latency requests, a batch takes at most this share of a budget
+ARRIVAL_HALF_LIFE = 16  # latency-budgeted arrivals over which the arrival rate estimate halves its weight
 
 
 class BatchPlanner:
@@ -32,6 +40,25 @@ class BatchPlanner:
         self.planner = planner
         self.latency = latency
         self.settings = settings
+        self._last_arrival: float | None = None
+        self._interval: float | None = None  # EWMA of the gap between latency-budgeted arrivals, seconds
+
+    def note_arrival(self, now: float) -> None:
+        """Count the admission of a latency-budgeted request (for the arrival-rate estimate)."""
+        if self._last_arrival is not None:
+            gap = max(now - self._last_arrival, 0.0)
+            w = 1.0 - 0.5 ** (1.0 / ARRIVAL_HALF_LIFE)
+            self._interval = gap if self._interval is None else (1 - w) * self._interval + w * gap
+        self._last_arrival = now
+
+    def expects_arrival_within(self, seconds: float, now: float | None = None) -> bool:
+        """Whether another latency-budgeted request is likely to arrive in the next `seconds`."""
+        if self._interval is None or self._last_arrival is None:
+            return False
+        now = time.monotonic() if now is None else now
+        if now - self._last_arrival > 4 * self._interval + seconds:
+            return False  # the stream has stopped
+        return self._interval < seconds
 
     # -- estimates for admission ---------------------------------------------------------------------------
     def wait_estimate(self, frames: int, queue_depth: int) -> float:
@@ -97,13 +124,21 @@ class BatchPlanner:
         """Give the latency-budgeted items the largest level whose predicted batch time fits the tightest."""
         now = time.monotonic()
         left = min(it.latency_deadline or math.inf for it in flexible) - now - LATENCY_MARGIN_S
+        span = LATENCY_HEADROOM * min(it.budget.value for it in flexible) / 1e3
 
-        def fits(level: Level) -> bool:
-            if level.capacity > cap + 1e-12:
-                return False
-            return self._predict(fixed, [level] * len(flexible), frames) * LATENCY_SAFETY <= left
+        def fits_within(limit: float) -> Callable[[Level], bool]:
+            def fits(level: Level) -> bool:
+                if level.capacity > cap + 1e-12:
+                    return False
+                return self._predict(fixed, [level] * len(flexible), frames) * LATENCY_SAFETY <= limit
 
-        level = self.planner.largest_fitting(frames, fits)
+            return fits
+
+        level = None
+        if span < left and self.expects_arrival_within(span, now):
+            level = self.planner.largest_fitting(frames, fits_within(span))
+        if level is None:
+            level = self.planner.largest_fitting(frames, fits_within(left))
         if level is None:
             return False
         predicted = self._predict(fixed, [level] * len(flexible), frames)

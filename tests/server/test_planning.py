@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from model import MoNEConfig, gflops
 from server.budget import Planner, parse_budget
@@ -137,3 +138,60 @@ def test_random_init_and_missing_checkpoint(tmp_path: Path) -> None:
     assert (ck.config.variant, ck.config.num_classes, ck.meta.get("random_init")) == ("Mi/4", 10, True)
     with pytest.raises(CheckpointMissingError, match="--random-init"):
         load_model(Settings(checkpoint=tmp_path / "absent"), torch.device("cpu"))
+
+
+def _latency_items(n: int, budget_ms: float, now: float) -> list:
+    import asyncio
+
+    from server.batcher import WorkItem
+
+    loop = asyncio.new_event_loop()
+    try:
+        return [
+            WorkItem(torch.zeros(1, 1, 28, 28), parse_budget(None, None, budget_ms, 1.0), now, now + 30,
+                     future=loop.create_future())
+            for _ in range(n)
+        ]  # fmt: skip
+    finally:
+        loop.close()
+
+
+def test_latency_batches_leave_room_for_the_next_under_a_stream(planner: Planner) -> None:
+    """Alone, a latency request gets the largest level that fits its budget; under a stream of them, a batch
+    takes at most half the budget, so that a request arriving while it runs can still make its own."""
+    import time
+
+    from server.config import Settings
+    from server.scheduling import BatchPlanner
+
+    lm = LatencyModel()
+    for g in (0.01, 0.1, 1.0):  # 1 ms + 1 s per GFLOP: 2 samples at capacity 1.0 take ~0.25 s
+        lm.observe(1, 1, g, 0.001 + 1.0 * g, calibration=True)
+    bp = BatchPlanner(planner, lm, Settings())
+    dense = planner.level_of(1.0, 1).gflops
+    budget_ms = 1e3 * 1.5 * (0.001 + 2 * dense) * 1.1  # two dense samples fit, but not in half of it
+
+    now = time.monotonic()
+    alone = _latency_items(2, budget_ms, now)
+    run, back = bp.plan(alone, depth=2)
+    assert (run, back) == (alone, [])
+    assert alone[0].level is not None
+    assert alone[0].level.capacity == 1.0
+
+    for i in range(40):  # one latency request every 5 ms
+        bp.note_arrival(now - 0.2 + 0.005 * i)
+    stream = _latency_items(2, budget_ms, now)
+    bp.plan(stream, depth=2)
+    level = stream[0].level
+    assert level is not None
+    assert level.capacity < 1.0
+    predicted = lm.predict(1, 1, 2 * level.gflops)
+    assert predicted * 1.1 <= 0.5 * budget_ms / 1e3
+    assert all(it.level == level for it in stream)
+
+    time.sleep(0.01)
+    bp._last_arrival = time.monotonic() - 10.0  # the stream stopped long ago: full budget again
+    later = _latency_items(2, budget_ms, time.monotonic())
+    bp.plan(later, depth=2)
+    assert later[0].level is not None
+    assert later[0].level.capacity == 1.0
