@@ -10,10 +10,10 @@ brings it back, /readyz goes red then green, and every client gets an answer or 
 3. Run with `--memory L --memory-swap L` (no swap) and `--restart on-failure`.  One large request alone gets
    200.  Then `BURST` of them at once, each with a timeout, while a probe polls /readyz.
 
-The OOM kill is confirmed from `State.OOMKilled`, or else from the kernel log: podman 4.3 with conmon 2.1 on
-cgroup v1 reports the kill as exit code 137 but leaves `OOMKilled` false.  podman restarts the container
-itself (the `podman container cleanup` that conmon runs on exit applies the restart policy; no systemd
-needed).
+The OOM kill is confirmed from `State.OOMKilled`, or else from the kernel log: podman 4.3.1 with conmon 2.1.6
+on cgroup v1 reports the kill as exit code 137 but leaves `OOMKilled` false (conmon writes its "oom" marker
+into its working directory, where podman does not look).  podman restarts the container itself: the
+`podman container cleanup` that conmon runs on exit applies the restart policy, no systemd needed.
 """
 
 from __future__ import annotations
@@ -28,6 +28,7 @@ from collections import Counter
 from concurrent.futures import ThreadPoolExecutor, wait
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
+from pathlib import Path
 
 import httpx
 import pytest
@@ -176,7 +177,13 @@ def measure(image: str, big: bytes) -> tuple[dict[str, int], dict[str, int]]:
         c.remove()
 
 
-def test_memory_limit_oom_kill_restarts_and_clients_never_hang(image: str) -> None:
+def test_memory_limit_oom_kill_restarts_and_clients_never_hang(
+    image: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # conmon 2.1.6 on cgroup v1 writes its "oom" marker into its working directory (inherited from
+    # `podman run`) instead of the container's bundle, which is why podman never sees it: keep it out of
+    # the checkout, and report it.
+    monkeypatch.chdir(tmp_path)
     big = largest_allowed_png()
     steady, after_big = measure(image, big)
     # VmHWM includes start-up; the large request's cost is its peak over the steady RSS.
@@ -254,6 +261,7 @@ def test_memory_limit_oom_kill_restarts_and_clients_never_hang(image: str) -> No
             "red_to_green_s": round(flip[1] - flip[0], 1) if flip else None,
             "exit_codes": exit_codes,
             "oom_killed_state": state.get("OOMKilled"),
+            "conmon_oom_marker": (tmp_path / "oom").exists(),
             "kernel_oom_kills": None if kernel is None else len(kernel),
             "restart_count": after["RestartCount"],
         }
