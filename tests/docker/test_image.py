@@ -11,7 +11,7 @@ import os
 import subprocess
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 
 import httpx
 import pytest
@@ -59,12 +59,13 @@ def image() -> str:
 
 
 class Container:
-    def __init__(self, image: str, name: str, **env: str) -> None:
+    def __init__(self, image: str, name: str, flags: Sequence[str] = (), **env: str) -> None:
+        """`podman run` the image with the posture of `run_flags`, after `flags` (limits, restart policy)."""
         self.name = name
         self.port = free_port()
         self.base = f"http://127.0.0.1:{self.port}"
         podman("rm", "--force", "--ignore", name)
-        podman("run", "--detach", "--name", name, *run_flags(self.port, **env), image)
+        podman("run", "--detach", "--name", name, *flags, *run_flags(self.port, **env), image)
 
     def logs(self) -> str:
         result = podman("logs", self.name, check=False)
