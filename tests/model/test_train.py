@@ -101,3 +101,33 @@ def test_ddp_two_processes_gloo(tmp_path: Path) -> None:
     assert rec["step"] == 6
     ck = load_checkpoint(out / "last")
     assert ck.meta["step"] == 6
+
+
+@pytest.mark.slow
+def test_default_recipe_script_runs_both_chains(tmp_path: Path) -> None:
+    """scripts/train-default.sh (the shipped checkpoint's recipe) runs its five stages, each from the last."""
+    runs = tmp_path / "runs"
+    small = [a for a in SMALL if a != "--no-progress"][:-2]
+    env = {
+        **os.environ,
+        "RUNS": str(runs),
+        "PY": f"{sys.executable} -m model.train",
+        **dict.fromkeys(["EPOCHS", "EPOCHS2", "STAGE1", "FT", "FT2"], "1"),
+        "EXTRA": " ".join([*small, "--threads", "1", "--max-steps", "3"]),
+    }
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        ["bash", str(root / "scripts" / "train-default.sh")],
+        env=env, cwd=root, capture_output=True, text=True, timeout=600, check=False,
+    )  # fmt: skip
+    logs = "".join(p.read_text()[-2000:] for p in runs.glob("*.log"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr + logs
+    for name in ("dense", "dense2", "stage1", "mone", "mone2"):
+        assert epochs_of(runs / name)[-1]["step"] == 3, name
+    parent = {"dense2": "dense", "mone": "stage1", "mone2": "mone"}
+    for name, before in parent.items():
+        meta = load_checkpoint(runs / name / "last").meta["train_config"]
+        assert meta["init_from"] == str(runs / before / "last")
+        assert meta["adaptive"] == name.startswith("mone")
+    assert "MoNE" in proc.stdout
+    assert "dense baseline" in proc.stdout
