@@ -23,8 +23,11 @@ import multiprocessing
 import os
 import queue
 import signal
+import sys
 import threading
 import time
+import types
+from collections.abc import Iterator
 from dataclasses import dataclass
 from multiprocessing.connection import Connection
 from multiprocessing.context import SpawnProcess
@@ -77,6 +80,22 @@ def _exit_when_orphaned(parent: int) -> None:
     os._exit(0)
 
 
+@contextlib.contextmanager
+def _bare_main() -> Iterator[None]:
+    """Start a worker without the server's `__main__`.
+
+    spawn re-imports the parent's main module in the child (`python -m x` or a script).  The workers need
+    nothing from it, and a launcher whose main imports torch would make every worker load torch: seconds of
+    start-up and about 200 MB each.  An empty `__main__` during `start()` gives the child none to import.
+    """
+    main = sys.modules["__main__"]
+    sys.modules["__main__"] = types.ModuleType("__main__")
+    try:
+        yield
+    finally:
+        sys.modules["__main__"] = main
+
+
 class _Worker:
     """One worker process and the parent's end of its pipe."""
 
@@ -85,7 +104,8 @@ class _Worker:
         self.process: SpawnProcess = ctx.Process(
             target=_serve, args=(child, target), name="mone-decode", daemon=True
         )
-        self.process.start()
+        with _bare_main():
+            self.process.start()
         child.close()
         self.ready = False
 

@@ -5,10 +5,13 @@ workers run in place of `decode_video`."""
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import statistics
+import sys
 import threading
 import time
+import types
 from collections.abc import AsyncIterator, Iterator
 from pathlib import Path
 
@@ -62,6 +65,20 @@ def test_rel_pool_decodes_exactly_like_the_thread() -> None:
         worker_pid = p.pids()[0]
         maps = Path(f"/proc/{worker_pid}/maps").read_text()
         assert "libtorch" not in maps, "a decode worker should not load torch"
+    finally:
+        p.close()
+
+
+def test_rel_workers_do_not_import_the_servers_main(monkeypatch: pytest.MonkeyPatch) -> None:
+    """spawn would re-import `__main__` in each worker; a launcher such as `tests.server.rel_server` imports
+    torch, which would cost every worker seconds and about 200 MB."""
+    main = types.ModuleType("__main__")
+    main.__spec__ = importlib.util.find_spec("tests.server.rel_server")
+    monkeypatch.setitem(sys.modules, "__main__", main)
+    p = DecodePool(1)
+    try:
+        p.wait_ready()
+        assert "libtorch" not in Path(f"/proc/{p.pids()[0]}/maps").read_text()
     finally:
         p.close()
 
