@@ -3,6 +3,7 @@ schema `{"error": {"code", "message", "detail"}}` for every failure."""
 
 from __future__ import annotations
 
+import asyncio
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -18,6 +19,7 @@ from starlette.requests import ClientDisconnect
 from server import __version__, oip, routes
 from server.auth import AuthMiddleware
 from server.config import Settings, get_settings
+from server.decode_pool import DecodePool
 from server.engine import Engine
 from server.errors import (
     STATUS,
@@ -57,17 +59,26 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        device = resolve_device(settings.device)
-        checkpoint = load_model(settings, device)
-        engine = Engine(Runner(checkpoint, device), settings, events=metrics)
-        app.state.engine = engine
-        metrics.set_model(settings.model_name, checkpoint.config.variant, str(device))
-        await engine.start()
-        log.info("ready: %s (%s) on %s", settings.model_name, checkpoint.config.variant, device)
+        # The decode workers start first: they import their modules while the model loads.
+        clips = DecodePool(settings.decode_workers) if settings.decode_isolation == "process" else None
+        app.state.clips = clips
         try:
-            yield
+            device = resolve_device(settings.device)
+            checkpoint = load_model(settings, device)
+            engine = Engine(Runner(checkpoint, device), settings, events=metrics)
+            app.state.engine = engine
+            metrics.set_model(settings.model_name, checkpoint.config.variant, str(device))
+            if clips is not None:
+                await asyncio.to_thread(clips.wait_ready)
+            await engine.start()
+            log.info("ready: %s (%s) on %s", settings.model_name, checkpoint.config.variant, device)
+            try:
+                yield
+            finally:
+                await engine.stop(drain_s=float(settings.timeout_graceful_shutdown))
         finally:
-            await engine.stop(drain_s=float(settings.timeout_graceful_shutdown))
+            if clips is not None:
+                await asyncio.to_thread(clips.close)
 
     app = FastAPI(
         title="mone-serve",

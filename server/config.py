@@ -92,6 +92,13 @@ class Settings(BaseSettings):
     max_decode_seconds: float = Field(
         default=10.0, gt=0.0, description="wall-time budget to decode one clip; 422"
     )
+    decode_isolation: Literal["process", "thread"] = Field(
+        default="process",
+        description="decode clips in killable worker processes (killed at the decode budget) or in a thread",
+    )
+    decode_workers: int = Field(
+        default=2, ge=1, le=64, description="clip decode worker processes (decode_isolation=process)"
+    )
     max_request_frames: int = Field(default=32, ge=1, description="compute cap: frames per request; 422")
 
     # -- security ----------------------------------------------------------------------------------------

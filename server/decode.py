@@ -3,42 +3,29 @@
 The container is recognised from its magic bytes first, and only an allow-listed decoder is ever invoked
 (Pillow is told the one format to use; PyAV gets an explicit demuxer, so playlist demuxers such as HLS or
 concat that could open local files are never reached).  Every failure is a `ServeError` (4xx), never a
-500.  Runs in a worker thread; it is CPU work.
+500.  Runs in a worker thread; it is CPU work.  Clip decoding itself lives in `server.video`.
 """
 
 from __future__ import annotations
 
 import io
-import time
 import warnings
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
-import av
 from PIL import Image, ImageOps
 from torch import Tensor
 
 from model import MoNEConfig
 from server.config import Settings
 from server.errors import BadInputError, OverLimitError, ServeError, TooLargeError, UnsupportedMediaError
-from server.preprocess import frames_to_tensor, sample_indices, to_model_mode
+from server.preprocess import array_frames_to_tensor, frames_to_tensor
+from server.video import VIDEO_FORMATS, ClipDecoder, ClipShape, decode_video
+
+__all__ = ["CONTENT_TYPES", "IMAGE_FORMATS", "VIDEO_FORMATS", "Decoded", "Kind", "decode", "sniff"]
 
 Kind = Literal["auto", "image", "clip"]
 IMAGE_FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF"}
-VIDEO_FORMATS = {"mp4": "mp4", "webm": "matroska", "gif": "gif"}  # sniffed name -> FFmpeg demuxer
-VIDEO_CODECS = {
-    "h264",
-    "hevc",
-    "vp8",
-    "vp9",
-    "av1",
-    "mpeg4",
-    "gif",
-    "mjpeg",
-    "libdav1d",
-    "libvpx",
-    "libvpx-vp9",
-}
 CONTENT_TYPES = {
     "jpeg": "image/jpeg",
     "png": "image/png",
@@ -79,8 +66,14 @@ def sniff(data: bytes) -> str | None:
     return None
 
 
-def decode(data: bytes, cfg: MoNEConfig, settings: Settings, kind: Kind = "auto") -> Decoded:
-    """Bytes of an image (JPEG/PNG/WebP/GIF frame 0) or clip (MP4/WebM/animated GIF) -> model input."""
+def decode(
+    data: bytes, cfg: MoNEConfig, settings: Settings, kind: Kind = "auto", clips: ClipDecoder | None = None
+) -> Decoded:
+    """Bytes of an image (JPEG/PNG/WebP/GIF frame 0) or clip (MP4/WebM/animated GIF) -> model input.
+
+    Clips go to `clips` (the server's `DecodePool` of killable worker processes) when given, else they are
+    decoded in the calling thread.  Images are always decoded here: Pillow is bounded by the pixel limits.
+    """
     if not data:
         raise BadInputError("empty payload")
     fmt = sniff(data)
@@ -93,8 +86,8 @@ def decode(data: bytes, cfg: MoNEConfig, settings: Settings, kind: Kind = "auto"
     if as_clip:
         if fmt not in VIDEO_FORMATS:
             raise BadInputError(f"{fmt} is a still-image format; send it with kind=image")
-        frames = decode_video(data, fmt, cfg, settings)
-        return Decoded(frames_to_tensor(frames, cfg), "clip", fmt)
+        frames = (clips or decode_video)(data, fmt, ClipShape.of(cfg), settings)
+        return Decoded(array_frames_to_tensor(frames, cfg), "clip", fmt)
     if fmt not in IMAGE_FORMATS:
         raise BadInputError(f"{fmt} is a video format; send it with kind=clip")
     img = decode_image(data, fmt, settings)
@@ -137,62 +130,3 @@ def _check_image_size(size: tuple[int, int], settings: Settings) -> None:
             width=w,
             height=h,
         )
-
-
-def decode_video(data: bytes, fmt: str, cfg: MoNEConfig, settings: Settings) -> list[Image.Image]:
-    """`cfg.num_frames` frames sampled evenly from the first video stream, converted and resized."""
-    if len(data) > settings.max_body_bytes:
-        raise TooLargeError(f"clip is {len(data)} bytes, the limit is {settings.max_body_bytes}")
-    deadline = time.monotonic() + settings.max_decode_seconds
-    try:
-        container = av.open(
-            io.BytesIO(data), mode="r", format=VIDEO_FORMATS[fmt], options={"probesize": "5000000"}
-        )
-    except Exception as exc:
-        raise BadInputError(f"could not open {fmt} clip: {exc}") from exc
-    try:
-        return _sample_frames(container, cfg, settings, deadline)
-    except ServeError:
-        raise
-    except Exception as exc:
-        raise BadInputError(f"could not decode {fmt} clip: {exc}") from exc
-    finally:
-        container.close()
-
-
-def _check_stream(container: Any, settings: Settings) -> Any:
-    streams = list(container.streams.video)
-    if not streams:
-        raise BadInputError("the container has no video stream")
-    if len(streams) > settings.max_video_streams:
-        raise OverLimitError(f"{len(streams)} video streams, the limit is {settings.max_video_streams}")
-    stream = streams[0]
-    codec = stream.codec_context.name
-    if codec not in VIDEO_CODECS:
-        raise UnsupportedMediaError(f"video codec {codec!r} is not allowed", allowed=sorted(VIDEO_CODECS))
-    w, h = stream.codec_context.width, stream.codec_context.height
-    if max(w, h) > settings.max_video_side:
-        raise TooLargeError(f"video is {w}x{h}, the limit is {settings.max_video_side} px per side")
-    if container.duration is not None and container.duration / av.time_base > settings.max_video_seconds:
-        seconds = container.duration / av.time_base
-        raise OverLimitError(f"clip lasts {seconds:.1f} s, the limit is {settings.max_video_seconds:g} s")
-    return stream
-
-
-def _sample_frames(container: Any, cfg: MoNEConfig, settings: Settings, deadline: float) -> list[Image.Image]:
-    stream = _check_stream(container, settings)
-    size = (cfg.img_size, cfg.img_size)
-    frames: list[Image.Image] = []
-    for frame in container.decode(stream):
-        if time.monotonic() > deadline:
-            raise OverLimitError(f"decoding took longer than {settings.max_decode_seconds:g} s")
-        if frame.time is not None and frame.time > settings.max_video_seconds:
-            raise OverLimitError(f"clip lasts longer than {settings.max_video_seconds:g} s")
-        if len(frames) >= settings.max_video_frames:
-            raise OverLimitError(f"clip has more than {settings.max_video_frames} frames")
-        # Convert and resize now (the same two steps as pil_to_tensor) so that only small frames are kept.
-        img = to_model_mode(frame.to_image(), cfg.in_chans)
-        frames.append(img if img.size == size else img.resize(size, Image.Resampling.BILINEAR))
-    if not frames:
-        raise BadInputError("the clip has no decodable frames")
-    return [frames[i] for i in sample_indices(len(frames), cfg.num_frames)]

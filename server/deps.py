@@ -19,6 +19,7 @@ from server.decode import Decoded, Kind, decode
 from server.engine import Engine
 from server.errors import ClientGoneError, NotFoundError, UnauthorizedError
 from server.metrics import Metrics
+from server.video import ClipDecoder
 
 T = TypeVar("T")
 
@@ -59,9 +60,17 @@ def check_model(name: str, settings: Settings) -> None:
         raise NotFoundError(f"no model named {name!r}", models=[settings.model_name])
 
 
-async def decode_payload(data: bytes, engine: Engine, settings: Settings, kind: Kind = "auto") -> Decoded:
-    """Decode off the event loop."""
-    return await asyncio.to_thread(decode, data, engine.cfg, settings, kind)
+def get_clip_decoder(request: Request) -> ClipDecoder | None:
+    """The app's pool of clip decode workers; None decodes clips in the request's thread."""
+    clips: ClipDecoder | None = getattr(request.app.state, "clips", None)
+    return clips
+
+
+async def decode_payload(
+    data: bytes, engine: Engine, settings: Settings, kind: Kind = "auto", clips: ClipDecoder | None = None
+) -> Decoded:
+    """Decode off the event loop (clips in `clips`, the worker processes, when given)."""
+    return await asyncio.to_thread(decode, data, engine.cfg, settings, kind, clips)
 
 
 async def _wait_disconnect(request: Request) -> None:

@@ -23,7 +23,15 @@ from torch import Tensor
 from server import __version__
 from server.budget import Budget, parse_budget
 from server.config import Settings
-from server.deps import EngineDep, SettingsDep, cancel_on_disconnect, check_model, decode_payload, require_key
+from server.deps import (
+    EngineDep,
+    SettingsDep,
+    cancel_on_disconnect,
+    check_model,
+    decode_payload,
+    get_clip_decoder,
+    require_key,
+)
 from server.engine import Engine, InferResult
 from server.errors import BadInputError, InvalidParamsError
 from server.schemas import (
@@ -39,6 +47,7 @@ from server.schemas import (
     ServerMetadata,
     TensorMetadata,
 )
+from server.video import ClipDecoder
 
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
 models = APIRouter(prefix="/v2/models", tags=["open inference protocol"], dependencies=[Depends(require_key)])
@@ -110,7 +119,8 @@ async def post_infer(
     jobs: list[tuple[Tensor, Parameters]] = []
     for tensor in body.inputs:
         params = {**(body.parameters or {}), **(tensor.parameters or {})}
-        jobs += [(x, params) for x in await _input_samples(tensor, params, engine, settings)]
+        samples = await _input_samples(tensor, params, engine, settings, get_clip_decoder(request))
+        jobs += [(x, params) for x in samples]
     decode_ms = (time.monotonic() - arrival) * 1e3
     work = [
         engine.infer(x, _budget(p, settings.default_capacity), arrival=arrival, **_options(p))
@@ -121,7 +131,7 @@ async def post_infer(
 
 
 async def _input_samples(
-    t: InferInputTensor, params: Parameters, engine: Engine, settings: Settings
+    t: InferInputTensor, params: Parameters, engine: Engine, settings: Settings, clips: ClipDecoder | None
 ) -> list[Tensor]:
     if t.datatype == "BYTES":
         if len(t.data) != math.prod(t.shape):
@@ -131,7 +141,8 @@ async def _input_samples(
             raise BadInputError(f"kind must be auto, image or clip, got {kind!r}")
         out = []
         for element in t.data:
-            decoded = await decode_payload(_b64(element, t.name), engine, settings, kind)  # type: ignore[arg-type]
+            data = _b64(element, t.name)
+            decoded = await decode_payload(data, engine, settings, kind, clips)  # type: ignore[arg-type]
             out.append(decoded.tensor)
         return out
     if t.datatype == "FP32":

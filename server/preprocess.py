@@ -18,26 +18,16 @@ from PIL import Image
 from torch import Tensor
 
 from model import MoNEConfig
+from server.frames import sample_indices, to_model_mode
 
-
-def to_model_mode(img: Image.Image, in_chans: int) -> Image.Image:
-    """Convert any Pillow mode to "L" (1 channel) or "RGB" (3), flattening transparency onto black."""
-    if in_chans not in (1, 3):
-        raise ValueError(f"only 1- or 3-channel models are supported, got in_chans={in_chans}")
-    target = "L" if in_chans == 1 else "RGB"
-    if img.mode == "P":
-        img = img.convert("RGBA")
-    if img.mode in ("RGBA", "LA", "PA", "RGBa", "La"):
-        background = Image.new("RGBA", img.size, (0, 0, 0, 255))
-        img = Image.alpha_composite(background, img.convert("RGBA"))
-    if img.mode.startswith("I;16") or img.mode in ("I", "F"):
-        # 16/32-bit grey: scale the full range to 8 bits rather than clipping at 255.
-        arr = np.asarray(img, dtype=np.float64)
-        peak = float(arr.max()) if arr.size else 0.0
-        sixteen = img.mode.startswith("I;16") or 255.0 < peak <= 65535.0
-        hi = 65535.0 if sixteen else 255.0 if peak <= 255.0 else peak
-        img = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
-    return img if img.mode == target else img.convert(target)
+__all__ = [
+    "array_frames_to_tensor",
+    "frames_to_tensor",
+    "normalise",
+    "pil_to_tensor",
+    "sample_indices",
+    "to_model_mode",
+]
 
 
 def pil_to_tensor(img: Image.Image, cfg: MoNEConfig) -> Tensor:
@@ -59,16 +49,16 @@ def normalise(x: Tensor, cfg: MoNEConfig) -> Tensor:
     return (x - mean) / std
 
 
-def sample_indices(num_available: int, num_frames: int) -> list[int]:
-    """Indices of `num_frames` frames spread evenly over `num_available` (centre of each segment).
-
-    Fewer frames than asked repeats frames, so a clip always has exactly `num_frames` frames.
-    """
-    if num_available < 1:
-        raise ValueError("a clip needs at least one frame")
-    return [min(num_available - 1, int((i + 0.5) * num_available / num_frames)) for i in range(num_frames)]
-
-
 def frames_to_tensor(frames: Sequence[Image.Image], cfg: MoNEConfig) -> Tensor:
     """Already-sampled frames -> (T, C, H, W)."""
     return torch.stack([pil_to_tensor(f, cfg) for f in frames])
+
+
+def array_frames_to_tensor(frames: np.ndarray, cfg: MoNEConfig) -> Tensor:
+    """Sampled frames already in the model's mode and size, uint8 (T, H, W) or (T, H, W, C) -> (T, C, H, W).
+
+    The same arithmetic as `pil_to_tensor`, on the whole clip at once.
+    """
+    x = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.uint8)).float().div_(255.0)
+    x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
+    return normalise(x, cfg)

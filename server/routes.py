@@ -18,6 +18,7 @@ from server.deps import (
     cancel_on_disconnect,
     check_model,
     decode_payload,
+    get_clip_decoder,
     require_key,
 )
 from server.engine import InferResult
@@ -98,7 +99,7 @@ async def post_classify(request: Request, engine: EngineDep, settings: SettingsD
     params = _parse_params(fields, settings.default_top_k)
     budget = parse_budget(params.capacity, params.gflops, params.latency_ms, settings.default_capacity)
     engine.shed_if_full()  # an overloaded server refuses before decoding
-    decoded = await decode_payload(data, engine, settings, params.kind)
+    decoded = await decode_payload(data, engine, settings, params.kind, get_clip_decoder(request))
     decode_ms = (time.monotonic() - arrival) * 1e3
     work = engine.infer(
         decoded.tensor,

@@ -65,6 +65,7 @@ def fast_settings(checkpoint: Path, **overrides: Any) -> Settings:
         "max_batch_size": 8,
         "max_batch_wait_ms": 2.0,
         "threads": 1,
+        "decode_workers": 1,
     }
     values.update(overrides)
     return Settings(**values)

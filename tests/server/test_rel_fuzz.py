@@ -1,7 +1,9 @@
 """Property-based fuzzing of the decoding entry point (reliability.md rows 8 and 13): whatever the bytes,
 `decode` either returns a finite tensor of the model's shape or raises one of the documented errors (400,
 413, 415, 422), within a time bound.  Inputs are random bytes and structured mutations (bit flips,
-truncation, splices, overwritten size fields) of valid PNG, JPEG, GIF, WebP, MP4 and WebM seeds.
+truncation, splices, overwritten size fields) of valid PNG, JPEG, GIF, WebP, MP4 and WebM seeds.  Clips are
+decoded as the server decodes them, in a `DecodePool` of worker processes that are killed at the decode
+budget; the pool must still be whole at the end.
 
 CI runs a short bounded campaign; REL_FUZZ_EXAMPLES=N runs a longer one (see docs/reliability.md).
 """
@@ -22,6 +24,7 @@ from PIL import Image
 from model import MoNEConfig
 from server.config import Settings
 from server.decode import decode
+from server.decode_pool import DecodePool
 from server.errors import BadInputError, OverLimitError, TooLargeError, UnsupportedMediaError
 from tests.server import rel_corpus as corpus
 from tests.server.conftest import encode, encode_clip
@@ -38,6 +41,14 @@ FUZZ = settings(
     derandomize=os.environ.get("REL_FUZZ_RANDOM") is None,
 )
 STATS = {"executions": 0, "ok": 0, "documented_errors": 0, "slowest_s": 0.0}
+WORKERS = 2
+
+
+@cache
+def clip_pool() -> DecodePool:
+    pool = DecodePool(WORKERS)
+    pool.wait_ready()
+    return pool
 
 
 @cache
@@ -87,7 +98,7 @@ def check(data: bytes, kind: str) -> None:
     STATS["executions"] += 1
     t0 = time.monotonic()
     try:
-        d = decode(data, CFG, S, kind)  # type: ignore[arg-type]
+        d = decode(data, CFG, S, kind, clip_pool())  # type: ignore[arg-type]
     except DOCUMENTED:
         STATS["documented_errors"] += 1
     else:
@@ -124,5 +135,9 @@ def test_rel_fuzz_header_then_garbage(data: bytes) -> None:
 
 @pytest.fixture(scope="module", autouse=True)
 def report() -> object:
+    pool = clip_pool()  # started before the timed decodes
     yield None
-    print(f"\nREL-FIGURES fuzz_decode {STATS}")
+    alive = pool.alive()
+    pool.close()
+    print(f"\nREL-FIGURES fuzz_decode {STATS} clip_pool={vars(pool.stats)} workers_alive={alive}")
+    assert alive == WORKERS, "the decode pool shrank"
