@@ -48,6 +48,13 @@ class Settings(BaseSettings):
     model_name: str = Field(default="mone", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     device: str = Field(default="auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     threads: int | None = Field(default=None, ge=1, description="torch intra-op threads (default: torch's)")
+    inference_nice: int = Field(
+        default=10,
+        ge=0,
+        le=19,
+        description="niceness added to the inference threads so that health checks and admission keep the "
+        "CPU while the model saturates it (Linux; 0 leaves them alone)",
+    )
 
     # -- budgets -----------------------------------------------------------------------------------------
     default_capacity: float = Field(

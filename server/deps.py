@@ -24,17 +24,17 @@ from server.video import ClipDecoder
 T = TypeVar("T")
 
 
-def get_settings(request: Request) -> Settings:
+async def get_settings(request: Request) -> Settings:
     settings: Settings = request.app.state.settings
     return settings
 
 
-def get_engine(request: Request) -> Engine:
+async def get_engine(request: Request) -> Engine:
     engine: Engine = request.app.state.engine
     return engine
 
 
-def get_metrics(request: Request) -> Metrics:
+async def get_metrics(request: Request) -> Metrics:
     metrics: Metrics = request.app.state.metrics
     return metrics
 
@@ -44,7 +44,7 @@ EngineDep = Annotated[Engine, Depends(get_engine)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 
 
-def require_key(request: Request, settings: SettingsDep) -> None:
+async def require_key(request: Request, settings: SettingsDep) -> None:
     """Bearer token check for inference and model routes (only when an api_key is configured)."""
     if settings.api_key is None:
         return

@@ -32,6 +32,7 @@ from server.errors import (
     ServeError,
 )
 from server.latency import LatencyModel
+from server.priority import lower_thread_priority
 from server.runner import Runner, SampleOutput, warm_up_and_calibrate
 from server.scheduling import BatchPlanner
 
@@ -149,7 +150,14 @@ class Engine:
         self.stats = Stats()
         self.ready = False
         self._batcher: Batcher | None = None
-        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="mone-infer")
+        # The worker thread lowers its own priority before its first torch op, so that the intra-op threads
+        # torch starts from it inherit the lower priority too (server/priority.py).
+        self._executor = ThreadPoolExecutor(
+            max_workers=1,
+            thread_name_prefix="mone-infer",
+            initializer=lower_thread_priority,
+            initargs=(settings.inference_nice,),
+        )
         self._task: asyncio.Task[None] | None = None
 
     @property

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import math
+import sys
+import threading
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -23,6 +25,7 @@ from server.budget import Budget
 from server.engine import Engine
 from server.errors import DeadlineExceededError, InternalError, OverloadedError
 from server.preprocess import pil_to_tensor
+from server.priority import thread_ids, thread_nice
 from server.runner import Runner
 from tests.server.conftest import fashion_images, fast_settings
 
@@ -301,3 +304,22 @@ async def test_failing_hooks_do_not_break_serving(checkpoint_dir: Path) -> None:
     await engine.stop(drain_s=5)
     assert all(r.output.realised < 0.6 for r in results)
     assert engine.stats.succeeded == 3
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+@pytest.mark.parametrize("nice", [7, 0])
+async def test_inference_threads_run_at_a_lower_priority(checkpoint_dir: Path, nice: int) -> None:
+    """The worker thread and the intra-op threads torch starts from it get `inference_nice` more than the
+    event loop's thread, which keeps its own (reliability.md row 24)."""
+    loop_tid = threading.get_native_id()
+    base = thread_nice(loop_tid)
+    before = thread_ids()
+    engine = await start_engine(checkpoint_dir, threads=2, inference_nice=nice)
+    try:
+        await engine.infer(inputs(1)[0], Budget("capacity", 1.0))
+        started = {tid: thread_nice(tid) for tid in thread_ids() - before}
+    finally:
+        await engine.stop(drain_s=5)
+    assert len(started) >= 2, started  # the worker and at least one intra-op thread
+    assert set(started.values()) == {min(19, base + nice)}, started
+    assert thread_nice(loop_tid) == base
