@@ -94,7 +94,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if watchdog is not None:
                 await watchdog.stop()
             if health is not None:
-                await asyncio.to_thread(health.stop)
+                health.stop()  # on the loop's thread: it puts the signal handlers back
             if clips is not None:
                 await asyncio.to_thread(clips.close)
 
@@ -139,7 +139,7 @@ def start_health_listener(settings: Settings) -> HealthListener | None:
     state = HealthState(settings.health_stale_s)
     listener = HealthListener(state, settings.host, settings.health_port, reuse_port=reuse)
     listener.start()
-    mark_draining_on_signals(state)
+    listener.on_stop = mark_draining_on_signals(state)
     log.info("probe listener on %s:%d (/healthz, /readyz)", settings.host, listener.port)
     return listener
 

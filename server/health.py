@@ -157,6 +157,7 @@ class HealthListener:
         self._loop: asyncio.AbstractEventLoop | None = None
         self._thread: threading.Thread | None = None
         self._server: asyncio.Server | None = None
+        self.on_stop: Callable[[], None] = lambda: None
 
     def start(self) -> None:
         """Bind and start serving; raises OSError (e.g. the port is taken) in the caller."""
@@ -199,6 +200,8 @@ class HealthListener:
             raise error[0]
 
     def stop(self, timeout: float = 5.0) -> None:
+        self.on_stop()
+        self.on_stop = lambda: None
         loop, thread = self._loop, self._thread
         if loop is None or thread is None or not thread.is_alive():
             return
@@ -238,14 +241,16 @@ class Watchdog:
                 await self._task
 
 
-def mark_draining_on_signals(state: HealthState) -> None:
-    """Chain SIGTERM/SIGINT so that readiness turns 503 as soon as uvicorn starts shutting down.
+def mark_draining_on_signals(state: HealthState) -> Callable[[], None]:
+    """Chain SIGTERM/SIGINT so that readiness turns 503 as soon as uvicorn starts shutting down; returns a
+    function that puts the previous handlers back (where ours are still installed).
 
     uvicorn installs its own handlers before the lifespan starts and puts back the ones it found when it
-    exits, so the chained handlers last exactly as long as uvicorn's.  Only possible on the main thread.
+    exits.  Signal handlers can only be set on the main thread; elsewhere this does nothing.
     """
     if threading.current_thread() is not threading.main_thread():
-        return
+        return lambda: None
+    installed: list[tuple[int, Any, Any]] = []
     for sig in (signal.SIGTERM, signal.SIGINT):
         previous = signal.getsignal(sig)
 
@@ -258,6 +263,16 @@ def mark_draining_on_signals(state: HealthState) -> None:
                 signal.raise_signal(signum)
 
         signal.signal(sig, handler)
+        installed.append((sig, handler, previous))
+
+    def restore() -> None:
+        if threading.current_thread() is not threading.main_thread():
+            return
+        for sig, handler, previous in installed:
+            if signal.getsignal(sig) is handler and previous is not None:
+                signal.signal(sig, previous)
+
+    return restore
 
 
 def reuse_port_supported() -> bool:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import signal
 import socket
 import time
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 import pytest
 
 from server.app import create_app
-from server.health import HealthListener, HealthState, Watchdog
+from server.health import HealthListener, HealthState, Watchdog, mark_draining_on_signals
 from tests.live_server import free_port
 from tests.server.conftest import fast_settings
 
@@ -143,3 +144,21 @@ async def test_app_lifespan_serves_the_probe_port(checkpoint_dir: Path) -> None:
 def test_health_port_must_differ_from_port(checkpoint_dir: Path) -> None:
     with pytest.raises(ValueError, match="health_port"):
         fast_settings(checkpoint_dir, port=8000, health_port=8000)
+
+
+def test_sigterm_turns_readiness_to_draining_and_chains() -> None:
+    state = HealthState(stale_s=10.0)
+    state.ready = lambda: True
+    seen: list[int] = []
+    original = signal.signal(signal.SIGTERM, lambda signum, frame: seen.append(signum))
+    try:
+        recorder = signal.getsignal(signal.SIGTERM)
+        restore = mark_draining_on_signals(state)
+        assert state.readiness()[0] == 200
+        signal.raise_signal(signal.SIGTERM)
+        assert state.readiness() == (503, {"status": "draining"})
+        assert seen == [signal.SIGTERM]  # uvicorn's handler still runs
+        restore()
+        assert signal.getsignal(signal.SIGTERM) is recorder
+    finally:
+        signal.signal(signal.SIGTERM, original)
