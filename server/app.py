@@ -29,6 +29,13 @@ from server.errors import (
     ServeError,
     UnauthorizedError,
 )
+from server.health import (
+    HealthListener,
+    HealthState,
+    Watchdog,
+    mark_draining_on_signals,
+    reuse_port_supported,
+)
 from server.limits import BodyLimitMiddleware
 from server.metrics import Metrics, MetricsMiddleware
 from server.runner import Runner, load_model, resolve_device
@@ -59,9 +66,12 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        health = start_health_listener(settings)
+        app.state.health = health
         # The decode workers start first: they import their modules while the model loads.
         clips = DecodePool(settings.decode_workers) if settings.decode_isolation == "process" else None
         app.state.clips = clips
+        watchdog: Watchdog | None = None
         try:
             device = resolve_device(settings.device)
             checkpoint = load_model(settings, device)
@@ -71,12 +81,20 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if clips is not None:
                 await asyncio.to_thread(clips.wait_ready)
             await engine.start()
+            if health is not None:
+                health.state.ready = lambda: engine.ready
+                watchdog = Watchdog(health.state, on_lag=metrics.loop_lag.set)
+                watchdog.start()  # armed once ready: a blocking model load is not a stall
             log.info("ready: %s (%s) on %s", settings.model_name, checkpoint.config.variant, device)
             try:
                 yield
             finally:
                 await engine.stop(drain_s=float(settings.timeout_graceful_shutdown))
         finally:
+            if watchdog is not None:
+                await watchdog.stop()
+            if health is not None:
+                health.stop()  # on the loop's thread: it puts the signal handlers back
             if clips is not None:
                 await asyncio.to_thread(clips.close)
 
@@ -107,6 +125,23 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     known = [*routes.router.routes, *routes.v1.routes, *oip.router.routes, *oip.models.routes]
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=known)
     return app
+
+
+def start_health_listener(settings: Settings) -> HealthListener | None:
+    """The probe listener of server/health.py, when `health_port` is set.  With several uvicorn workers every
+    worker binds the port with SO_REUSEPORT and a probe reaches one of them."""
+    if not settings.health_port:
+        return None
+    reuse = settings.workers > 1
+    if reuse and not reuse_port_supported():
+        log.warning("health_port %d: off, SO_REUSEPORT is needed with several workers", settings.health_port)
+        return None
+    state = HealthState(settings.health_stale_s)
+    listener = HealthListener(state, settings.host, settings.health_port, reuse_port=reuse)
+    listener.start()
+    listener.on_stop = mark_draining_on_signals(state)
+    log.info("probe listener on %s:%d (/healthz, /readyz)", settings.host, listener.port)
+    return listener
 
 
 def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:

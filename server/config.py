@@ -36,6 +36,18 @@ class Settings(BaseSettings):
     )
     body_timeout_s: float = Field(default=30.0, gt=0.0, description="and then its body within this")
     timeout_graceful_shutdown: int = Field(default=25, ge=1, description="seconds to drain before exit")
+    health_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="port of a probe listener (/healthz, /readyz) on its own thread, off the main event "
+        "loop, bound to the same host; 0 turns it off (the container image sets 8001)",
+    )
+    health_stale_s: float = Field(
+        default=10.0,
+        gt=0.0,
+        description="the probe listener's /healthz answers 503 once the main event loop's heartbeat is older",
+    )
 
     # -- model -------------------------------------------------------------------------------------------
     checkpoint: Path = Field(
@@ -154,6 +166,8 @@ class Settings(BaseSettings):
             raise ValueError("max_image_bytes cannot exceed max_body_bytes")
         if self.degrade_floor > self.default_capacity:
             raise ValueError("degrade_floor cannot exceed default_capacity")
+        if self.health_port and self.health_port == self.port:
+            raise ValueError("health_port must differ from port")
         loopback = self.host in ("127.0.0.1", "localhost", "::1")
         if not loopback and self.api_key is None and not self.allow_unauthenticated:
             raise ValueError(

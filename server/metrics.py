@@ -71,6 +71,13 @@ class Metrics:
         self.inflight = Gauge(
             "mone_inflight_requests", "Accepted, unanswered samples", registry=r, multiprocess_mode="livesum"
         )
+        # Not in serving.md section 5: how late the health watchdog woke (server/health.py).
+        self.loop_lag = Gauge(
+            "mone_event_loop_lag_seconds",
+            "How late the event loop ran the health watchdog, last observation",
+            registry=r,
+            multiprocess_mode="livemax",
+        )
         self.model_info = Gauge(
             "mone_model_info",
             "The served model",

@@ -58,18 +58,22 @@ def test_deployment_probes_ports_and_termination(rendered: dict[str, dict[str, A
     pod = deployment["spec"]["template"]
     container = container_of(pod["spec"])
     assert container["image"].startswith("registry.example.com/mone-serve:")
-    (port,) = container["ports"]
+    ports = {p["name"]: p for p in container["ports"]}
+    assert set(ports) == {"http", "health"}
+    port, health = ports["http"], ports["health"]
     env = settings_env(container)
     assert int(env["MONE_PORT"]) == port["containerPort"]
+    assert int(env["MONE_HEALTH_PORT"]) == health["containerPort"] != port["containerPort"]
     assert env["MONE_HOST"] == "0.0.0.0"
     assert container["env"][[e["name"] for e in container["env"]].index("MONE_API_KEY")]["valueFrom"]
-    paths = routes()
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
         get = container[probe]["httpGet"]
-        assert get["path"] in paths
-        assert get["port"] in (port["name"], port["containerPort"])
+        assert get["path"] in ("/healthz", "/readyz")  # what the probe listener answers (server/health.py)
+        assert get["port"] in (health["name"], health["containerPort"])
+    service = rendered["Service"]
+    assert all(p["targetPort"] in (port["name"], port["containerPort"]) for p in service["spec"]["ports"])
     drain = int(env["MONE_TIMEOUT_GRACEFUL_SHUTDOWN"])
     pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
     assert pod["spec"]["terminationGracePeriodSeconds"] > drain + pre_stop

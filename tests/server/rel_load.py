@@ -59,14 +59,16 @@ class Server:
         return self.proc.wait(timeout=10)
 
 
-def launch(*args: str, slow_ms: float = 0, timeout: float = 90) -> Server:
+def launch(*args: str, slow_ms: float = 0, timeout: float = 90, env: dict[str, str] | None = None) -> Server:
     port = free_port()
     metrics_dir = Path(tempfile.mkdtemp(prefix="rel-metrics-"))
+    extra = env or {}
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MONE_", "PROMETHEUS_", "REL_"))}
     env |= {
         "PYTHONPATH": str(ROOT),
         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
         "REL_SLOW_MS": str(slow_ms),
+        **extra,
     }
     log = metrics_dir / "server.log"
     cmd = [sys.executable, "-m", "tests.server.rel_server", *FAST, "--port", str(port), *args]

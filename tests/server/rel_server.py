@@ -2,7 +2,8 @@
 
 REL_SLOW_MS=<ms> makes every forward sleep that long first (the model stub of reliability.md rows 16, 17,
 21 and 23: it keeps batches in flight long enough to be interrupted).  REL_FAIL_ONCE=1 makes the first
-forward after warm-up raise, as a CUDA out-of-memory error would.
+forward after warm-up raise, as a CUDA out-of-memory error would.  REL_BLOCK_ROUTE=1 adds
+`GET /rel/block?seconds=<s>`, which blocks the event loop that long (a stuck loop, reliability.md row 24).
 """
 
 from __future__ import annotations
@@ -25,6 +26,29 @@ def _patch() -> None:
         return run(self, *args)
 
     runner.Runner.run = slowed  # type: ignore[method-assign]
+    if os.environ.get("REL_BLOCK_ROUTE"):
+        _add_block_route()
+
+
+def _add_block_route() -> None:
+    from fastapi import FastAPI
+
+    from server import app as app_module
+
+    factory = app_module.app_factory
+
+    def with_block() -> FastAPI:
+        application = factory()
+
+        async def block(seconds: float) -> dict[str, float]:
+            time.sleep(seconds)  # on the event loop, on purpose
+            return {"blocked_s": seconds}
+
+        application.add_api_route("/rel/block", block, methods=["GET"])
+        application.router.routes.insert(0, application.router.routes.pop())  # before the web page's mount
+        return application
+
+    app_module.app_factory = with_block
 
 
 if __name__ == "__main__":
