@@ -216,7 +216,9 @@ async def test_latency_budget_is_planned_within_budget(checkpoint_dir: Path) -> 
     mid_budget = (floor + dense) / 2 + 1.5  # wait time and margin on top of the compute
     mid = await engine.infer(x, Budget("latency_ms", mid_budget))
     assert mid.planned_ms is not None
-    assert mid.planned_ms <= mid_budget
+    # Within budget whenever the floor allows: on a busy machine the wait before the batch forms can eat
+    # the slack, and then the planner must have gone down to the floor, never overshot above it.
+    assert mid.planned_ms <= mid_budget or mid.output.realised == pytest.approx(0.125)
     tiny = await engine.infer(x, Budget("latency_ms", 0.01))
     assert tiny.output.realised == pytest.approx(0.125)
     assert tiny.deadline_met is False
