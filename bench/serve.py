@@ -164,20 +164,30 @@ async def _one(client: httpx.AsyncClient, url: str, body: bytes, fields: dict[st
 async def closed_loop(
     url: str, bodies: list[bytes], fields: dict[str, str], concurrency: int, seconds: float, label: str
 ) -> Run:
+    """`concurrency` clients, each with one persistent connection (as a load balancer keeps them), made
+    before the clock starts.  One shared httpx pool of `concurrency` keep-alive connections stalls its
+    second wave of requests for seconds (httpx 0.28 / httpcore 1.0; a raw-socket client on the same server
+    does not), which would measure the client."""
     run = Run(label, 0, 0, seconds, [])
-    limits = httpx.Limits(max_connections=concurrency, max_keepalive_connections=concurrency)
-    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
-        end = time.perf_counter() + seconds
+    clients = [
+        httpx.AsyncClient(limits=httpx.Limits(max_connections=1, max_keepalive_connections=1), timeout=60)
+        for _ in range(concurrency)
+    ]
+    end = 0.0
+    try:
 
         async def worker(i: int) -> None:
             n = i
             while time.perf_counter() < end:
-                await _one(client, url, bodies[n % len(bodies)], fields, run)
+                await _one(clients[i], url, bodies[n % len(bodies)], fields, run)
                 n += concurrency
 
         start = time.perf_counter()
+        end = start + seconds
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
         run.seconds = time.perf_counter() - start
+    finally:
+        await asyncio.gather(*(c.aclose() for c in clients))
     return run
 
 
