@@ -119,6 +119,11 @@ class Settings(BaseSettings):
         default=2, ge=1, le=64, description="clip decode worker processes (decode_isolation=process)"
     )
     max_request_frames: int = Field(default=32, ge=1, description="compute cap: frames per request; 422")
+    max_decode_pixels: int = Field(
+        default=80_000_000,
+        ge=1,
+        description="pixels of images being decoded at once, across requests (memory); others wait, then 503",
+    )
 
     # -- security ----------------------------------------------------------------------------------------
     api_key: SecretStr | None = Field(

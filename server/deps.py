@@ -16,6 +16,7 @@ from fastapi import Depends, Request
 
 from server.config import Settings
 from server.decode import Decoded, Kind, decode
+from server.decode_budget import header_pixels
 from server.engine import Engine
 from server.errors import ClientGoneError, NotFoundError, UnauthorizedError
 from server.metrics import Metrics
@@ -69,8 +70,11 @@ def get_clip_decoder(request: Request) -> ClipDecoder | None:
 async def decode_payload(
     data: bytes, engine: Engine, settings: Settings, kind: Kind = "auto", clips: ClipDecoder | None = None
 ) -> Decoded:
-    """Decode off the event loop (clips in `clips`, the worker processes, when given)."""
-    return await asyncio.to_thread(decode, data, engine.cfg, settings, kind, clips)
+    """Decode off the event loop (clips in `clips`, the worker processes, when given), images within the
+    server's budget of pixels in decoding (server/decode_budget.py)."""
+    pixels = header_pixels(data) if kind != "clip" else 0
+    async with engine.decode_budget.hold(pixels):
+        return await asyncio.to_thread(decode, data, engine.cfg, settings, kind, clips)
 
 
 async def _wait_disconnect(request: Request) -> None:

@@ -23,6 +23,7 @@ from torch import Tensor
 from server.batcher import Batcher, WorkItem
 from server.budget import Budget, Level, Planner
 from server.config import Settings
+from server.decode_budget import PixelBudget
 from server.errors import (
     DeadlineExceededError,
     InternalError,
@@ -147,6 +148,7 @@ class Engine:
         self.planner = Planner(self.cfg)
         self.latency = LatencyModel()
         self.scheduler = BatchPlanner(self.planner, self.latency, settings)
+        self.decode_budget = PixelBudget(settings.max_decode_pixels, settings.request_timeout_s)
         self.stats = Stats()
         self.ready = False
         self._batcher: Batcher | None = None
