@@ -7,8 +7,10 @@
 Models: the shipped checkpoint (checkpoints/default, or a random Mi/4 when it is absent) and a random S/16
 at 224 px (compute-bound).  The same asyncio client drives both servers: closed loop at several
 concurrencies and open loop at fixed rates.  Reported: requests/s, p50/p99 latency (client side), and for
-`latency_ms` runs the share of requests the server reports as met.  Also: /healthz p99 while inference
-saturates the machine, and mone-serve's resident memory after warm-up and after many requests.
+`latency_ms` runs the share of requests the server reports as met; for open-loop runs, how late the client
+sent its requests (a client that cannot keep its schedule measures itself).  Also: /healthz p99 on the API
+port and on the probe listener while inference saturates the machine (probed from a process of its own),
+and mone-serve's resident memory after warm-up and after many requests.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import io
 import os
 import signal
 import socket
+import ssl
 import statistics
 import subprocess
 import sys
@@ -51,6 +54,7 @@ class Run:
     met: int = 0
     budgeted: int = 0
     rejected: int = 0
+    lags: list[float] | None = None  # open loop: how late each request left against its schedule
 
     @property
     def rps(self) -> float:
@@ -63,13 +67,18 @@ class Run:
         met = f"{100 * self.met / self.budgeted:.1f} %" if self.budgeted else "-"
         return (
             f"| {self.label} | {self.rps:.1f} | {self.pct(50):.1f} | {self.pct(99):.1f} | {met} | "
-            f"{self.rejected} | {self.errors} |"
+            f"{self.rejected} | {self.errors} | {self.lag()} |"
         )
+
+    def lag(self) -> str:
+        if not self.lags:
+            return "-"
+        return f"{float(np.percentile(self.lags, 99)) * 1e3:.1f}"
 
 
 HEADER = (
-    "| run | req/s | p50 ms | p99 ms | met latency_ms | rejected (429/503) | errors |\n"
-    "|---|---|---|---|---|---|---|"
+    "| run | req/s | p50 ms | p99 ms | met latency_ms | rejected (429/503) | errors | client lag p99 ms |\n"
+    "|---|---|---|---|---|---|---|---|"
 )
 
 
@@ -83,7 +92,8 @@ def free_port() -> int:
 class Server:
     """A server subprocess in its own process group (LitServe's workers outlive a plain SIGTERM)."""
 
-    def __init__(self, cmd: list[str], health: str, base: str) -> None:
+    def __init__(self, cmd: list[str], health: str, base: str, health_port: int = 0) -> None:
+        self.health_port = health_port
         env = {**os.environ, "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
         self.base = base
@@ -129,8 +139,10 @@ def start_mone(ckpt: Path, args: argparse.Namespace, *extra: str) -> Server:
         "warning",
     ]
     cmd += ["--max-batch-size", str(args.batch), "--max-batch-wait-ms", str(args.wait_ms)]
-    cmd += ["--max-queue-size", str(args.queue), "--limit-concurrency", "4096", *extra]
-    return Server(cmd, "/readyz", f"http://127.0.0.1:{port}")
+    health_port = free_port()
+    cmd += ["--max-queue-size", str(args.queue), "--limit-concurrency", "4096"]
+    cmd += ["--health-port", str(health_port), *extra]
+    return Server(cmd, "/readyz", f"http://127.0.0.1:{port}", health_port)
 
 
 def start_litserve(ckpt: Path, args: argparse.Namespace) -> Server:
@@ -141,6 +153,17 @@ def start_litserve(ckpt: Path, args: argparse.Namespace) -> Server:
 
 
 # -- client ----------
+# Every httpx client builds its own TLS context unless given one (about 50 ms of CPU each, even for plain
+# http): clients made under load would stall the generator.  All of them share this one.
+_TLS = ssl.create_default_context()
+
+
+def connection_client() -> httpx.AsyncClient:
+    """A client holding one persistent connection."""
+    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
+    return httpx.AsyncClient(limits=limits, timeout=60, verify=_TLS)
+
+
 async def _one(client: httpx.AsyncClient, url: str, body: bytes, fields: dict[str, str], run: Run) -> None:
     start = time.perf_counter()
     try:
@@ -169,10 +192,7 @@ async def closed_loop(
     second wave of requests for seconds (httpx 0.28 / httpcore 1.0; a raw-socket client on the same server
     does not), which would measure the client."""
     run = Run(label, 0, 0, seconds, [])
-    clients = [
-        httpx.AsyncClient(limits=httpx.Limits(max_connections=1, max_keepalive_connections=1), timeout=60)
-        for _ in range(concurrency)
-    ]
+    clients = [connection_client() for _ in range(concurrency)]
     end = 0.0
     try:
 
@@ -200,19 +220,48 @@ async def open_loop(
     label: str,
     phase: float = 0,
 ) -> Run:
-    """Requests at fixed intervals of 1/rate (shifted by `phase` intervals), whatever the answers do."""
-    run = Run(label, 0, 0, seconds, [])
-    limits = httpx.Limits(max_connections=2048, max_keepalive_connections=256)
-    async with httpx.AsyncClient(limits=limits, timeout=60) as client:
+    """Requests at fixed intervals of 1/rate (shifted by `phase` intervals), whatever the answers do.
+
+    Each request goes out on an idle persistent connection, or on a new one when all are busy (as a load
+    balancer keeps them); one connection per client object, for the reason given in `closed_loop`.  The
+    connections a server at its unloaded latency needs are opened before the clock starts."""
+    run = Run(label, 0, 0, seconds, [], lags=[])
+    assert run.lags is not None
+    made: list[httpx.AsyncClient] = []
+    idle: list[httpx.AsyncClient] = []
+
+    def connection() -> httpx.AsyncClient:
+        if idle:
+            return idle.pop()
+        made.append(connection_client())
+        return made[-1]
+
+    async def fire(body: bytes, due: float) -> None:
+        run.lags.append(time.perf_counter() - due)  # type: ignore[union-attr]
+        client = connection()
+        try:
+            await _one(client, url, body, fields, run)
+        finally:
+            idle.append(client)
+
+    base = url.split("/", 3)
+    ping = "/".join(base[:3]) + "/"
+    try:
+        warm = [connection() for _ in range(min(64, max(1, int(rate / 10))))]
+        await asyncio.gather(*(c.get(ping) for c in warm), return_exceptions=True)
+        idle.extend(warm)
         tasks = []
         start = time.perf_counter()
         for n in range(int(rate * seconds)):
-            delay = start + (n + phase) / rate - time.perf_counter()
+            due = start + (n + phase) / rate
+            delay = due - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(_one(client, url, bodies[n % len(bodies)], fields, run)))
+            tasks.append(asyncio.create_task(fire(bodies[n % len(bodies)], due)))
         await asyncio.gather(*tasks)
         run.seconds = time.perf_counter() - start
+    finally:
+        await asyncio.gather(*(c.aclose() for c in made))
     return run
 
 
@@ -273,18 +322,42 @@ def drive(
         merged.met += part.met
         merged.budgeted += part.budgeted
         merged.rejected += part.rejected
+        if part.lags is not None:
+            merged.lags = (merged.lags or []) + part.lags
     return merged
 
 
-async def probe(url: str, stop: asyncio.Event) -> list[float]:
-    times = []
-    async with httpx.AsyncClient(timeout=10) as client:
-        while not stop.is_set():
-            start = time.perf_counter()
-            await client.get(url)
-            times.append(time.perf_counter() - start)
-            await asyncio.sleep(0.02)
-    return times
+def _summary(times: list[float]) -> str:
+    return (
+        f"p50 {1e3 * statistics.median(times):.1f} ms, p99 {1e3 * float(np.percentile(times, 99)):.1f} ms "
+        f"({len(times)} probes)"
+    )
+
+
+def probe(urls: list[str], seconds: float, delay: float = 0.0, interval: float = 0.02) -> list[list[float]]:
+    """After `delay` seconds, GET each url every `interval` seconds for `seconds`, from this process (one
+    thread per url); the round-trip times.  Run in a process of its own so that the load generator's event
+    loop, busy with hundreds of requests, does not add its own delays to what is measured."""
+    import threading
+
+    out: list[list[float]] = [[] for _ in urls]
+    time.sleep(delay)
+
+    def loop(url: str, times: list[float]) -> None:
+        end = time.perf_counter() + seconds
+        with httpx.Client(timeout=10) as client:
+            while time.perf_counter() < end:
+                start = time.perf_counter()
+                client.get(url)
+                times.append(time.perf_counter() - start)
+                time.sleep(interval)
+
+    threads = [threading.Thread(target=loop, args=(u, t)) for u, t in zip(urls, out, strict=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    return out
 
 
 # -- scenarios ----------
@@ -362,14 +435,13 @@ def bench_model(name: str, ckpt: Path, cfg: MoNEConfig, args: argparse.Namespace
             )
         )
 
-        async def saturated_probe() -> list[float]:
-            stop = asyncio.Event()
-            task = asyncio.create_task(probe(mone.base + "/healthz", stop))
-            await closed_loop(url, bodies, {"capacity": "1.0"}, top, secs, "probe load")
-            stop.set()
-            return await task
-
-        health = asyncio.run(saturated_probe())
+        # /healthz on the API port and on the probe listener (health_port) while the CPU is saturated,
+        # measured from a process of its own, starting once the load has built up.
+        with ProcessPoolExecutor(1) as pool:
+            urls = [mone.base + "/healthz", f"http://127.0.0.1:{mone.health_port}/healthz"]
+            probes = pool.submit(probe, urls, max(1.0, secs - 2), 1.0)
+            asyncio.run(closed_loop(url, bodies, {"capacity": "1.0"}, top, secs, "probe load"))
+            health = probes.result()
         # Memory: the baseline is taken once every batch size and capacity has been served (the runs above),
         # so allocator caches for those shapes are in it; then `memory_requests` more at mixed capacities.
         rss_loaded = mone.rss_mb()
@@ -391,11 +463,8 @@ def bench_model(name: str, ckpt: Path, cfg: MoNEConfig, args: argparse.Namespace
     degrade = start_mone(ckpt, args, "--overload-policy", "degrade")
     try:
         url = degrade.base + "/v1/classify"
-        show(
-            asyncio.run(
-                open_loop(url, bodies, {"capacity": "1.0"}, rate, secs, f"open {rate:.0f}/s, capacity 1.0")
-            )
-        )
+        label = f"open {rate:.0f}/s, capacity 1.0"
+        show(drive("open", url, bodies, {"capacity": "1.0"}, rate, secs, label, procs))
         label = f"open {rate:.0f}/s, latency_ms={budget:.0f}, degrade"
         show(drive("open", url, bodies, {"latency_ms": f"{budget:.1f}"}, rate, secs, label, procs))
     finally:
@@ -410,8 +479,8 @@ def bench_model(name: str, ckpt: Path, cfg: MoNEConfig, args: argparse.Namespace
         f"({saturation / lit:.2f}x)",
         f"- mone at capacity 0.5 vs LitServe dense: {half / lit:.2f}x (the model alone, batch {args.batch}: "
         f"{alone:.2f}x from capacity 1.0 to 0.5)",
-        f"- /healthz under saturation: p50 {1e3 * statistics.median(health):.1f} ms, "
-        f"p99 {1e3 * float(np.percentile(health, 99)):.1f} ms ({len(health)} probes)",
+        f"- /healthz under saturation (closed loop, c={top}, probed every 20 ms from a separate process): "
+        f"API port {_summary(health[0])}; probe listener (health_port) {_summary(health[1])}",
         f"- mone-serve RSS: {rss_warm:.0f} MB after start-up, {rss_loaded:.0f} MB after the runs above; "
         f"{rss_after:.0f} MB after {served} more requests at capacities 1.0/0.5/0.25 "
         f"({100 * (rss_after / rss_loaded - 1):+.1f} %; max {max(trace):.0f} MB; "
@@ -432,7 +501,7 @@ def main() -> None:
     p.add_argument("--wait-ms", type=float, default=5.0)
     p.add_argument("--queue", type=int, default=128)
     p.add_argument("--memory-requests", type=int, default=10_000, help="memory check, 28 px model")
-    p.add_argument("--memory-requests-large", type=int, default=2_000, help="memory check, 224 px model")
+    p.add_argument("--memory-requests-large", type=int, default=10_000, help="memory check, 224 px model")
     p.add_argument("--client-procs", type=int, default=1, help="client processes generating the load")
     p.add_argument("--write", action="store_true", help="append the tables to bench/RESULTS.md")
     args = p.parse_args()

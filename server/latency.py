@@ -5,13 +5,21 @@ Per input kind (frames per sample) the model is linear:
     t = a + b * (groups - 1) + c * sum of the batch's GFLOPs
 
 where `groups` is the number of distinct token splits in the batch (the model runs one pass per split).
-Coefficients are least-squares fits over the start-up measurements plus a window of recent batches, so the
-model follows the device as its load changes.  A coefficient that comes out negative is dropped and the
-rest refitted, which keeps predictions monotone in GFLOPs.
+Coefficients are least-squares fits of the relative error (a 50 ms miss on a 100 ms batch matters as much as
+a 500 ms miss on a 1 s one) over the start-up measurements plus a window of recent batches, so the model
+follows the device as its load changes.  A coefficient that comes out negative is dropped and the rest
+refitted, which keeps predictions monotone in GFLOPs.
+
+One line cannot fit every batch shape: a few samples at a low capacity cost more per GFLOP than a full dense
+batch (smaller matrix products, one pass per token split), and a loaded machine adds noise.  So a prediction
+is the line times a tail correction: the 90th percentile of observed / fitted time over the recent batches
+nearest in GFLOPs (at least 1).  Budgets are then planned against the slow end of what batches of that size
+actually took, not against their mean.
 """
 
 from __future__ import annotations
 
+import math
 from collections import deque
 from dataclasses import dataclass, field
 from typing import Any
@@ -19,6 +27,11 @@ from typing import Any
 import numpy as np
 
 FALLBACK_GFLOPS_PER_S = 20.0  # used only before any measurement exists for a kind
+TAIL_QUANTILE = 0.9  # of observed / fitted time over the neighbouring recent batches
+TAIL_NEIGHBOURS = 32  # recent batches nearest in GFLOPs that set the correction
+TAIL_MIN_POINTS = 8  # fewer recent batches than this (or none within TAIL_SPAN): no correction
+TAIL_SPAN = math.log(4.0)  # neighbours lie within a factor of 4 in GFLOPs
+TAIL_MAX = 3.0
 
 
 @dataclass
@@ -26,6 +39,8 @@ class _KindModel:
     calibration: list[tuple[float, float, float]] = field(default_factory=list)
     recent: deque[tuple[float, float, float]] = field(default_factory=lambda: deque(maxlen=256))
     coef: tuple[float, float, float] | None = None
+    log_gflops: np.ndarray = field(default_factory=lambda: np.zeros(0))  # of the recent batches
+    ratio: np.ndarray = field(default_factory=lambda: np.zeros(0))  # their observed / fitted time
 
 
 class LatencyModel:
@@ -47,6 +62,12 @@ class LatencyModel:
         km = self._kind(frames)
         (km.calibration if calibration else km.recent).append((float(groups - 1), gflops, seconds))
         km.coef = _fit(km.calibration + list(km.recent))
+        if km.recent and km.coef is not None:
+            rows = np.asarray(km.recent, dtype=np.float64)
+            a, b, c = km.coef
+            fitted = np.maximum(a + b * rows[:, 0] + c * rows[:, 1], 1e-9)
+            km.log_gflops = np.log(np.maximum(rows[:, 1], 1e-12))
+            km.ratio = rows[:, 2] / fitted
 
     def predict(self, frames: int, groups: int, gflops: float) -> float:
         """Predicted compute seconds of one batch."""
@@ -59,7 +80,7 @@ class LatencyModel:
             km = self._kinds[min(known, key=lambda f: abs(f - frames))]
         assert km.coef is not None
         a, b, c = km.coef
-        return a + b * max(groups - 1, 0) + c * gflops
+        return (a + b * max(groups - 1, 0) + c * gflops) * _tail(km, gflops)
 
     def calibrated(self, frames: int) -> bool:
         km = self._kinds.get(frames)
@@ -81,12 +102,25 @@ class LatencyModel:
         return out
 
 
+def _tail(km: _KindModel, gflops: float) -> float:
+    """Observed / fitted time at the slow end of the recent batches nearest in GFLOPs; 1 without enough."""
+    if len(km.ratio) < TAIL_MIN_POINTS:
+        return 1.0
+    dist = np.abs(km.log_gflops - math.log(max(gflops, 1e-12)))
+    near = np.argsort(dist)[:TAIL_NEIGHBOURS]
+    near = near[dist[near] <= TAIL_SPAN]
+    if len(near) < TAIL_MIN_POINTS:
+        return 1.0
+    return float(np.clip(np.quantile(km.ratio[near], TAIL_QUANTILE), 1.0, TAIL_MAX))
+
+
 def _fit(rows: list[tuple[float, float, float]]) -> tuple[float, float, float] | None:
     if not rows:
         return None
     data = np.asarray(rows, dtype=np.float64)
-    X = np.column_stack([np.ones(len(data)), data[:, 0], data[:, 1]])
-    y = data[:, 2]
+    w = 1.0 / np.maximum(data[:, 2], 1e-6)  # relative error
+    X = np.column_stack([np.ones(len(data)), data[:, 0], data[:, 1]]) * w[:, None]
+    y = data[:, 2] * w
     # Drop the split term first, then the intercept; the GFLOPs slope is what planning relies on.
     for active in ([0, 1, 2], [0, 2], [2]):
         sol, *_ = np.linalg.lstsq(X[:, active], y, rcond=None)
@@ -95,4 +129,4 @@ def _fit(rows: list[tuple[float, float, float]]) -> tuple[float, float, float] |
             for i, v in zip(active, sol, strict=True):
                 coef[i] = float(v)
             return coef[0], coef[1], coef[2]
-    return float(y.mean()), 0.0, 0.0
+    return float(data[:, 2].mean()), 0.0, 0.0

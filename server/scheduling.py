@@ -124,7 +124,11 @@ class BatchPlanner:
         """Give the latency-budgeted items the largest level whose predicted batch time fits the tightest."""
         now = time.monotonic()
         left = min(it.latency_deadline or math.inf for it in flexible) - now - LATENCY_MARGIN_S
-        span = LATENCY_HEADROOM * min(it.budget.value for it in flexible) / 1e3
+        # A request arriving just after this batch starts spends its decoding and the batch wait, then
+        # waits for all of this batch before its own: each batch gets half of what is left after those.
+        decode = max((it.enqueued - it.arrival for it in flexible if it.enqueued), default=0.0)
+        overhead = self.settings.max_batch_wait_ms / 1e3 + max(decode, 0.0)
+        span = LATENCY_HEADROOM * (min(it.budget.value for it in flexible) / 1e3 - overhead)
 
         def fits_within(limit: float) -> Callable[[Level], bool]:
             def fits(level: Level) -> bool:

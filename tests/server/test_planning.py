@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 
@@ -88,6 +89,32 @@ def test_latency_model_follows_observations_and_stays_monotone() -> None:
             lm.observe(1, 1, g, 0.03 * g)
     assert lm.predict(1, 1, 1.0) > 2 * before
     assert lm.predict(1, 1, 0.5) < lm.predict(1, 1, 1.0)
+
+
+def test_latency_model_plans_against_the_slow_end_of_similar_batches() -> None:
+    """Small low-capacity batches cost more per GFLOP than the line through the calibration says, and vary:
+    predictions near them follow what they took at the slow end; far from them, the line stands."""
+    lm = LatencyModel()
+    for g in (1.0, 10.0, 100.0):  # calibration: 10 ms per GFLOP
+        lm.observe(1, 1, g, 0.01 * g, calibration=True)
+    line = lm.predict(1, 1, 2.0)
+    rng = np.random.default_rng(0)
+    taken = 0.01 * 2.0 * (1.3 + 0.1 * rng.standard_normal(40))  # 30 % slower than the line, +-10 %
+    for t in taken:
+        lm.observe(1, 1, 2.0, float(t))
+    near = lm.predict(1, 1, 2.0)
+    assert near > line
+    assert np.mean(taken <= near) >= 0.85  # covers most of what such batches took, not only their mean
+    assert near <= float(np.max(taken)) * 1.05
+    assert lm.predict(1, 1, 100.0) == pytest.approx(1.0, rel=0.25)  # no tail correction far from them
+
+
+def test_latency_model_fits_relative_error() -> None:
+    """A 1 ms batch's cost is not drowned by 1 s batches: the fit minimises relative, not absolute, error."""
+    lm = LatencyModel()
+    for g, t in ((0.1, 0.004), (0.2, 0.005), (100.0, 1.1), (150.0, 1.45), (200.0, 2.0)):  # noisy at 1-2 s
+        lm.observe(1, 1, g, t, calibration=True)
+    assert lm.predict(1, 1, 0.1) == pytest.approx(0.004, rel=0.25)
 
 
 def test_uncalibrated_kind_borrows_the_nearest() -> None:
