@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import re
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -15,6 +16,7 @@ from fastapi.responses import JSONResponse
 from fastapi.staticfiles import StaticFiles
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
+from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server import __version__, oip, routes
 from server.auth import AuthMiddleware
@@ -25,6 +27,7 @@ from server.errors import (
     STATUS,
     ClientGoneError,
     InternalError,
+    NotReadyError,
     OverloadedError,
     ServeError,
     UnauthorizedError,
@@ -43,6 +46,7 @@ from server.runner import Runner, load_model, resolve_device
 log = logging.getLogger("mone.app")
 NOT_REJECTIONS = (ClientGoneError.code, InternalError.code)
 WEB_DIR = Path(__file__).resolve().parent.parent / "clients" / "web"
+INFERENCE_PATHS = re.compile(r"^/(v1/classify|v2/models/[^/]+(/versions/[^/]+)?/infer)$")
 
 
 def error_response(
@@ -116,6 +120,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     if WEB_DIR.is_dir():  # the web page, after every API route so that it only answers what they do not
         app.mount("/", StaticFiles(directory=WEB_DIR, html=True), name="web")
     _add_error_handlers(app, metrics)
+    app.add_middleware(ShedMiddleware, metrics=metrics)
     app.add_middleware(BodyLimitMiddleware, max_body_bytes=settings.max_body_bytes, metrics=metrics)
     if settings.api_key is not None:  # outside the body limit: no key, no other answer than 401
         key = settings.api_key.get_secret_value()
@@ -144,17 +149,56 @@ def start_health_listener(settings: Settings) -> HealthListener | None:
     return listener
 
 
+def serve_error_response(exc: ServeError, path: str, metrics: Metrics) -> JSONResponse:
+    """The answer to a ServeError, counted in mone_rejected_total when it is a rejection."""
+    if exc.code not in NOT_REJECTIONS:
+        metrics.reject(exc.reason)
+    response = error_response(exc.code, exc.message, exc.detail, path)
+    if isinstance(exc, OverloadedError):
+        response.headers["Retry-After"] = str(int(max(1, round(exc.retry_after))))
+    if isinstance(exc, UnauthorizedError):
+        response.headers["WWW-Authenticate"] = 'Bearer realm="mone-serve"'
+    return response
+
+
+class ShedMiddleware:
+    """Answers an inference request 429 (queue full) or 503 (not ready) before its body is parsed.
+
+    Under overload most requests are refused; parsing their multipart or JSON bodies first would spend the
+    CPU that the admitted ones need.  The body is still received and dropped, chunk by chunk, so that the
+    connection stays usable (closing it with unread data would reset it, and the client could lose the
+    answer).  Inside the key check and the body limit: 401 and 413 come first.
+    """
+
+    def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] == "http" and scope["method"] == "POST" and INFERENCE_PATHS.match(scope["path"]):
+            engine: Engine | None = getattr(scope["app"].state, "engine", None)
+            try:
+                if engine is None:
+                    raise NotReadyError("the model is not ready")
+                engine.shed_if_full()
+            except ServeError as exc:
+                refusal = exc
+                try:
+                    while True:  # drop the body
+                        message = await receive()
+                        if message["type"] != "http.request" or not message.get("more_body", False):
+                            break
+                except ServeError as too_large:  # the body limit cut it off: that answer comes first
+                    refusal = too_large
+                await serve_error_response(refusal, scope["path"], self.metrics)(scope, receive, send)
+                return
+        await self.app(scope, receive, send)
+
+
 def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, exc: ServeError) -> JSONResponse:
-        if exc.code not in NOT_REJECTIONS:
-            metrics.reject(exc.reason)
-        response = error_response(exc.code, exc.message, exc.detail, request.url.path)
-        if isinstance(exc, OverloadedError):
-            response.headers["Retry-After"] = str(int(max(1, round(exc.retry_after))))
-        if isinstance(exc, UnauthorizedError):
-            response.headers["WWW-Authenticate"] = 'Bearer realm="mone-serve"'
-        return response
+        return serve_error_response(exc, request.url.path, metrics)
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:

@@ -130,6 +130,50 @@ async def test_overloaded_server_refuses_before_decoding(app: FastAPI, client: h
     assert (await client.post("/v1/classify", content=b"definitely not an image")).status_code == 415
 
 
+async def test_overloaded_server_refuses_before_parsing_the_body(
+    app: FastAPI, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Under overload the body is dropped unparsed: a malformed multipart upload and an OIP body that fails
+    the schema both get 429 (not 400 / 422), the route never runs, the connection stays usable, and a body
+    over the limit is still a 413."""
+    import server.routes
+
+    async def never(*args: Any) -> Any:
+        raise AssertionError("the body was read by the route")
+
+    engine = app.state.engine
+    full = engine._batcher.full
+    monkeypatch.setattr(server.routes, "_read_input", never)
+    engine._batcher.full = lambda: True
+    try:
+        multipart = await client.post(
+            "/v1/classify",
+            content=b"--x\r\nnot a part",
+            headers={"content-type": "multipart/form-data; boundary=x"},
+        )
+        oip = await client.post("/v2/models/mone/versions/1/infer", json={"inputs": "not a list"})
+
+        async def chunks() -> AsyncIterator[bytes]:
+            for _ in range(3):
+                yield b"\0" * 500
+
+        streamed = await client.post("/v1/classify", content=chunks())
+        too_big = await client.post("/v1/classify", content=b"\0" * 5000)
+    finally:
+        engine._batcher.full = full
+    for r in (multipart, oip, streamed):
+        assert r.status_code == 429, r.text
+        assert int(r.headers["retry-after"]) >= 1
+    assert code_of(multipart) == "overloaded"
+    assert oip.json()["code"] == "overloaded"  # the OIP error body under /v2
+    assert too_big.status_code == 413
+    metrics = (await client.get("/metrics")).text
+    assert 'mone_requests_total{code="429",route="/v1/classify"}' in metrics
+    monkeypatch.undo()
+    ok = await client.post("/v1/classify", content=png(fashion_images(1)[0]))
+    assert ok.status_code == 200
+
+
 async def test_hard_deadline_is_504(client: httpx.AsyncClient) -> None:
     data = png(fashion_images(1)[0])
     busy = [asyncio.ensure_future(client.post("/v1/classify", content=data)) for _ in range(2)]
