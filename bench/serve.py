@@ -28,7 +28,7 @@ import sys
 import tempfile
 import time
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -55,6 +55,7 @@ class Run:
     budgeted: int = 0
     rejected: int = 0
     lags: list[float] | None = None  # open loop: how late each request left against its schedule
+    misses: list[str] = field(default_factory=list)  # latency_ms answers not met: the server's account
 
     @property
     def rps(self) -> float:
@@ -180,8 +181,18 @@ async def _one(client: httpx.AsyncClient, url: str, body: bytes, fields: dict[st
     run.latencies.append(time.perf_counter() - start)
     run.requests += 1
     if "latency_ms" in fields:
+        answer = r.json()
         run.budgeted += 1
-        run.met += bool(r.json().get("served", {}).get("deadline_met"))
+        if answer.get("served", {}).get("deadline_met"):
+            run.met += 1
+        else:
+            t, served = answer.get("timing", {}), answer.get("served", {})
+            run.misses.append(
+                f"{t.get('total_ms', 0):.0f} ms = decode {t.get('decode_ms', 0):.0f} + queue "
+                f"{t.get('queue_ms', 0):.0f} + compute {t.get('compute_ms', 0):.0f} (planned "
+                f"{served.get('planned_ms') or 0:.0f}, capacity {served.get('capacity', 0):.2f}, batch "
+                f"{answer.get('batch_size')})"
+            )
 
 
 async def closed_loop(
@@ -322,6 +333,7 @@ def drive(
         merged.met += part.met
         merged.budgeted += part.budgeted
         merged.rejected += part.rejected
+        merged.misses += part.misses
         if part.lags is not None:
             merged.lags = (merged.lags or []) + part.lags
     return merged
@@ -442,18 +454,21 @@ def bench_model(name: str, ckpt: Path, cfg: MoNEConfig, args: argparse.Namespace
             probes = pool.submit(probe, urls, max(1.0, secs - 2), 1.0)
             asyncio.run(closed_loop(url, bodies, {"capacity": "1.0"}, top, secs, "probe load"))
             health = probes.result()
-        # Memory: the baseline is taken once every batch size and capacity has been served (the runs above),
-        # so allocator caches for those shapes are in it; then `memory_requests` more at mixed capacities.
-        rss_loaded = mone.rss_mb()
+        # Memory: after the runs above, one warm-up cycle at each of the mixed capacities (so that the
+        # allocator has seen every batch shape); the baseline is the median RSS over that cycle.  Then
+        # `memory_requests` more at the same capacities in turn; the final figure is the median over the last
+        # cycle.  A single reading swings with the batch shapes in flight (allocator caches), a leak does not.
         target = args.memory_requests if cfg.img_size <= 64 else args.memory_requests_large
-        served, trace = 0, [rss_loaded]
         mixed = ["1.0", "0.5", "0.25"]
-        while served < target:
+        trace: list[float] = []
+        served = 0
+        while len(trace) < len(mixed) or served < target:
             cap = mixed[len(trace) % len(mixed)]
             run = asyncio.run(closed_loop(url, bodies, {"capacity": cap}, top, secs / 2, "memory load"))
-            served += run.requests
+            served += run.requests if len(trace) >= len(mixed) else 0
             trace.append(mone.rss_mb())
-        rss_after = mone.rss_mb()
+        rss_loaded = statistics.median(trace[: len(mixed)])
+        rss_after = statistics.median(trace[-len(mixed) :])
     finally:
         mone.stop()
 
@@ -466,29 +481,36 @@ def bench_model(name: str, ckpt: Path, cfg: MoNEConfig, args: argparse.Namespace
         label = f"open {rate:.0f}/s, capacity 1.0"
         show(drive("open", url, bodies, {"capacity": "1.0"}, rate, secs, label, procs))
         label = f"open {rate:.0f}/s, latency_ms={budget:.0f}, degrade"
-        show(drive("open", url, bodies, {"latency_ms": f"{budget:.1f}"}, rate, secs, label, procs))
+        degraded = drive("open", url, bodies, {"latency_ms": f"{budget:.1f}"}, rate, secs, label, procs)
+        show(degraded)
     finally:
         degrade.stop()
 
     lit = max(max(r.rps for k, r in runs.items() if k.startswith("LitServe")), 1e-9)
     alone = model_speedup(ckpt, args.batch)
     half = runs[f"mone capacity 0.5, c={top}"].rps
-    lines += [
-        "",
+    summary = [
         f"- throughput at capacity 1.0: mone {saturation:.1f} req/s vs LitServe {lit:.1f} req/s "
         f"({saturation / lit:.2f}x)",
         f"- mone at capacity 0.5 vs LitServe dense: {half / lit:.2f}x (the model alone, batch {args.batch}: "
         f"{alone:.2f}x from capacity 1.0 to 0.5)",
         f"- /healthz under saturation (closed loop, c={top}, probed every 20 ms from a separate process): "
         f"API port {_summary(health[0])}; probe listener (health_port) {_summary(health[1])}",
-        f"- mone-serve RSS: {rss_warm:.0f} MB after start-up, {rss_loaded:.0f} MB after the runs above; "
-        f"{rss_after:.0f} MB after {served} more requests at capacities 1.0/0.5/0.25 "
+        f"- mone-serve RSS: {rss_warm:.0f} MB after start-up, {rss_loaded:.0f} MB over a warm-up cycle at "
+        f"capacities 1.0/0.5/0.25 (median); {rss_after:.0f} MB over the last cycle after {served} more "
+        "requests "
         f"({100 * (rss_after / rss_loaded - 1):+.1f} %; max {max(trace):.0f} MB; "
         f"trace {' '.join(f'{m:.0f}' for m in trace[:: max(1, len(trace) // 12)])})",
     ]
-    for line in lines[-4:]:
+    if degraded.misses:
+        shown = degraded.misses[:: max(1, len(degraded.misses) // 8)]
+        summary.append(
+            f"- latency_ms misses under `degrade` ({len(degraded.misses)}; server's timing): "
+            + "; ".join(shown)
+        )
+    for line in summary:
         print(line, flush=True)
-    return lines
+    return [*lines, "", *summary]
 
 
 def main() -> None:

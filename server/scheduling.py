@@ -10,10 +10,12 @@ decided here when a batch forms (serving.md section 4):
   budgets; if pinned work in the batch makes that impossible, they run first in a batch of their own;
   if even the floor cannot fit, they run at the floor and will be counted as missed.
 * Under a stream of latency-budgeted requests (another one expected while the batch runs), a batch may
-  take at most half of the tightest budget: a request that arrives just after a batch starts waits for
-  all of it, then needs its own batch.  Planning each batch against its own deadline alone lets a long
-  batch eat the next one's time, and the misses come in runs (the rule of Clipper and Nexus: batch
-  duration <= SLO / 2).
+  take at most half of the tightest budget, less the decoding and batch wait a request spends before it
+  is queued: a request that arrives just after a batch starts waits for all of it, then needs its own
+  batch.  Planning each batch against its own deadline alone lets a long batch eat the next one's time,
+  and the misses come in runs (the rule of Clipper and Nexus: batch duration <= SLO / 2).
+* Predicted batch times come from `LatencyModel`, which already plans against the slow end (90th
+  percentile) of what similar recent batches took; `LATENCY_SAFETY` adds 10 % on top.
 """
 
 from __future__ import annotations
