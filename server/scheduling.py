@@ -15,7 +15,7 @@ decided here when a batch forms (serving.md section 4):
   batch.  Planning each batch against its own deadline alone lets a long batch eat the next one's time,
   and the misses come in runs (the rule of Clipper and Nexus: batch duration <= SLO / 2).
 * Predicted batch times come from `LatencyModel`, which already plans against the slow end (90th
-  percentile) of what similar recent batches took; `LATENCY_SAFETY` adds 10 % on top.
+  percentile) of what similar recent batches took; `LATENCY_SAFETY` adds 20 % on top.
 """
 
 from __future__ import annotations
@@ -29,7 +29,7 @@ from server.budget import Level, Planner
 from server.config import Settings
 from server.latency import LatencyModel
 
-LATENCY_SAFETY = 1.1  # plan against 110 % of the predicted compute time
+LATENCY_SAFETY = 1.2  # plan against 120 % of the predicted compute time
 LATENCY_MARGIN_S = 0.002  # plus 2 ms for unbatching and answering
 LATENCY_HEADROOM = 0.5  # under a stream of latency requests, a batch takes at most this share of a budget
 ARRIVAL_HALF_LIFE = 16  # latency-budgeted arrivals over which the arrival rate estimate halves its weight
