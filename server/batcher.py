@@ -109,6 +109,14 @@ class Batcher:
         self._queue.clear()
         return items
 
+    async def wait_for_work(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for the queue to hold an item; False when it stayed empty."""
+        if not self._queue:
+            self._wakeup.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._wakeup.wait(), timeout=timeout)
+        return bool(self._queue)
+
     async def next_batch(self) -> Batch:
         """Wait for work, then collect one batch of a single input kind."""
         while not self._queue:

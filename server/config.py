@@ -67,6 +67,12 @@ class Settings(BaseSettings):
         description="niceness added to the inference threads so that health checks and admission keep the "
         "CPU while the model saturates it (Linux; 0 leaves them alone)",
     )
+    release_memory_idle_s: float = Field(
+        default=1.0,
+        ge=0.0,
+        description="give the allocator's free memory back to the OS once the queue has been empty this many "
+        "seconds (glibc; 0: never)",
+    )
 
     # -- budgets -----------------------------------------------------------------------------------------
     default_capacity: float = Field(

@@ -33,6 +33,7 @@ from server.errors import (
     ServeError,
 )
 from server.latency import LatencyModel
+from server.memory import release_free_memory
 from server.priority import lower_thread_priority
 from server.runner import Runner, SampleOutput, warm_up_and_calibrate
 from server.scheduling import BatchPlanner
@@ -302,13 +303,20 @@ class Engine:
     # -- the batch loop ------------------------------------------------------------------------------------
     async def _loop(self) -> None:
         assert self._batcher is not None
+        idle_s, released = self.settings.release_memory_idle_s, False  # start-up's batches: released too
         while True:
+            if idle_s > 0 and not released and not await self._batcher.wait_for_work(idle_s):
+                # Idle: hand the free heap pages back (server/memory.py), on the worker thread so that it
+                # never overlaps a forward.
+                await asyncio.get_running_loop().run_in_executor(self._executor, release_free_memory)
+                released = True
             batch = await self._batcher.next_batch()
             for item in batch.expired:
                 self._fail(item, DeadlineExceededError("deadline expired while queued"))
             items = self._drop_hopeless(batch.items)
             if not items:
                 continue
+            released = False
             try:
                 await self._run_batch(items)
             except Exception as exc:  # the loop must outlive any failure: fail this batch, keep serving

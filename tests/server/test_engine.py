@@ -325,3 +325,46 @@ async def test_inference_threads_run_at_a_lower_priority(checkpoint_dir: Path, n
     assert len(started) >= 2, started  # the worker and at least one intra-op thread
     assert set(started.values()) == {min(19, base + nice)}, started
     assert thread_nice(loop_tid) == base
+
+
+async def test_free_memory_goes_back_once_per_idle_spell(
+    checkpoint_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """After `release_memory_idle_s` of an empty queue: once per idle spell, on the worker thread (never
+    beside a forward), never under steady load."""
+    calls: list[str] = []
+    monkeypatch.setattr(
+        "server.engine.release_free_memory", lambda: calls.append(threading.current_thread().name) or True
+    )
+    engine = await start_engine(checkpoint_dir, release_memory_idle_s=0.4)
+    try:
+        await asyncio.sleep(0.9)
+        assert len(calls) == 1  # after start-up: calibration and warm-up batches are behind us
+        assert calls[0].startswith("mone-infer")
+        for x in inputs(12):  # one request every 0.05 s: never 0.4 s idle
+            await engine.infer(x, Budget("capacity", 1.0))
+            await asyncio.sleep(0.05)
+        assert len(calls) == 1
+        await asyncio.sleep(0.9)
+        assert len(calls) == 2
+        await asyncio.sleep(0.9)
+        assert len(calls) == 2  # one idle spell, one release
+        await engine.infer(inputs(1)[0], Budget("capacity", 0.5))
+        await asyncio.sleep(0.9)
+        assert len(calls) == 3
+    finally:
+        await engine.stop(drain_s=5)
+
+
+async def test_free_memory_release_can_be_turned_off(
+    checkpoint_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    calls: list[int] = []
+    monkeypatch.setattr("server.engine.release_free_memory", lambda: calls.append(1) or True)
+    engine = await start_engine(checkpoint_dir, release_memory_idle_s=0.0)
+    try:
+        await engine.infer(inputs(1)[0], Budget("capacity", 1.0))
+        await asyncio.sleep(0.3)
+    finally:
+        await engine.stop(drain_s=5)
+    assert calls == []
