@@ -8,15 +8,18 @@ Models: the shipped checkpoint (checkpoints/default, or a random Mi/4 when it is
 at 224 px (compute-bound).  The same asyncio client drives both servers: closed loop at several
 concurrencies and open loop at fixed rates.  Reported: requests/s, p50/p99 latency (client side), and for
 `latency_ms` runs the share of requests the server reports as met; for open-loop runs, how late the client
-sent its requests (a client that cannot keep its schedule measures itself).  Also: /healthz p99 on the API
-port and on the probe listener while inference saturates the machine (probed from a process of its own),
-and mone-serve's resident memory after warm-up and after many requests.
+sent its requests (a client that cannot keep its schedule measures itself).  The headline ratios (capacity
+1.0 and 0.5 against LitServe at the top concurrency) are medians over `--rounds` rounds that take the three
+runs in turn, both servers up.  Also: /healthz p99 on the API port and on the probe listener while
+inference saturates the machine (probed from a process of its own), and mone-serve's resident memory after
+warm-up and after many requests.
 """
 
 from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import io
 import os
 import signal
@@ -42,6 +45,7 @@ from model.checkpoint import read_checkpoint_info
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "checkpoints" / "default"
+REST_S = 2.0  # idle time before an at-rest RSS reading: mone-serve's release_memory_idle_s (1 s) + margin
 
 
 @dataclass
@@ -118,6 +122,8 @@ class Server:
         return float("nan")
 
     def stop(self) -> None:
+        if self.proc.poll() is not None:
+            return
         try:
             os.killpg(self.proc.pid, signal.SIGTERM)
             self.proc.wait(timeout=30)
@@ -413,26 +419,25 @@ def bench_model(name: str, ckpt: Path, cfg: MoNEConfig, args: argparse.Namespace
     secs, procs = args.seconds, args.client_procs
     lines = [f"\n### {name} ({cfg.variant}, {cfg.img_size} px)\n", HEADER]
     runs: dict[str, Run] = {}
+    rounds: dict[str, list[float]] = {}
 
     def show(run: Run) -> None:
         runs[run.label] = run
         lines.append(run.row())
         print(run.row(), flush=True)
 
-    peer = start_litserve(ckpt, args)
-    try:
+    with contextlib.ExitStack() as servers:
+        peer = start_litserve(ckpt, args)
+        servers.callback(peer.stop)
         for c in args.concurrency:
             show(
                 asyncio.run(
                     closed_loop(peer.base + "/predict", bodies, {}, c, secs, f"LitServe dense, c={c}")
                 )
             )
-    finally:
-        peer.stop()
-
-    mone = start_mone(ckpt, args)
-    url = mone.base + "/v1/classify"
-    try:
+        mone = start_mone(ckpt, args)  # the peer stays up, idle, for the side-by-side rounds below
+        servers.callback(mone.stop)
+        url = mone.base + "/v1/classify"
         rss_warm = mone.rss_mb()
         for c in args.concurrency:
             show(
@@ -446,7 +451,21 @@ def bench_model(name: str, ckpt: Path, cfg: MoNEConfig, args: argparse.Namespace
                 closed_loop(url, bodies, {"capacity": "0.5"}, top, secs, f"mone capacity 0.5, c={top}")
             )
         )
-
+        # The headline ratios: the three saturating runs in turn, `rounds` times, medians.  A machine whose
+        # speed drifts by 10-15 % over minutes (shared cloud cores) moves every server alike within a round.
+        contenders = [
+            ("LitServe dense", peer.base + "/predict", {}),
+            ("mone capacity 1.0", url, {"capacity": "1.0"}),
+            ("mone capacity 0.5", url, {"capacity": "0.5"}),
+        ]
+        for r in range(args.rounds):
+            for name, u, fields in contenders:
+                run = asyncio.run(
+                    closed_loop(u, bodies, fields, top, secs, f"round {r + 1}: {name}, c={top}")
+                )
+                rounds.setdefault(name, []).append(run.rps)
+                show(run)
+        peer.stop()
         # /healthz on the API port and on the probe listener (health_port) while the CPU is saturated,
         # measured from a process of its own, starting once the load has built up.
         with ProcessPoolExecutor(1) as pool:
@@ -457,20 +476,23 @@ def bench_model(name: str, ckpt: Path, cfg: MoNEConfig, args: argparse.Namespace
         # Memory: after the runs above, one warm-up cycle at each of the mixed capacities (so that the
         # allocator has seen every batch shape); the baseline is the median RSS over that cycle.  Then
         # `memory_requests` more at the same capacities in turn; the final figure is the median over the last
-        # cycle.  A single reading swings with the batch shapes in flight (allocator caches), a leak does not.
+        # cycle.  Each reading is taken at rest, once the server has been idle long enough to hand its free
+        # heap pages back (`release_memory_idle_s`, server/memory.py); the reading taken the moment the
+        # load stops (batch buffers still cached) is kept too, for the peak.
         target = args.memory_requests if cfg.img_size <= 64 else args.memory_requests_large
         mixed = ["1.0", "0.5", "0.25"]
         trace: list[float] = []
+        busy: list[float] = []
         served = 0
         while len(trace) < len(mixed) or served < target:
             cap = mixed[len(trace) % len(mixed)]
             run = asyncio.run(closed_loop(url, bodies, {"capacity": cap}, top, secs / 2, "memory load"))
             served += run.requests if len(trace) >= len(mixed) else 0
+            busy.append(mone.rss_mb())
+            time.sleep(REST_S)
             trace.append(mone.rss_mb())
         rss_loaded = statistics.median(trace[: len(mixed)])
         rss_after = statistics.median(trace[-len(mixed) :])
-    finally:
-        mone.stop()
 
     dense_lat = runs["mone capacity 1.0, c=1"].pct(50) if "mone capacity 1.0, c=1" in runs else 50.0
     saturation = max(r.rps for k, r in runs.items() if k.startswith("mone capacity 1.0"))
@@ -486,21 +508,31 @@ def bench_model(name: str, ckpt: Path, cfg: MoNEConfig, args: argparse.Namespace
     finally:
         degrade.stop()
 
-    lit = max(max(r.rps for k, r in runs.items() if k.startswith("LitServe")), 1e-9)
+    lit = max(statistics.median(rounds["LitServe dense"]), 1e-9)
+    dense, half = (
+        statistics.median(rounds["mone capacity 1.0"]),
+        statistics.median(rounds["mone capacity 0.5"]),
+    )
     alone = model_speedup(ckpt, args.batch)
-    half = runs[f"mone capacity 0.5, c={top}"].rps
+
+    def per_round(name: str) -> str:
+        pairs = zip(rounds[name], rounds["LitServe dense"], strict=True)
+        return ", ".join(f"{m / max(li, 1e-9):.2f}x" for m, li in pairs)
+
     summary = [
-        f"- throughput at capacity 1.0: mone {saturation:.1f} req/s vs LitServe {lit:.1f} req/s "
-        f"({saturation / lit:.2f}x)",
-        f"- mone at capacity 0.5 vs LitServe dense: {half / lit:.2f}x (the model alone, batch {args.batch}: "
-        f"{alone:.2f}x from capacity 1.0 to 0.5)",
+        f"- throughput at capacity 1.0, c={top}, median of {args.rounds} interleaved rounds: mone "
+        f"{dense:.1f} req/s vs LitServe {lit:.1f} req/s ({dense / lit:.2f}x; per round "
+        f"{per_round('mone capacity 1.0')})",
+        f"- mone at capacity 0.5 vs LitServe dense, same rounds: {half / lit:.2f}x (per round "
+        f"{per_round('mone capacity 0.5')}; the model alone, batch {args.batch}: {alone:.2f}x from capacity "
+        "1.0 to 0.5)",
         f"- /healthz under saturation (closed loop, c={top}, probed every 20 ms from a separate process): "
         f"API port {_summary(health[0])}; probe listener (health_port) {_summary(health[1])}",
-        f"- mone-serve RSS: {rss_warm:.0f} MB after start-up, {rss_loaded:.0f} MB over a warm-up cycle at "
-        f"capacities 1.0/0.5/0.25 (median); {rss_after:.0f} MB over the last cycle after {served} more "
-        "requests "
-        f"({100 * (rss_after / rss_loaded - 1):+.1f} %; max {max(trace):.0f} MB; "
-        f"trace {' '.join(f'{m:.0f}' for m in trace[:: max(1, len(trace) // 12)])})",
+        f"- mone-serve RSS at rest: {rss_warm:.0f} MB after start-up, {rss_loaded:.0f} MB over a warm-up "
+        f"cycle at capacities 1.0/0.5/0.25 (median); {rss_after:.0f} MB over the last cycle after {served} "
+        f"more requests ({100 * (rss_after / rss_loaded - 1):+.1f} %; trace "
+        f"{' '.join(f'{m:.0f}' for m in trace[:: max(1, len(trace) // 12)])}); the moment each load stopped: "
+        f"max {max(busy):.0f} MB, median {statistics.median(busy):.0f} MB",
     ]
     if degraded.misses:
         shown = degraded.misses[:: max(1, len(degraded.misses) // 8)]
@@ -519,6 +551,7 @@ def main() -> None:
     p.add_argument("--models", default="shipped,s16", help="comma list of shipped, s16")
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--concurrency", default="1,8,32,64")
+    p.add_argument("--rounds", type=int, default=3, help="interleaved rounds for the headline ratios")
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--wait-ms", type=float, default=5.0)
     p.add_argument("--queue", type=int, default=128)
@@ -529,6 +562,7 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.models, args.seconds, args.concurrency, args.memory_requests = "shipped", 3.0, "1,16", 500
+        args.rounds = 1
     args.concurrency = [int(c) for c in str(args.concurrency).split(",")]
     lines = [f"## bench.serve, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", ""]
     lines.append(
