@@ -8,11 +8,11 @@ Models: the shipped checkpoint (checkpoints/default, or a random Mi/4 when it is
 at 224 px (compute-bound).  The same asyncio client drives both servers: closed loop at several
 concurrencies and open loop at fixed rates.  Reported: requests/s, p50/p99 latency (client side), and for
 `latency_ms` runs the share of requests the server reports as met; for open-loop runs, how late the client
-sent its requests (a client that cannot keep its schedule measures itself).  The headline ratios (capacity
-1.0 and 0.5 against LitServe at the top concurrency) are medians over `--rounds` rounds that take the three
-runs in turn, both servers up.  Also: /healthz p99 on the API port and on the probe listener while
-inference saturates the machine (probed from a process of its own), and mone-serve's resident memory after
-warm-up and after many requests.
+sent its requests (a client that cannot keep its schedule measures itself).  The headline ratios (capacity 1.0
+and 0.5 against LitServe at the top concurrency) are medians over `--rounds` rounds that take the three runs
+in turn, both servers up, the one not measured stopped with SIGSTOP.  Also: /healthz p99 on the API port and
+on the probe listener while inference saturates the machine (probed from a process of its own), and
+mone-serve's resident memory after warm-up and after many requests.
 """
 
 from __future__ import annotations
@@ -120,6 +120,15 @@ class Server:
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024
         return float("nan")
+
+    def pause(self) -> None:
+        """SIGSTOP the whole group: an idle LitServe polls its queues (about 0.2 CPU seconds per second on
+        this machine), which would be taken from whichever server is being measured."""
+        os.killpg(self.proc.pid, signal.SIGSTOP)
+
+    def resume(self) -> None:
+        os.killpg(self.proc.pid, signal.SIGCONT)
+        time.sleep(0.5)
 
     def stop(self) -> None:
         if self.proc.poll() is not None:
@@ -435,7 +444,8 @@ def bench_model(name: str, ckpt: Path, cfg: MoNEConfig, args: argparse.Namespace
                     closed_loop(peer.base + "/predict", bodies, {}, c, secs, f"LitServe dense, c={c}")
                 )
             )
-        mone = start_mone(ckpt, args)  # the peer stays up, idle, for the side-by-side rounds below
+        peer.pause()  # kept for the side-by-side rounds below, stopped meanwhile
+        mone = start_mone(ckpt, args)
         servers.callback(mone.stop)
         url = mone.base + "/v1/classify"
         rss_warm = mone.rss_mb()
@@ -453,18 +463,24 @@ def bench_model(name: str, ckpt: Path, cfg: MoNEConfig, args: argparse.Namespace
         )
         # The headline ratios: the three saturating runs in turn, `rounds` times, medians.  A machine whose
         # speed drifts by 10-15 % over minutes (shared cloud cores) moves every server alike within a round.
+        # Only the server being measured runs; the other is stopped (SIGSTOP).
         contenders = [
-            ("LitServe dense", peer.base + "/predict", {}),
-            ("mone capacity 1.0", url, {"capacity": "1.0"}),
-            ("mone capacity 0.5", url, {"capacity": "0.5"}),
+            ("LitServe dense", peer, peer.base + "/predict", {}),
+            ("mone capacity 1.0", mone, url, {"capacity": "1.0"}),
+            ("mone capacity 0.5", mone, url, {"capacity": "0.5"}),
         ]
         for r in range(args.rounds):
-            for name, u, fields in contenders:
+            for name, server, u, fields in contenders:
+                for other in {peer, mone} - {server}:
+                    other.pause()
+                server.resume()
                 run = asyncio.run(
                     closed_loop(u, bodies, fields, top, secs, f"round {r + 1}: {name}, c={top}")
                 )
                 rounds.setdefault(name, []).append(run.rps)
                 show(run)
+        mone.resume()
+        peer.resume()  # so that it can take its SIGTERM
         peer.stop()
         # /healthz on the API port and on the probe listener (health_port) while the CPU is saturated,
         # measured from a process of its own, starting once the load has built up.
