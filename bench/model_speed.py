@@ -12,7 +12,6 @@ peak activation memory of one forward (max RSS growth, each in a fresh subproces
 from __future__ import annotations
 
 import argparse
-import ctypes
 import functools
 import gc
 import json
@@ -27,6 +26,7 @@ import torch
 
 from bench.references import FusedViT, PlainViT
 from model import MoNE, MoNEConfig, gflops
+from server.memory import release_free_memory
 
 CAPACITIES = (1.0, 0.75, 0.5, 0.25)
 
@@ -70,7 +70,7 @@ def measure_peak(variant: str, batch: int, which: str) -> float:
     with torch.inference_mode():
         fn()  # allocator warm, lazy inits done
         gc.collect()
-        ctypes.CDLL("libc.so.6").malloc_trim(0)  # return freed heap memory, so RSS counts live memory only
+        release_free_memory()  # so that RSS counts live memory only
         with open("/proc/self/clear_refs", "w") as f:
             f.write("5")  # reset the peak RSS to the current RSS
         before = _status_kb("VmRSS")
