@@ -45,7 +45,8 @@ from model.checkpoint import read_checkpoint_info
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "checkpoints" / "default"
-REST_S = 2.0  # idle time before an at-rest RSS reading: mone-serve's release_memory_idle_s (1 s) + margin
+RELEASE_IDLE_S = 1.0  # mone-serve's release_memory_idle_s: free heap pages go back after this long idle
+REST_S = RELEASE_IDLE_S + 1.0  # idle time before an at-rest RSS reading
 
 
 @dataclass
@@ -157,7 +158,7 @@ def start_mone(ckpt: Path, args: argparse.Namespace, *extra: str) -> Server:
     cmd += ["--max-batch-size", str(args.batch), "--max-batch-wait-ms", str(args.wait_ms)]
     health_port = free_port()
     cmd += ["--max-queue-size", str(args.queue), "--limit-concurrency", "4096"]
-    cmd += ["--health-port", str(health_port), *extra]
+    cmd += ["--health-port", str(health_port), "--release-memory-idle-s", str(RELEASE_IDLE_S), *extra]
     return Server(cmd, "/readyz", f"http://127.0.0.1:{port}", health_port)
 
 
@@ -479,8 +480,7 @@ def bench_model(name: str, ckpt: Path, cfg: MoNEConfig, args: argparse.Namespace
                 )
                 rounds.setdefault(name, []).append(run.rps)
                 show(run)
-        mone.resume()
-        peer.resume()  # so that it can take its SIGTERM
+        peer.resume()  # so that it can take its SIGTERM; mone ran the last round
         peer.stop()
         # /healthz on the API port and on the probe listener (health_port) while the CPU is saturated,
         # measured from a process of its own, starting once the load has built up.

@@ -3,22 +3,15 @@
 from __future__ import annotations
 
 import sys
-from pathlib import Path
 
 import pytest
 
 from server.memory import _malloc_trim, release_free_memory
+from tests.server.rel_corpus import rss_mb
 
 glibc = pytest.mark.skipif(
     not sys.platform.startswith("linux") or _malloc_trim() is None, reason="malloc_trim is glibc's"
 )
-
-
-def rss_mb() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    raise RuntimeError("no VmRSS")
 
 
 @glibc
