@@ -10,6 +10,7 @@ Shape legend: T frames, C channels, H = W = img_size.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 
 import numpy as np
@@ -24,6 +25,7 @@ __all__ = [
     "array_frames_to_tensor",
     "frames_to_tensor",
     "normalise",
+    "normalised_array",
     "pil_to_tensor",
     "sample_indices",
     "to_model_mode",
@@ -36,10 +38,41 @@ def pil_to_tensor(img: Image.Image, cfg: MoNEConfig) -> Tensor:
     size = (cfg.img_size, cfg.img_size)
     if img.size != size:
         img = img.resize(size, Image.Resampling.BILINEAR)
-    arr = np.asarray(img, dtype=np.uint8)
-    x = torch.from_numpy(arr.copy()).float().div_(255.0)
-    x = x.unsqueeze(0) if x.dim() == 2 else x.permute(2, 0, 1)  # (C, H, W)
-    return normalise(x, cfg)
+    return torch.from_numpy(normalised_array(np.asarray(img, dtype=np.uint8), cfg))
+
+
+def normalised_array(pixels: np.ndarray, cfg: MoNEConfig) -> np.ndarray:
+    """uint8 (..., H, W) or (..., H, W, C) pixels -> float32 (..., C, H, W), (x / 255 - mean) / std.
+
+    NumPy only: the server calls this from many decoding threads at once, and a torch op there would start an
+    OpenMP team per thread that competes with the inference threads for the cores.  Each of the 256 values of
+    each channel goes through the same float32 operations as `normalise` (and `model.data.normalize`, which
+    training and evaluation use), so the results are bit for bit the same; a table lookup then applies them.
+    """
+    C = cfg.in_chans
+    if pixels.dtype != np.uint8:
+        raise TypeError(f"expected uint8 pixels, got {pixels.dtype}")
+    if C == 1 and pixels.ndim >= 3 and pixels.shape[-1] == 1:
+        pixels = pixels[..., 0]
+    if C > 1 and (pixels.ndim < 3 or pixels.shape[-1] != C):
+        raise ValueError(f"expected (..., H, W, {C}) pixels, got shape {pixels.shape}")
+    table = _lookup_table(cfg.mean, cfg.std)
+    H, W = pixels.shape[-3:-1] if C > 1 else pixels.shape[-2:]
+    out = np.empty((*pixels.shape[: pixels.ndim - (3 if C > 1 else 2)], C, H, W), dtype=np.float32)
+    for c in range(C):
+        np.take(table[c], pixels[..., c] if C > 1 else pixels, out=out[..., c, :, :])
+    return out
+
+
+@functools.lru_cache(maxsize=16)
+def _lookup_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
+    """(C, 256) float32: each uint8 value of each channel normalised, with the arithmetic of `normalise`."""
+    unit = np.arange(256, dtype=np.float32) / np.float32(255.0)
+    m = np.asarray(mean, dtype=np.float32).reshape(-1, 1)
+    s = np.asarray(std, dtype=np.float32).reshape(-1, 1)
+    table = (unit[None, :] - m) / s
+    table.flags.writeable = False
+    return table
 
 
 def normalise(x: Tensor, cfg: MoNEConfig) -> Tensor:
@@ -51,6 +84,8 @@ def normalise(x: Tensor, cfg: MoNEConfig) -> Tensor:
 
 def frames_to_tensor(frames: Sequence[Image.Image], cfg: MoNEConfig) -> Tensor:
     """Already-sampled frames -> (T, C, H, W)."""
+    if len(frames) == 1:
+        return pil_to_tensor(frames[0], cfg).unsqueeze(0)
     return torch.stack([pil_to_tensor(f, cfg) for f in frames])
 
 
@@ -59,6 +94,4 @@ def array_frames_to_tensor(frames: np.ndarray, cfg: MoNEConfig) -> Tensor:
 
     The same arithmetic as `pil_to_tensor`, on the whole clip at once.
     """
-    x = torch.from_numpy(np.ascontiguousarray(frames, dtype=np.uint8)).float().div_(255.0)
-    x = x.unsqueeze(1) if x.dim() == 3 else x.permute(0, 3, 1, 2)
-    return normalise(x, cfg)
+    return torch.from_numpy(normalised_array(np.ascontiguousarray(frames, dtype=np.uint8), cfg))

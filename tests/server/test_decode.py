@@ -11,10 +11,11 @@ import torch
 from PIL import Image
 
 from model import MoNEConfig
+from model.data import normalize
 from server.config import Settings
 from server.decode import decode, sniff
 from server.errors import BadInputError, OverLimitError, TooLargeError, UnsupportedMediaError
-from server.preprocess import pil_to_tensor, sample_indices
+from server.preprocess import normalised_array, pil_to_tensor, sample_indices
 from tests.server.conftest import encode, encode_clip, fashion_images
 
 CFG = MoNEConfig.from_variant("Mi/4", num_classes=10)
@@ -27,6 +28,32 @@ def test_pil_to_tensor_matches_manual_normalisation() -> None:
     assert x.shape == (1, 28, 28)
     want = (torch.from_numpy(arr).float() / 255 - 0.5) / 0.5
     torch.testing.assert_close(x[0], want)
+
+
+@pytest.mark.parametrize("variant", ["Mi/4", "S/16"])
+def test_normalisation_is_bit_identical_to_training(variant: str) -> None:
+    """Every uint8 value of every channel, through the server's NumPy path and through the torch
+    normalisation that training and offline evaluation use: the same float32 bits."""
+    cfg = MoNEConfig.from_variant(variant, num_classes=3)
+    values = np.arange(256, dtype=np.uint8).reshape(16, 16)
+    hwc = np.stack([np.roll(values, 37 * c) for c in range(cfg.in_chans)], axis=-1)  # (16, 16, C)
+    pixels = hwc[..., 0] if cfg.in_chans == 1 else hwc
+    want = normalize(torch.from_numpy(np.ascontiguousarray(hwc.transpose(2, 0, 1))), cfg.mean, cfg.std)
+    got = normalised_array(pixels, cfg)
+    assert got.dtype == np.float32
+    assert got.shape == (cfg.in_chans, 16, 16)
+    assert np.array_equal(got.view(np.int32), want.numpy().view(np.int32))
+    clip = normalised_array(np.stack([pixels, pixels[::-1]]), cfg)  # (T, H, W[, C]) -> (T, C, H, W)
+    assert np.array_equal(clip[0], got)
+    assert np.array_equal(clip[1], got[:, ::-1])
+    side = cfg.img_size  # a picture of the model's size: pil_to_tensor leaves it unresized
+    full = np.resize(hwc, (side, side, cfg.in_chans)).squeeze(-1 if cfg.in_chans == 1 else ())
+    want = normalize(
+        torch.from_numpy(np.ascontiguousarray(full.reshape(side, side, -1).transpose(2, 0, 1))),
+        cfg.mean,
+        cfg.std,
+    )
+    assert torch.equal(pil_to_tensor(Image.fromarray(full), cfg), want)
 
 
 def test_resize_and_rgb_model() -> None:
