@@ -24,6 +24,7 @@ from server.frames import sample_indices, to_model_mode
 __all__ = [
     "array_frames_to_tensor",
     "frames_to_tensor",
+    "model_pixels",
     "normalise",
     "normalised_array",
     "pil_to_tensor",
@@ -34,11 +35,16 @@ __all__ = [
 
 def pil_to_tensor(img: Image.Image, cfg: MoNEConfig) -> Tensor:
     """One picture -> normalised float32 tensor (C, H, W) for `cfg`."""
+    return torch.from_numpy(normalised_array(model_pixels(img, cfg), cfg))
+
+
+def model_pixels(img: Image.Image, cfg: MoNEConfig) -> np.ndarray:
+    """One picture in the model's mode and size: uint8 (H, W) or (H, W, C)."""
     img = to_model_mode(img, cfg.in_chans)
     size = (cfg.img_size, cfg.img_size)
     if img.size != size:
         img = img.resize(size, Image.Resampling.BILINEAR)
-    return torch.from_numpy(normalised_array(np.asarray(img, dtype=np.uint8), cfg))
+    return np.asarray(img, dtype=np.uint8)
 
 
 def normalised_array(pixels: np.ndarray, cfg: MoNEConfig) -> np.ndarray:
@@ -84,9 +90,7 @@ def normalise(x: Tensor, cfg: MoNEConfig) -> Tensor:
 
 def frames_to_tensor(frames: Sequence[Image.Image], cfg: MoNEConfig) -> Tensor:
     """Already-sampled frames -> (T, C, H, W)."""
-    if len(frames) == 1:
-        return pil_to_tensor(frames[0], cfg).unsqueeze(0)
-    return torch.stack([pil_to_tensor(f, cfg) for f in frames])
+    return torch.from_numpy(normalised_array(np.stack([model_pixels(f, cfg) for f in frames]), cfg))
 
 
 def array_frames_to_tensor(frames: np.ndarray, cfg: MoNEConfig) -> Tensor:
