@@ -19,13 +19,13 @@ from PIL import Image
 from torch import Tensor
 
 from model import MoNEConfig
+from model.data import normalize
 from server.frames import sample_indices, to_model_mode
 
 __all__ = [
     "array_frames_to_tensor",
     "frames_to_tensor",
     "model_pixels",
-    "normalise",
     "normalised_array",
     "pil_to_tensor",
     "sample_indices",
@@ -51,13 +51,11 @@ def normalised_array(pixels: np.ndarray, cfg: MoNEConfig) -> np.ndarray:
     """uint8 (..., H, W) or (..., H, W, C) pixels -> float32 (..., C, H, W), (x / 255 - mean) / std.
 
     NumPy only: the server calls this from many decoding threads at once, and a torch op there would start an
-    OpenMP team per thread that competes with the inference threads for the cores.  Each of the 256 values of
-    each channel goes through the same float32 operations as `normalise` (and `model.data.normalize`, which
-    training and evaluation use), so the results are bit for bit the same; a table lookup then applies them.
+    OpenMP team per thread that competes with the inference threads for the cores.  The table it looks values
+    up in is `model.data.normalize` (what training and evaluation use) applied to the 256 values of each
+    channel, so the results are bit for bit the same.
     """
     C = cfg.in_chans
-    if pixels.dtype != np.uint8:
-        raise TypeError(f"expected uint8 pixels, got {pixels.dtype}")
     if C == 1 and pixels.ndim >= 3 and pixels.shape[-1] == 1:
         pixels = pixels[..., 0]
     if C > 1 and (pixels.ndim < 3 or pixels.shape[-1] != C):
@@ -72,20 +70,11 @@ def normalised_array(pixels: np.ndarray, cfg: MoNEConfig) -> np.ndarray:
 
 @functools.lru_cache(maxsize=16)
 def _lookup_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray:
-    """(C, 256) float32: each uint8 value of each channel normalised, with the arithmetic of `normalise`."""
-    unit = np.arange(256, dtype=np.float32) / np.float32(255.0)
-    m = np.asarray(mean, dtype=np.float32).reshape(-1, 1)
-    s = np.asarray(std, dtype=np.float32).reshape(-1, 1)
-    table = (unit[None, :] - m) / s
+    """(C, 256) float32: each uint8 value of each channel through `model.data.normalize`."""
+    values = torch.arange(256, dtype=torch.uint8).expand(len(mean), 1, 256)  # (C, H=1, W=256)
+    table = normalize(values, mean, std).reshape(len(mean), 256).numpy()
     table.flags.writeable = False
     return table
-
-
-def normalise(x: Tensor, cfg: MoNEConfig) -> Tensor:
-    """(..., C, H, W) in [0, 1] -> (x - mean) / std per channel."""
-    mean = torch.tensor(cfg.mean, dtype=x.dtype).view(-1, 1, 1)
-    std = torch.tensor(cfg.std, dtype=x.dtype).view(-1, 1, 1)
-    return (x - mean) / std
 
 
 def frames_to_tensor(frames: Sequence[Image.Image], cfg: MoNEConfig) -> Tensor:
