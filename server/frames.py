@@ -1,4 +1,4 @@
-"""Picture steps that need no torch: channel conversion and frame sampling.
+"""Picture steps that need no torch: channel conversion, resizing and frame sampling.
 
 Shared by `preprocess` (model input) and `video` (clip decoding), whose worker processes never import
 torch, so that starting or replacing one stays cheap.
@@ -28,6 +28,16 @@ def to_model_mode(img: Image.Image, in_chans: int) -> Image.Image:
         hi = 65535.0 if sixteen else 255.0 if peak <= 255.0 else peak
         img = Image.fromarray(np.clip(arr / hi * 255.0 + 0.5, 0, 255).astype(np.uint8), "L")
     return img if img.mode == target else img.convert(target)
+
+
+def model_pixels(img: Image.Image, in_chans: int, img_size: int) -> np.ndarray:
+    """One picture in the model's mode and size (bilinear resize, a no-op at that size): uint8 (H, W) or
+    (H, W, C)."""
+    img = to_model_mode(img, in_chans)
+    size = (img_size, img_size)
+    if img.size != size:
+        img = img.resize(size, Image.Resampling.BILINEAR)
+    return np.asarray(img, dtype=np.uint8)
 
 
 def sample_indices(num_available: int, num_frames: int) -> list[int]:

@@ -20,7 +20,7 @@ from torch import Tensor
 
 from model import MoNEConfig
 from model.data import normalize
-from server.frames import sample_indices, to_model_mode
+from server.frames import model_pixels, sample_indices, to_model_mode
 
 __all__ = [
     "array_frames_to_tensor",
@@ -35,16 +35,7 @@ __all__ = [
 
 def pil_to_tensor(img: Image.Image, cfg: MoNEConfig) -> Tensor:
     """One picture -> normalised float32 tensor (C, H, W) for `cfg`."""
-    return torch.from_numpy(normalised_array(model_pixels(img, cfg), cfg))
-
-
-def model_pixels(img: Image.Image, cfg: MoNEConfig) -> np.ndarray:
-    """One picture in the model's mode and size: uint8 (H, W) or (H, W, C)."""
-    img = to_model_mode(img, cfg.in_chans)
-    size = (cfg.img_size, cfg.img_size)
-    if img.size != size:
-        img = img.resize(size, Image.Resampling.BILINEAR)
-    return np.asarray(img, dtype=np.uint8)
+    return torch.from_numpy(normalised_array(model_pixels(img, cfg.in_chans, cfg.img_size), cfg))
 
 
 def normalised_array(pixels: np.ndarray, cfg: MoNEConfig) -> np.ndarray:
@@ -56,8 +47,6 @@ def normalised_array(pixels: np.ndarray, cfg: MoNEConfig) -> np.ndarray:
     channel, so the results are bit for bit the same.
     """
     C = cfg.in_chans
-    if C == 1 and pixels.ndim >= 3 and pixels.shape[-1] == 1:
-        pixels = pixels[..., 0]
     if C > 1 and (pixels.ndim < 3 or pixels.shape[-1] != C):
         raise ValueError(f"expected (..., H, W, {C}) pixels, got shape {pixels.shape}")
     table = _lookup_table(cfg.mean, cfg.std)
@@ -79,7 +68,8 @@ def _lookup_table(mean: tuple[float, ...], std: tuple[float, ...]) -> np.ndarray
 
 def frames_to_tensor(frames: Sequence[Image.Image], cfg: MoNEConfig) -> Tensor:
     """Already-sampled frames -> (T, C, H, W)."""
-    return torch.from_numpy(normalised_array(np.stack([model_pixels(f, cfg) for f in frames]), cfg))
+    pixels = np.stack([model_pixels(f, cfg.in_chans, cfg.img_size) for f in frames])
+    return torch.from_numpy(normalised_array(pixels, cfg))
 
 
 def array_frames_to_tensor(frames: np.ndarray, cfg: MoNEConfig) -> Tensor:

@@ -15,11 +15,10 @@ from typing import TYPE_CHECKING, Any
 
 import av
 import numpy as np
-from PIL import Image
 
 from server.config import Settings
 from server.errors import BadInputError, OverLimitError, ServeError, TooLargeError, UnsupportedMediaError
-from server.frames import sample_indices, to_model_mode
+from server.frames import model_pixels, sample_indices
 
 if TYPE_CHECKING:
     from model import MoNEConfig
@@ -99,7 +98,6 @@ def _check_stream(container: Any, settings: Settings) -> Any:
 
 def _sample_frames(container: Any, shape: ClipShape, settings: Settings, deadline: float) -> np.ndarray:
     stream = _check_stream(container, settings)
-    size = (shape.img_size, shape.img_size)
     frames: list[np.ndarray] = []
     for frame in container.decode(stream):
         if time.monotonic() > deadline:
@@ -108,10 +106,8 @@ def _sample_frames(container: Any, shape: ClipShape, settings: Settings, deadlin
             raise OverLimitError(f"clip lasts longer than {settings.max_video_seconds:g} s")
         if len(frames) >= settings.max_video_frames:
             raise OverLimitError(f"clip has more than {settings.max_video_frames} frames")
-        # Convert and resize now (the same two steps as pil_to_tensor) so that only small frames are kept.
-        img = to_model_mode(frame.to_image(), shape.in_chans)
-        img = img if img.size == size else img.resize(size, Image.Resampling.BILINEAR)
-        frames.append(np.asarray(img, dtype=np.uint8))
+        # Convert and resize now (as pil_to_tensor does) so that only small frames are kept.
+        frames.append(model_pixels(frame.to_image(), shape.in_chans, shape.img_size))
     if not frames:
         raise BadInputError("the clip has no decodable frames")
     return np.stack([frames[i] for i in sample_indices(len(frames), shape.num_frames)])

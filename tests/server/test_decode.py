@@ -47,13 +47,10 @@ def test_normalisation_is_bit_identical_to_training(variant: str) -> None:
     assert np.array_equal(clip[0], got)
     assert np.array_equal(clip[1], got[:, ::-1])
     side = cfg.img_size  # a picture of the model's size: pil_to_tensor leaves it unresized
-    full = np.resize(hwc, (side, side, cfg.in_chans)).squeeze(-1 if cfg.in_chans == 1 else ())
-    want = normalize(
-        torch.from_numpy(np.ascontiguousarray(full.reshape(side, side, -1).transpose(2, 0, 1))),
-        cfg.mean,
-        cfg.std,
-    )
-    assert torch.equal(pil_to_tensor(Image.fromarray(full), cfg), want)
+    full = np.resize(hwc, (side, side, cfg.in_chans))
+    want = normalize(torch.from_numpy(np.ascontiguousarray(full.transpose(2, 0, 1))), cfg.mean, cfg.std)
+    picture = Image.fromarray(full[..., 0] if cfg.in_chans == 1 else full)
+    assert torch.equal(pil_to_tensor(picture, cfg), want)
 
 
 def test_resize_and_rgb_model() -> None:
