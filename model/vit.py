@@ -8,7 +8,9 @@ frame tokens.  An image is a one-frame clip, so one set of weights serves both.
 
 Fast path: tokens are permuted once after routing so that each expert's tokens form one dense (F*k_j, D)
 matrix; every layer then runs one matrix product per expert on contiguous weight slices (no per-layer
-gather/scatter, no masked multiplies).  Only K and V are concatenated across experts for attention.
+gather/scatter, no masked multiplies).  Attention needs each frame's tokens together: training permutes the
+Q/K/V rows into frame order and back in every layer (`Block.attention`); inference runs each block a few
+frames at a time and copies the chunk's Q/K/V into a per-frame buffer (`Block._forward_inference_`).
 
 Shape legend: B batch, T frames, F = B*T frames, N tokens per frame, D width, E experts, H heads, h head
 width, k_j tokens of expert j in one frame, d_j width of expert j.
@@ -16,6 +18,7 @@ width, k_j tokens of expert j in one frame, d_j width of expert j.
 
 from __future__ import annotations
 
+import itertools
 import math
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -67,9 +70,8 @@ class Mlp(nn.Module):
         self.fc2 = nn.Linear(hidden, dim)
 
 
-# Rows per chunk of the post-attention part of a block at inference: the (rows, mlp_ratio*D) hidden stays in
-# cache between fc1, GELU and fc2 instead of making a round trip through memory.
-CHUNK_BYTES = 4 << 20
+# Bytes of MLP hidden per chunk of frames at inference on the CPU (`Block._forward_inference_`).
+CHUNK_BYTES = 16 << 20
 
 
 @dataclass(frozen=True)
@@ -124,10 +126,9 @@ class Block(nn.Module):
             layout: the groups.
             scale: (F*N, 1) MLP multiplier alpha*r+1 of each token (Eq. 1), or None for 1.
         """
-        a = self.attention(x, layout)
         if torch.is_grad_enabled():
-            return self._update(x, a, layout, scale)
-        self._update_(x, a, layout, scale)
+            return self._update(x, self.attention(x, layout), layout, scale)
+        self._forward_inference_(x, layout, scale)
         return x
 
     def attention(self, x: Tensor, layout: Layout) -> Tensor:
@@ -174,29 +175,59 @@ class Block(nn.Module):
             out.append(xs + F.pad(y if scale is None else y * scale[s:e], (0, D - d)))
         return out[0] if len(out) == 1 else torch.cat(out)
 
-    def _update_(self, x: Tensor, a: Tensor, layout: Layout, scale: Tensor | None) -> None:
-        """The same as `_update`, in place on x, for inference, in chunks of rows that stay in cache."""
-        D, hidden = x.shape[-1], self.mlp.fc1.out_features
+    def _forward_inference_(self, x: Tensor, layout: Layout, scale: Tensor | None) -> None:
+        """`attention` and `_update` in place on x, for inference, a chunk of frames at a time.
+
+        Attention never mixes frames, so the whole block can run on a few frames before the next few: their
+        Q/K/V and MLP hidden then stay in cache between the matrix products instead of making round trips
+        through memory.  In `layout` the chunk's tokens are one block of rows per group.  For attention they
+        are copied into a (frames, N, 3D) buffer, grouped inside each frame (attention does not depend on the
+        order of a frame's tokens), and the output goes back to the groups for the out-projection and MLP.
+        """
+        D, H, hidden = x.shape[-1], self.attn.heads, self.mlp.fc1.out_features
+        w, b = self.attn.qkv.weight, self.attn.qkv.bias
         w_o, b_o = self.attn.proj.weight, self.attn.proj.bias
         w1, b1, w2, b2 = self.mlp.fc1.weight, self.mlp.fc1.bias, self.mlp.fc2.weight, self.mlp.fc2.bias
-        segments = layout.segments()
-        step = max(64, CHUNK_BYTES // (4 * hidden))
-        for c0 in range(0, x.shape[0], step):
-            c1 = min(x.shape[0], c0 + step)
-            pieces = [(max(s, c0), min(e, c1), d) for s, e, d in segments if max(s, c0) < min(e, c1)]
-            for s, e, d in pieces:
-                x[s:e, :d].addmm_(a[s:e], w_o[:d].t()).add_(b_o[:d])
-            h = F.layer_norm(x[c0:c1], (D,), self.norm2.weight, self.norm2.bias, self.norm2.eps)
-            u = h.new_empty(c1 - c0, hidden)
-            for s, e, d in pieces:
-                torch.addmm(b1, h[s - c0 : e - c0, :d], w1[:, :d].t(), out=u[s - c0 : e - c0])
-            u = F.gelu(u)
-            for s, e, d in pieces:
-                y = torch.addmm(b2[:d], u[s - c0 : e - c0], w2[:d].t())
-                if scale is None:
-                    x[s:e, :d].add_(y)
+        n1, n2 = self.norm1, self.norm2
+        frames, ks, dims = layout.frames, layout.ks, layout.dims
+        N = sum(ks)
+        starts = [s for s, _, _ in layout.segments()]
+        offsets = list(itertools.accumulate(ks, initial=0))[:-1]  # first token of each group in a frame
+        single = len(ks) == 1
+        step = frames if x.device.type != "cpu" else max(1, min(frames, CHUNK_BYTES // (4 * N * hidden)))
+        qkv_buf = x.new_empty(step, N, 3 * D)
+        mm_buf = None if single else x.new_empty(step * max(ks), 3 * D)
+        u_buf = x.new_empty(step * N, hidden)
+        for f0 in range(0, frames, step):
+            n = min(step, frames - f0)
+            rows = [slice(s + f0 * k, s + (f0 + n) * k) for s, k in zip(starts, ks, strict=True)]
+            # One LayerNorm call when the chunk is every row; else one per group.
+            whole = F.layer_norm(x, (D,), n1.weight, n1.bias, n1.eps) if n == frames else None
+            qkv = qkv_buf[:n]
+            for r, k, o, d in zip(rows, ks, offsets, dims, strict=True):
+                h = whole[r] if whole is not None else F.layer_norm(x[r], (D,), n1.weight, n1.bias, n1.eps)
+                if n == 1 or mm_buf is None:  # the group's rows are contiguous in the buffer
+                    torch.addmm(b, h[:, :d], w[:, :d].t(), out=qkv.view(n * N, 3 * D)[o * n : (o + k) * n])
                 else:
-                    x[s:e, :d].addcmul_(y, scale[s:e])
+                    t = torch.mm(h[:, :d], w[:, :d].t(), out=mm_buf[: n * k])
+                    torch.add(t.view(n, k, 3 * D), b, out=qkv[:, o : o + k])
+            q, k_, v = qkv.view(n, N, 3, H, D // H).unbind(2)  # (n, N, H, h) each
+            a = F.scaled_dot_product_attention(q.transpose(1, 2), k_.transpose(1, 2), v.transpose(1, 2))
+            a = a.transpose(1, 2).reshape(n, N, D)
+            for r, k, o, d in zip(rows, ks, offsets, dims, strict=True):
+                x[r, :d].addmm_(a[:, o : o + k].reshape(n * k, D), w_o[:d].t()).add_(b_o[:d])
+            whole = F.layer_norm(x, (D,), n2.weight, n2.bias, n2.eps) if n == frames else None
+            u = u_buf[: n * N]
+            for r, k, o, d in zip(rows, ks, offsets, dims, strict=True):
+                h = whole[r] if whole is not None else F.layer_norm(x[r], (D,), n2.weight, n2.bias, n2.eps)
+                torch.addmm(b1, h[:, :d], w1[:, :d].t(), out=u[o * n : (o + k) * n])
+            torch.ops.aten.gelu_(u)
+            for r, k, o, d in zip(rows, ks, offsets, dims, strict=True):
+                y = torch.addmm(b2[:d], u[o * n : (o + k) * n], w2[:d].t())
+                if scale is None:
+                    x[r, :d].add_(y)
+                else:
+                    x[r, :d].addcmul_(y, scale[r])
 
 
 def _as_capacities(capacity: float | Sequence[float] | Tensor, batch: int, num_experts: int) -> list[float]:

@@ -8,6 +8,7 @@ from model import MoNE, MoNEConfig, gflops
 from model.capacity import expert_counts
 from model.flops import count_flops
 from model.routing import expert_preferred_routing
+from model import vit
 from model.vit import Layout
 from tests.model.conftest import make_net
 from tests.model.reference import reference_forward
@@ -35,6 +36,31 @@ def test_grouped_forward_equals_reference_for_clips(capacity: float) -> None:
     with torch.no_grad():
         torch.testing.assert_close(
             net(x, capacity).logits, reference_forward(net, x, capacity), atol=2e-5, rtol=1e-4
+        )
+
+
+@pytest.mark.parametrize("frames_per_chunk", [1, 2])
+@pytest.mark.parametrize("capacity", [1.0, 0.5, 0.2])
+def test_inference_in_chunks_of_frames_equals_reference(
+    net: MoNE, capacity: float, frames_per_chunk: int, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Inference runs each block a few frames at a time (the last chunk shorter); the chunks must add up
+    to the whole, images and clips alike."""
+    cfg = net.cfg
+    monkeypatch.setattr(vit, "CHUNK_BYTES", frames_per_chunk * 4 * cfg.num_tokens * cfg.mlp_ratio * cfg.dim)
+    x = images(5)
+    with torch.no_grad():
+        torch.testing.assert_close(
+            net(x, capacity).logits, reference_forward(net, x, capacity), atol=2e-5, rtol=1e-4
+        )
+    clip_net = make_net(temporal_depth=2, num_frames=3)
+    clips = torch.randn(2, 3, 1, 28, 28, generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        torch.testing.assert_close(
+            clip_net(clips, capacity).logits,
+            reference_forward(clip_net, clips, capacity),
+            atol=2e-5,
+            rtol=1e-4,
         )
 
 
