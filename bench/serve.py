@@ -21,10 +21,10 @@ import argparse
 import asyncio
 import contextlib
 import io
+import json
 import os
 import signal
 import socket
-import ssl
 import statistics
 import subprocess
 import sys
@@ -34,6 +34,7 @@ from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import httpx
 import numpy as np
@@ -170,34 +171,105 @@ def start_litserve(ckpt: Path, args: argparse.Namespace) -> Server:
 
 
 # -- client ----------
-# Every httpx client builds its own TLS context unless given one (about 50 ms of CPU each, even for plain
-# http): clients made under load would stall the generator.  All of them share this one.
-_TLS = ssl.create_default_context()
+# The load generator shares the two cores with the server it measures, so it must spend as little CPU per
+# request as it can: httpx took about 4 ms per request here (multipart encoding, its connection pool), this
+# client well under 1 ms.  Requests are encoded once; answers are read by Content-Length.
+BOUNDARY = "mone-bench-boundary"
 
 
-def connection_client() -> httpx.AsyncClient:
-    """A client holding one persistent connection."""
-    limits = httpx.Limits(max_connections=1, max_keepalive_connections=1)
-    return httpx.AsyncClient(limits=limits, timeout=60, verify=_TLS)
+def encode_post(url: str, body: bytes, fields: dict[str, str]) -> bytes:
+    """A whole multipart/form-data POST of `body` as the form field `file`, plus `fields`."""
+    parts = [
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="{k}"\r\n\r\n{v}\r\n'.encode()
+        for k, v in fields.items()
+    ]
+    parts.append(
+        f'--{BOUNDARY}\r\nContent-Disposition: form-data; name="file"; filename="x.png"\r\n'
+        "Content-Type: image/png\r\n\r\n".encode()
+        + body
+        + f"\r\n--{BOUNDARY}--\r\n".encode()
+    )
+    payload = b"".join(parts)
+    u = urlsplit(url)
+    head = (
+        f"POST {u.path} HTTP/1.1\r\nHost: {u.netloc}\r\n"
+        f"Content-Type: multipart/form-data; boundary={BOUNDARY}\r\nContent-Length: {len(payload)}\r\n\r\n"
+    )
+    return head.encode() + payload
 
 
-async def _one(client: httpx.AsyncClient, url: str, body: bytes, fields: dict[str, str], run: Run) -> None:
+class ClientError(Exception):
+    pass
+
+
+class Connection:
+    """One persistent HTTP/1.1 connection, opened on first use and again after the server closed it."""
+
+    def __init__(self, url: str, timeout: float = 60.0) -> None:
+        u = urlsplit(url)
+        self.host, self.port, self.timeout = u.hostname or "127.0.0.1", u.port or 80, timeout
+        self.reader: asyncio.StreamReader | None = None
+        self.writer: asyncio.StreamWriter | None = None
+
+    async def request(self, raw: bytes) -> tuple[int, bytes]:
+        """Send one encoded request; (status, body) of the answer.  Raises ClientError."""
+        try:
+            async with asyncio.timeout(self.timeout):
+                await self.connect()
+                assert self.reader is not None
+                assert self.writer is not None
+                self.writer.write(raw)
+                head = await self.reader.readuntil(b"\r\n\r\n")
+                status = int(head[9:12])
+                lower = head.lower()
+                at = lower.find(b"\r\ncontent-length:")
+                if at < 0:
+                    raise ValueError("answer without Content-Length")
+                length = int(lower[at + 17 : lower.index(b"\r\n", at + 2)])
+                body = await self.reader.readexactly(length)
+                if b"\r\nconnection: close" in lower:
+                    await self.close()
+                return status, body
+        except (
+            OSError,
+            TimeoutError,
+            ValueError,
+            asyncio.IncompleteReadError,
+            asyncio.LimitOverrunError,
+        ) as e:
+            await self.close()
+            raise ClientError(repr(e)) from e
+
+    async def connect(self) -> None:
+        """Open the connection now rather than on the first request."""
+        if self.writer is None:
+            self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
+
+    async def close(self) -> None:
+        writer, self.reader, self.writer = self.writer, None, None
+        if writer is not None:
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+
+async def _one(conn: Connection, raw: bytes, budgeted: bool, run: Run) -> None:
     start = time.perf_counter()
     try:
-        r = await client.post(url, files={"file": ("x.png", body, "image/png")}, data=fields)
-    except httpx.HTTPError:
+        status, body = await conn.request(raw)
+    except ClientError:
         run.errors += 1
         return
-    if r.status_code in (429, 503):
+    if status in (429, 503):
         run.rejected += 1
         return
-    if r.status_code != 200:
+    if status != 200:
         run.errors += 1
         return
     run.latencies.append(time.perf_counter() - start)
     run.requests += 1
-    if "latency_ms" in fields:
-        answer = r.json()
+    if budgeted:
+        answer = json.loads(body)
         run.budgeted += 1
         if answer.get("served", {}).get("deadline_met"):
             run.met += 1
@@ -214,19 +286,20 @@ async def _one(client: httpx.AsyncClient, url: str, body: bytes, fields: dict[st
 async def closed_loop(
     url: str, bodies: list[bytes], fields: dict[str, str], concurrency: int, seconds: float, label: str
 ) -> Run:
-    """`concurrency` clients, each with one persistent connection (as a load balancer keeps them), made
-    before the clock starts.  One shared httpx pool of `concurrency` keep-alive connections stalls its
-    second wave of requests for seconds (httpx 0.28 / httpcore 1.0; a raw-socket client on the same server
-    does not), which would measure the client."""
+    """`concurrency` clients, each with one persistent connection (as a load balancer keeps them), opened
+    before the clock starts."""
     run = Run(label, 0, 0, seconds, [])
-    clients = [connection_client() for _ in range(concurrency)]
+    raws = [encode_post(url, body, fields) for body in bodies]
+    budgeted = "latency_ms" in fields
+    clients = [Connection(url) for _ in range(concurrency)]
     end = 0.0
     try:
+        await asyncio.gather(*(c.connect() for c in clients))
 
         async def worker(i: int) -> None:
             n = i
             while time.perf_counter() < end:
-                await _one(clients[i], url, bodies[n % len(bodies)], fields, run)
+                await _one(clients[i], raws[n % len(raws)], budgeted, run)
                 n += concurrency
 
         start = time.perf_counter()
@@ -234,7 +307,7 @@ async def closed_loop(
         await asyncio.gather(*(worker(i) for i in range(concurrency)))
         run.seconds = time.perf_counter() - start
     finally:
-        await asyncio.gather(*(c.aclose() for c in clients))
+        await asyncio.gather(*(c.close() for c in clients))
     return run
 
 
@@ -250,32 +323,32 @@ async def open_loop(
     """Requests at fixed intervals of 1/rate (shifted by `phase` intervals), whatever the answers do.
 
     Each request goes out on an idle persistent connection, or on a new one when all are busy (as a load
-    balancer keeps them); one connection per client object, for the reason given in `closed_loop`.  The
-    connections a server at its unloaded latency needs are opened before the clock starts."""
+    balancer keeps them).  The connections a server at its unloaded latency needs are opened before the clock
+    starts."""
     run = Run(label, 0, 0, seconds, [], lags=[])
     assert run.lags is not None
-    made: list[httpx.AsyncClient] = []
-    idle: list[httpx.AsyncClient] = []
+    raws = [encode_post(url, body, fields) for body in bodies]
+    budgeted = "latency_ms" in fields
+    made: list[Connection] = []
+    idle: list[Connection] = []
 
-    def connection() -> httpx.AsyncClient:
+    def connection() -> Connection:
         if idle:
             return idle.pop()
-        made.append(connection_client())
+        made.append(Connection(url))
         return made[-1]
 
-    async def fire(body: bytes, due: float) -> None:
+    async def fire(raw: bytes, due: float) -> None:
         run.lags.append(time.perf_counter() - due)  # type: ignore[union-attr]
-        client = connection()
+        conn = connection()
         try:
-            await _one(client, url, body, fields, run)
+            await _one(conn, raw, budgeted, run)
         finally:
-            idle.append(client)
+            idle.append(conn)
 
-    base = url.split("/", 3)
-    ping = "/".join(base[:3]) + "/"
     try:
         warm = [connection() for _ in range(min(64, max(1, int(rate / 10))))]
-        await asyncio.gather(*(c.get(ping) for c in warm), return_exceptions=True)
+        await asyncio.gather(*(c.connect() for c in warm))
         idle.extend(warm)
         tasks = []
         start = time.perf_counter()
@@ -284,11 +357,11 @@ async def open_loop(
             delay = due - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
-            tasks.append(asyncio.create_task(fire(bodies[n % len(bodies)], due)))
+            tasks.append(asyncio.create_task(fire(raws[n % len(raws)], due)))
         await asyncio.gather(*tasks)
         run.seconds = time.perf_counter() - start
     finally:
-        await asyncio.gather(*(c.aclose() for c in made))
+        await asyncio.gather(*(c.close() for c in made))
     return run
 
 
