@@ -62,6 +62,11 @@ class Run:
     rejected: int = 0
     lags: list[float] | None = None  # open loop: how late each request left against its schedule
     misses: list[str] = field(default_factory=list)  # latency_ms answers not met: the server's account
+    failures: dict[str, int] = field(default_factory=dict)  # errors by HTTP status or client exception
+
+    def fail(self, kind: str) -> None:
+        self.errors += 1
+        self.failures[kind] = self.failures.get(kind, 0) + 1
 
     @property
     def rps(self) -> float:
@@ -238,7 +243,7 @@ class Connection:
             asyncio.LimitOverrunError,
         ) as e:
             await self.close()
-            raise ClientError(repr(e)) from e
+            raise ClientError(type(e).__name__) from e
 
     async def connect(self) -> None:
         """Open the connection now rather than on the first request."""
@@ -257,14 +262,14 @@ async def _one(conn: Connection, raw: bytes, budgeted: bool, run: Run) -> None:
     start = time.perf_counter()
     try:
         status, body = await conn.request(raw)
-    except ClientError:
-        run.errors += 1
+    except ClientError as e:
+        run.fail(str(e))
         return
     if status in (429, 503):
         run.rejected += 1
         return
     if status != 200:
-        run.errors += 1
+        run.fail(f"HTTP {status}")
         return
     run.latencies.append(time.perf_counter() - start)
     run.requests += 1
@@ -423,6 +428,8 @@ def drive(
         merged.budgeted += part.budgeted
         merged.rejected += part.rejected
         merged.misses += part.misses
+        for kind, count in part.failures.items():
+            merged.failures[kind] = merged.failures.get(kind, 0) + count
         if part.lags is not None:
             merged.lags = (merged.lags or []) + part.lags
     return merged
@@ -629,6 +636,9 @@ def bench_model(name: str, ckpt: Path, cfg: MoNEConfig, args: argparse.Namespace
             f"- latency_ms misses under `degrade` ({len(degraded.misses)}; server's timing): "
             + "; ".join(shown)
         )
+    if degraded.failures:
+        kinds = ", ".join(f"{k}: {v}" for k, v in degraded.failures.items())
+        summary.append(f"- errors under `degrade`: {kinds}")
     for line in summary:
         print(line, flush=True)
     return [*lines, "", *summary]
