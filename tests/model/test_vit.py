@@ -4,11 +4,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import MoNE, MoNEConfig, gflops
+from model import MoNE, MoNEConfig, gflops, vit
 from model.capacity import expert_counts
 from model.flops import count_flops
 from model.routing import expert_preferred_routing
-from model import vit
 from model.vit import Layout
 from tests.model.conftest import make_net
 from tests.model.reference import reference_forward
