@@ -204,10 +204,10 @@ class Block(nn.Module):
             n = min(step, frames - f0)
             rows = [slice(s + f0 * k, s + (f0 + n) * k) for s, k in zip(starts, ks, strict=True)]
             # One LayerNorm call when the chunk is every row; else one per group.
-            whole = F.layer_norm(x, (D,), n1.weight, n1.bias, n1.eps) if n == frames else None
+            whole = n1(x) if n == frames else None
             qkv = qkv_buf[:n]
             for r, k, o, d in zip(rows, ks, offsets, dims, strict=True):
-                h = whole[r] if whole is not None else F.layer_norm(x[r], (D,), n1.weight, n1.bias, n1.eps)
+                h = whole[r] if whole is not None else n1(x[r])
                 if n == 1 or mm_buf is None:  # the group's rows are contiguous in the buffer
                     torch.addmm(b, h[:, :d], w[:, :d].t(), out=qkv.view(n * N, 3 * D)[o * n : (o + k) * n])
                 else:
@@ -218,10 +218,10 @@ class Block(nn.Module):
             a = a.transpose(1, 2).reshape(n, N, D)
             for r, k, o, d in zip(rows, ks, offsets, dims, strict=True):
                 x[r, :d].addmm_(a[:, o : o + k].reshape(n * k, D), w_o[:d].t()).add_(b_o[:d])
-            whole = F.layer_norm(x, (D,), n2.weight, n2.bias, n2.eps) if n == frames else None
+            whole = n2(x) if n == frames else None
             u = u_buf[: n * N]
             for r, k, o, d in zip(rows, ks, offsets, dims, strict=True):
-                h = whole[r] if whole is not None else F.layer_norm(x[r], (D,), n2.weight, n2.bias, n2.eps)
+                h = whole[r] if whole is not None else n2(x[r])
                 torch.addmm(b1, h[:, :d], w1[:, :d].t(), out=u[o * n : (o + k) * n])
             torch.ops.aten.gelu_(u)
             for r, k, o, d in zip(rows, ks, offsets, dims, strict=True):
