@@ -97,7 +97,12 @@ def _bare_main() -> Iterator[None]:
 
 
 class _Worker:
-    """One worker process and the parent's end of its pipe."""
+    """One worker process and the parent's end of its pipe.
+
+    The pipe has one owner at a time: the request thread that acquired the worker (`busy`), else the pool.
+    Only the owner sends on it or closes it, so that `DecodePool.close` never closes a pipe that another
+    thread is polling (the descriptor could be reused under that thread's feet).
+    """
 
     def __init__(self, ctx: Any, target: ClipDecoder) -> None:
         self.conn, child = ctx.Pipe(duplex=True)
@@ -108,6 +113,7 @@ class _Worker:
             self.process.start()
         child.close()
         self.ready = False
+        self.busy = False  # guarded by the pool's lock
 
     def wait_ready(self, timeout: float) -> None:
         """Block until the worker has imported its modules (raises TimeoutError or EOFError)."""
@@ -119,11 +125,12 @@ class _Worker:
         self.ready = True
 
     def kill(self) -> None:
-        self.process.kill()  # SIGKILL: a hung FFmpeg call cannot ignore it
+        """SIGKILL (a hung FFmpeg call cannot ignore it); the pipe is left to its owner."""
+        self.process.kill()
         self.process.join(5.0)
-        self.conn.close()
 
     def stop(self) -> None:
+        """Ask the worker to exit after its current job (by the pipe's owner only)."""
         with contextlib.suppress(OSError):
             self.conn.send(None)
 
@@ -189,20 +196,25 @@ class DecodePool:
             worker.wait_ready(max(0.0, deadline - time.monotonic()))
 
     def close(self, timeout: float = 2.0) -> None:
-        """Stop every worker: each is asked to exit, and whatever still runs after `timeout` is killed."""
+        """Stop every worker: idle ones are asked to exit, and whatever still runs after `timeout` is killed.
+
+        A busy worker's pipe stays with its request thread, which sees the worker end (the request gets
+        503 `not_ready`) or gets its answer, and closes the pipe itself.
+        """
         with self._lock:
             self._closed = True
             workers = list(self._workers)
+            idle = [w for w in workers if not w.busy]
             self._workers.clear()
-        for worker in workers:
+        for worker in idle:
             worker.stop()
         deadline = time.monotonic() + timeout
         for worker in workers:
             worker.process.join(max(0.0, deadline - time.monotonic()))
             if worker.process.is_alive():
                 worker.kill()
-            else:
-                worker.conn.close()
+        for worker in idle:
+            worker.conn.close()
 
     def alive(self) -> int:
         """Workers whose process is running (started or starting)."""
@@ -280,23 +292,32 @@ class DecodePool:
             if left <= 0:
                 raise DeadlineExceededError(f"no clip decoder was free within {timeout:g} s")
             try:
-                return self._idle.get(timeout=min(left, 0.5))
+                worker = self._idle.get(timeout=min(left, 0.5))
             except queue.Empty:
                 continue
+            with self._lock:
+                if self._closed:  # `close` took it for idle and owns its pipe
+                    raise NotReadyError("the server is shutting down")
+                worker.busy = True
+            return worker
 
     def _release(self, worker: _Worker) -> None:
         with self._lock:
+            worker.busy = False
             keep = not self._closed
         if keep:
             self._idle.put(worker)
+        else:  # closed while it worked: `close` left the pipe to this thread
+            worker.stop()
+            worker.conn.close()
 
     def _replace(self, worker: _Worker) -> None:
         """Kill `worker` (if it still runs) and put a fresh one in its place: the pool never shrinks."""
         if worker.process.is_alive():
             worker.kill()
-        else:
-            worker.conn.close()
+        worker.conn.close()
         with self._lock:
+            worker.busy = False
             self._workers.discard(worker)
             if self._closed:
                 return

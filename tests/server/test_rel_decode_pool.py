@@ -175,6 +175,45 @@ def test_rel_close_stops_idle_and_busy_workers() -> None:
         decode(CLIP, CFG, S, "clip", p)
 
 
+def test_rel_close_leaves_a_busy_pipe_to_its_request_thread() -> None:
+    """`close` must not close the pipe a request thread is polling: the two closes raced (EBADF), and a
+    descriptor closed under a poller can be reused by another file.  Every close of the busy worker's pipe is
+    recorded with its thread."""
+    p = DecodePool(1, target=misbehaving_decode)
+    p.wait_ready()
+    (worker,) = p._workers
+    closers: list[str] = []
+    real_close = worker.conn.close
+
+    def recorded_close() -> None:
+        closers.append(threading.current_thread().name)
+        real_close()
+
+    worker.conn.close = recorded_close  # type: ignore[method-assign]
+    errors: list[BaseException] = []
+
+    def hang() -> None:
+        try:
+            decode(CLIP + HANG, CFG, Settings(random_init=True, max_decode_seconds=30), "clip", p)
+        except BaseException as exc:
+            errors.append(exc)
+
+    t = threading.Thread(target=hang, name="request")
+    t.start()
+    deadline = time.monotonic() + 10
+    while not worker.busy and time.monotonic() < deadline:
+        time.sleep(0.01)
+    assert worker.busy
+    p.close(timeout=0.2)
+    t.join(10)
+    assert not t.is_alive()
+    assert [type(e) for e in errors] == [NotReadyError]
+    assert closers
+    assert set(closers) == {"request"}
+    assert worker.conn.closed
+    assert gone(worker.process.pid)
+
+
 def test_rel_decode_overhead_per_clip() -> None:
     """The cost of the isolation on the common path: the same clip in the thread and through the pool,
     alternately, so that both see the same machine load."""
