@@ -99,12 +99,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     # uvicorn re-raises a captured SIGTERM once it has drained; without a handler of our own that would
     # end the process with 143 after a clean shutdown.  (Before uvicorn takes over, it simply exits.)
     signal.signal(signal.SIGTERM, _exit_cleanly)
-    from server.protocol import DeadlineH11Protocol
+    from server.protocol import DeadlineHttpToolsProtocol
 
     uvicorn.run(
         "server.app:app_factory",
         factory=True,
-        http=DeadlineH11Protocol,
+        http=DeadlineHttpToolsProtocol,
         host=settings.host,
         port=settings.port,
         workers=settings.workers,

@@ -15,6 +15,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
+from server.protocol import MAX_HEAD_BYTES
 from tests.server.conftest import fashion_images, png
 from tests.server.rel_load import Server, figures, launch, total
 
@@ -186,6 +187,36 @@ def test_rel_slowloris_is_closed_and_others_unaffected(server: Server) -> None:
         normal_max_ms=round(p99, 1),
         normal_median_ms=round(statistics.median(latencies) * 1e3, 1),
     )
+
+
+def test_rel_request_head_is_bounded(server: Server) -> None:
+    """A head (request line and headers) over `MAX_HEAD_BYTES` gets 431 and a closed connection; one just
+    under it is served.  httptools would otherwise buffer a header that never ends, for as long as the
+    receipt deadline allows."""
+
+    def send_head(header_bytes: int, complete: bool) -> bytes:
+        head = b"GET /healthz HTTP/1.1\r\nHost: x\r\nX-Long: " + b"a" * header_bytes
+        if complete:
+            head += b"\r\n\r\n"
+        with connect(server) as sock:
+            for i in range(0, len(head), 8192):
+                sock.sendall(head[i : i + 8192])
+                time.sleep(0.002)  # several reads on the server's side
+            sock.settimeout(5.0)
+            reply = b""
+            with contextlib.suppress(OSError):
+                while chunk := sock.recv(65536):
+                    reply += chunk
+                    if complete and b"\r\n\r\n" in reply:
+                        break
+        return reply
+
+    over = send_head(MAX_HEAD_BYTES + 1024, complete=False)  # the last read passes the bound: all is read
+    assert over.startswith(b"HTTP/1.1 431"), over[:100]
+    assert b"connection: close" in over.lower()
+    under = send_head(MAX_HEAD_BYTES - 1024, complete=True)
+    assert under.startswith(b"HTTP/1.1 200"), under[:100]
+    healthy(server)
 
 
 GARBAGE = [
