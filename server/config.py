@@ -67,6 +67,14 @@ class Settings(BaseSettings):
         description="niceness added to the inference threads so that health checks and admission keep the "
         "CPU while the model saturates it (Linux; 0 leaves them alone)",
     )
+    gil_switch_interval_ms: float = Field(
+        default=1.0,
+        gt=0.0,
+        le=100.0,
+        description="how long a thread may hold the GIL before one that waits asks for it (Python's "
+        "default is 5): shorter lets the event loop and the probe listener in sooner while the inference "
+        "and decoding threads run Python code",
+    )
     release_memory_idle_s: float = Field(
         default=1.0,
         ge=0.0,

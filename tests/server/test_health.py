@@ -8,6 +8,7 @@ import http.client
 import json
 import signal
 import socket
+import sys
 import time
 from pathlib import Path
 
@@ -139,6 +140,17 @@ async def test_app_lifespan_serves_the_probe_port(checkpoint_dir: Path) -> None:
         assert "mone_event_loop_lag_seconds" in metrics
     with pytest.raises(ConnectionRefusedError):
         socket.create_connection(("127.0.0.1", port), timeout=2).close()
+
+
+@pytest.mark.anyio
+async def test_app_lifespan_sets_the_gil_switch_interval(checkpoint_dir: Path) -> None:
+    """`gil_switch_interval_ms` holds while the app runs (the probe listener and the loop wait less for the
+    GIL under load) and Python's own value comes back when it stops."""
+    before = sys.getswitchinterval()
+    app = create_app(fast_settings(checkpoint_dir, gil_switch_interval_ms=2.5))
+    async with app.router.lifespan_context(app):
+        assert sys.getswitchinterval() == pytest.approx(0.0025)
+    assert sys.getswitchinterval() == before
 
 
 def test_health_port_must_differ_from_port(checkpoint_dir: Path) -> None:
