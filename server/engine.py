@@ -39,6 +39,7 @@ from server.runner import Runner, SampleOutput, warm_up_and_calibrate
 from server.scheduling import BatchPlanner
 
 log = logging.getLogger("mone.engine")
+ANSWER_SLICE = 4  # results handed to their requests per event-loop iteration (see `Engine._answer`)
 
 
 class EngineEvents(Protocol):
@@ -162,6 +163,7 @@ class Engine:
             initargs=(settings.inference_nice,),
         )
         self._task: asyncio.Task[None] | None = None
+        self._answering: set[asyncio.Task[None]] = set()
 
     @property
     def kinds(self) -> dict[str, int]:
@@ -339,8 +341,19 @@ class Engine:
         groups, gflops = len({lv.counts for lv in levels}), sum(lv.gflops for lv in levels)
         self.latency.observe(run[0].frames, groups, gflops, out.seconds)
         self.events.batch_done(len(run), out.seconds)
-        for item, sample in zip(run, out.samples, strict=True):
-            self._succeed(item, sample, out.seconds, len(run))
+        task = asyncio.create_task(self._answer(run, out.samples, out.seconds))
+        self._answering.add(task)
+        task.add_done_callback(self._answering.discard)
+
+    async def _answer(self, run: list[WorkItem], samples: list[SampleOutput], seconds: float) -> None:
+        """Hand a batch's results to their requests `ANSWER_SLICE` at a time, letting the event loop poll
+        its sockets in between.  Each answer wakes a handler that builds and sends its response; a whole
+        batch of them in one iteration held a /healthz behind them (small model, 64 clients: p99 65-80 ms
+        on the API port, 24 ms in slices of 4).  A task of its own, so that the next batch starts at once."""
+        for i, (item, sample) in enumerate(zip(run, samples, strict=True)):
+            if i and i % ANSWER_SLICE == 0:
+                await asyncio.sleep(0)
+            self._succeed(item, sample, seconds, len(run))
         self.events.load(self.queue_depth, self.stats.inflight)
 
     def _drop_hopeless(self, items: list[WorkItem]) -> list[WorkItem]:

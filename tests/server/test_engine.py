@@ -21,6 +21,7 @@ from torch import Tensor
 
 from model import MoNE, MoNEConfig, gflops, load_checkpoint
 from model.flops import count_flops
+from server import engine as engine_module
 from server.budget import Budget
 from server.engine import Engine
 from server.errors import DeadlineExceededError, InternalError, OverloadedError
@@ -78,6 +79,37 @@ async def test_mixed_budget_batch_equals_alone(engine: Engine) -> None:
         torch.testing.assert_close(torch.tensor(r.output.logits), torch.tensor(alone.output.logits))
         assert r.output.counts == alone.output.counts
         assert r.output.realised == alone.output.realised
+
+
+async def test_a_batch_is_answered_in_slices(checkpoint_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A batch's results reach their requests `ANSWER_SLICE` per event-loop iteration, so that a probe that
+    arrives meanwhile is not held behind the whole batch's response handlers."""
+    monkeypatch.setattr(engine_module, "ANSWER_SLICE", 2)
+    e = await start_engine(checkpoint_dir, max_batch_size=8, max_batch_wait_ms=200.0)
+    try:
+        ticks = 0
+        stop = False
+
+        async def ticker() -> None:  # one tick per loop iteration
+            nonlocal ticks
+            while not stop:
+                ticks += 1
+                await asyncio.sleep(0)
+
+        tick_task = asyncio.create_task(ticker())
+        items = [e.submit(x, Budget("capacity", 1.0)) for x in inputs(8)]
+        answered_at: list[int] = []
+        for item in items:
+            item.future.add_done_callback(lambda _: answered_at.append(ticks))
+        results = await asyncio.gather(*(item.future for item in items))
+        stop = True
+        await tick_task
+    finally:
+        await e.stop(drain_s=5)
+    assert {r.batch_size for r in results} == {8}
+    assert len(answered_at) == 8
+    # 8 answers, 2 per iteration: 4 iterations apart at least (all 8 in one went unnoticed before)
+    assert len(set(answered_at)) >= 4, answered_at
 
 
 def dense_vit(net: MoNE, x: Tensor) -> Tensor:
