@@ -207,6 +207,13 @@ class ClientError(Exception):
     pass
 
 
+class _ClosedBeforeAnswerError(ConnectionError):
+    """The server closed the connection before any byte of the answer."""
+
+
+_STALE = (_ClosedBeforeAnswerError, ConnectionResetError, BrokenPipeError)
+
+
 class Connection:
     """One persistent HTTP/1.1 connection, opened on first use and again after the server closed it."""
 
@@ -217,14 +224,32 @@ class Connection:
         self.writer: asyncio.StreamWriter | None = None
 
     async def request(self, raw: bytes) -> tuple[int, bytes]:
-        """Send one encoded request; (status, body) of the answer.  Raises ClientError."""
+        """Send one encoded request; (status, body) of the answer.  Raises ClientError.
+
+        A kept-alive connection that the server closed while it sat idle (its keep-alive timeout) ends before
+        the first byte of an answer; the request is then sent again once on a fresh connection, as pooling
+        HTTP clients do.  Nothing of it can have been processed."""
+        reused = self.writer is not None
+        try:
+            return await self._exchange(raw)
+        except ClientError as e:
+            if not (reused and isinstance(e.__cause__, _STALE)):
+                raise
+        return await self._exchange(raw)
+
+    async def _exchange(self, raw: bytes) -> tuple[int, bytes]:
         try:
             async with asyncio.timeout(self.timeout):
                 await self.connect()
                 assert self.reader is not None
                 assert self.writer is not None
                 self.writer.write(raw)
-                head = await self.reader.readuntil(b"\r\n\r\n")
+                try:
+                    head = await self.reader.readuntil(b"\r\n\r\n")
+                except asyncio.IncompleteReadError as e:
+                    if e.partial:
+                        raise
+                    raise _ClosedBeforeAnswerError from e
                 status = int(head[9:12])
                 lower = head.lower()
                 at = lower.find(b"\r\ncontent-length:")
