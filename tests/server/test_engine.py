@@ -112,6 +112,29 @@ async def test_a_batch_is_answered_in_slices(checkpoint_dir: Path, monkeypatch: 
     assert len(set(answered_at)) >= 4, answered_at
 
 
+async def test_a_failure_while_answering_leaves_no_request_waiting(checkpoint_dir: Path) -> None:
+    e = await start_engine(checkpoint_dir, max_batch_size=4, max_batch_wait_ms=200.0)
+    succeed, calls = e._succeed, 0
+
+    def flaky(*args: Any) -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 2:
+            raise RuntimeError("broken")
+        succeed(*args)
+
+    e._succeed = flaky  # type: ignore[method-assign]
+    try:
+        items = [e.submit(x, Budget("capacity", 1.0)) for x in inputs(4)]
+        async with asyncio.timeout(30):
+            out = await asyncio.gather(*(item.future for item in items), return_exceptions=True)
+    finally:
+        await e.stop(drain_s=5)
+    assert not isinstance(out[0], BaseException)
+    assert all(isinstance(o, InternalError) for o in out[1:]), out
+    assert e.stats.inflight == 0
+
+
 def dense_vit(net: MoNE, x: Tensor) -> Tensor:
     """A plain pre-LN ViT with global average pooling over the same weights (images, no MoNE code paths)."""
     cfg = net.cfg
