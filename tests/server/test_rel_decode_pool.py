@@ -149,11 +149,9 @@ def test_rel_pool_never_shrinks_under_concurrent_faults() -> None:
         p.close()
 
 
-def test_rel_close_stops_idle_and_busy_workers() -> None:
-    p = DecodePool(2, target=misbehaving_decode)
-    p.wait_ready()
-    pids = p.pids()
-    errors: list[BaseException] = []
+def decode_hanging_clip(p: DecodePool, errors: list[BaseException]) -> threading.Thread:
+    """Start a thread (named "request") that decodes a clip which hangs its worker; its error goes to
+    `errors`."""
 
     def hang() -> None:
         try:
@@ -161,8 +159,17 @@ def test_rel_close_stops_idle_and_busy_workers() -> None:
         except BaseException as exc:
             errors.append(exc)
 
-    t = threading.Thread(target=hang)
+    t = threading.Thread(target=hang, name="request")
     t.start()
+    return t
+
+
+def test_rel_close_stops_idle_and_busy_workers() -> None:
+    p = DecodePool(2, target=misbehaving_decode)
+    p.wait_ready()
+    pids = p.pids()
+    errors: list[BaseException] = []
+    t = decode_hanging_clip(p, errors)
     time.sleep(0.5)  # the clip is in a worker, which is stuck
     t0 = time.monotonic()
     p.close(timeout=1.0)
@@ -191,15 +198,7 @@ def test_rel_close_leaves_a_busy_pipe_to_its_request_thread() -> None:
 
     worker.conn.close = recorded_close  # type: ignore[method-assign]
     errors: list[BaseException] = []
-
-    def hang() -> None:
-        try:
-            decode(CLIP + HANG, CFG, Settings(random_init=True, max_decode_seconds=30), "clip", p)
-        except BaseException as exc:
-            errors.append(exc)
-
-    t = threading.Thread(target=hang, name="request")
-    t.start()
+    t = decode_hanging_clip(p, errors)
     deadline = time.monotonic() + 10
     while not worker.busy and time.monotonic() < deadline:
         time.sleep(0.01)
