@@ -661,9 +661,10 @@ def bench_model(name: str, ckpt: Path, cfg: MoNEConfig, args: argparse.Namespace
             f"- latency_ms misses under `degrade` ({len(degraded.misses)}; server's timing): "
             + "; ".join(shown)
         )
-    if degraded.failures:
-        kinds = ", ".join(f"{k}: {v}" for k, v in degraded.failures.items())
-        summary.append(f"- errors under `degrade`: {kinds}")
+    for label, run in runs.items():
+        if run.failures:
+            kinds = ", ".join(f"{k}: {v}" for k, v in sorted(run.failures.items()))
+            summary.append(f"- errors in `{label}`: {kinds}")
     for line in summary:
         print(line, flush=True)
     return [*lines, "", *summary]
