@@ -48,9 +48,9 @@ MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 async def require_key(request: Request) -> None:
     """Bearer token check for inference and model routes (only when an api_key is configured).
 
-    It reads the settings itself rather than through `SettingsDep`: it runs on every request, and each
+    It calls `get_settings` itself rather than declaring `SettingsDep`: it runs on every request, and each
     dependency FastAPI resolves costs the event loop time."""
-    settings: Settings = request.app.state.settings
+    settings = await get_settings(request)
     if settings.api_key is None:
         return
     header = request.headers.get("authorization", "")
