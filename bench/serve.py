@@ -10,7 +10,8 @@ concurrencies and open loop at fixed rates.  Reported: requests/s, p50/p99 laten
 `latency_ms` runs the share of requests the server reports as met; for open-loop runs, how late the client
 sent its requests (a client that cannot keep its schedule measures itself).  The headline ratios (capacity 1.0
 and 0.5 against LitServe at the top concurrency) are medians over `--rounds` rounds that take the three runs
-in turn, both servers up, the one not measured stopped with SIGSTOP.  Also: /healthz p99 on the API port and
+in turn (in reverse every other round), both servers up, the one not measured stopped with SIGSTOP; a round's
+run lasts at least `--round-batches` dense batches of the model alone.  Also: /healthz p99 on the API port and
 on the probe listener while inference saturates the machine (probed from a process of its own), and
 mone-serve's resident memory after warm-up and after many requests.
 """
@@ -512,8 +513,8 @@ def random_checkpoint(variant: str, tmp: Path, **overrides: Any) -> Path:
     return save_checkpoint(tmp / variant.replace("/", "_"), net, meta={"random_init": True})
 
 
-def model_speedup(ckpt: Path, batch: int, repeats: int = 3) -> float:
-    """Forward time at capacity 1.0 over capacity 0.5 for one full batch, the model alone (no server)."""
+def model_times(ckpt: Path, batch: int, repeats: int = 3) -> dict[float, float]:
+    """Median seconds of one full batch at capacities 1.0 and 0.5, the model alone (no server)."""
     ck = load_checkpoint(ckpt, device="cuda" if torch.cuda.is_available() else "cpu")
     c = ck.config
     x = torch.randn(batch, c.in_chans, c.img_size, c.img_size, device=next(ck.model.parameters()).device)
@@ -526,7 +527,20 @@ def model_speedup(ckpt: Path, batch: int, repeats: int = 3) -> float:
                 ck.model(x, capacity=capacity).logits.cpu()
                 samples.append(time.perf_counter() - start)
             times[capacity] = statistics.median(samples)
-    return times[1.0] / times[0.5]
+    return times
+
+
+def round_seconds(seconds: float, min_batches: int, batch_s: float) -> float:
+    """How long each headline round runs: at least `seconds`, and at least `min_batches` dense batches.  A
+    closed loop of twice the batch size keeps two batches in flight, so that its count moves in lumps of a
+    whole batch; a run of a few batches is measured to within one lump, 15-20 % on a compute-bound model."""
+    return max(seconds, min_batches * batch_s)
+
+
+def round_order(contenders: list[Any], r: int) -> list[Any]:
+    """Round r takes the contenders in turn, in reverse on odd rounds, so that no server always runs first
+    (after the other one's load) or last."""
+    return contenders if r % 2 == 0 else contenders[::-1]
 
 
 def bench_model(name: str, ckpt: Path, cfg: MoNEConfig, args: argparse.Namespace) -> list[str]:
@@ -541,6 +555,9 @@ def bench_model(name: str, ckpt: Path, cfg: MoNEConfig, args: argparse.Namespace
         lines.append(run.row())
         print(run.row(), flush=True)
 
+    # The model alone first, while nothing else runs: the capacity 0.5 speed-up and the length of the rounds.
+    alone = model_times(ckpt, args.batch)
+    round_s = round_seconds(secs, args.round_batches, alone[1.0])
     with contextlib.ExitStack() as servers:
         peer = start_litserve(ckpt, args)
         servers.callback(peer.stop)
@@ -576,12 +593,12 @@ def bench_model(name: str, ckpt: Path, cfg: MoNEConfig, args: argparse.Namespace
             ("mone capacity 0.5", mone, url, {"capacity": "0.5"}),
         ]
         for r in range(args.rounds):
-            for name, server, u, fields in contenders:
+            for name, server, u, fields in round_order(contenders, r):
                 for other in {peer, mone} - {server}:
                     other.pause()
                 server.resume()
                 run = asyncio.run(
-                    closed_loop(u, bodies, fields, top, secs, f"round {r + 1}: {name}, c={top}")
+                    closed_loop(u, bodies, fields, top, round_s, f"round {r + 1}: {name}, c={top}")
                 )
                 rounds.setdefault(name, []).append(run.rps)
                 show(run)
@@ -634,19 +651,21 @@ def bench_model(name: str, ckpt: Path, cfg: MoNEConfig, args: argparse.Namespace
         statistics.median(rounds["mone capacity 1.0"]),
         statistics.median(rounds["mone capacity 0.5"]),
     )
-    alone = model_speedup(ckpt, args.batch)
+
+    speedup = alone[1.0] / alone[0.5]
 
     def per_round(name: str) -> str:
         pairs = zip(rounds[name], rounds["LitServe dense"], strict=True)
         return ", ".join(f"{m / max(li, 1e-9):.2f}x" for m, li in pairs)
 
     summary = [
-        f"- throughput at capacity 1.0, c={top}, median of {args.rounds} interleaved rounds: mone "
+        f"- throughput at capacity 1.0, c={top}, median of {args.rounds} interleaved rounds of "
+        f"{round_s:.0f} s: mone "
         f"{dense:.1f} req/s vs LitServe {lit:.1f} req/s ({dense / lit:.2f}x; per round "
         f"{per_round('mone capacity 1.0')})",
         f"- mone at capacity 0.5 vs LitServe dense, same rounds: {half / lit:.2f}x (per round "
-        f"{per_round('mone capacity 0.5')}; the model alone, batch {args.batch}: {alone:.2f}x from capacity "
-        "1.0 to 0.5)",
+        f"{per_round('mone capacity 0.5')}; the model alone, batch {args.batch}: {speedup:.2f}x from "
+        "capacity 1.0 to 0.5)",
         f"- /healthz under saturation (closed loop, c={top}, probed every 20 ms from a separate process): "
         f"API port {_summary(health[0])}; probe listener (health_port) {_summary(health[1])}",
         f"- mone-serve RSS at rest: {rss_warm:.0f} MB after start-up, {rss_loaded:.0f} MB over a warm-up "
@@ -677,6 +696,12 @@ def main() -> None:
     p.add_argument("--seconds", type=float, default=20.0)
     p.add_argument("--concurrency", default="1,8,32,64")
     p.add_argument("--rounds", type=int, default=3, help="interleaved rounds for the headline ratios")
+    p.add_argument(
+        "--round-batches",
+        type=int,
+        default=12,
+        help="each headline round lasts at least this many dense batches of the model alone",
+    )
     p.add_argument("--batch", type=int, default=32)
     p.add_argument("--wait-ms", type=float, default=5.0)
     p.add_argument("--queue", type=int, default=128)
@@ -687,7 +712,7 @@ def main() -> None:
     args = p.parse_args()
     if args.quick:
         args.models, args.seconds, args.concurrency, args.memory_requests = "shipped", 3.0, "1,16", 500
-        args.rounds = 1
+        args.rounds, args.round_batches = 1, 1
     args.concurrency = [int(c) for c in str(args.concurrency).split(",")]
     lines = [f"## bench.serve, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", ""]
     lines.append(
