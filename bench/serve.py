@@ -105,9 +105,11 @@ def free_port() -> int:
 class Server:
     """A server subprocess in its own process group (LitServe's workers outlive a plain SIGTERM)."""
 
-    def __init__(self, cmd: list[str], health: str, base: str, health_port: int = 0) -> None:
+    def __init__(
+        self, cmd: list[str], health: str, base: str, health_port: int = 0, env: dict[str, str] | None = None
+    ) -> None:
         self.health_port = health_port
-        env = {**os.environ, "PYTHONPATH": str(ROOT)}
+        env = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}
         self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
         self.base = base
         deadline = time.monotonic() + 300
@@ -149,7 +151,11 @@ class Server:
             self.proc.wait()
 
 
-def start_mone(ckpt: Path, args: argparse.Namespace, *extra: str) -> Server:
+def start_mone(
+    ckpt: Path, args: argparse.Namespace, *extra: str, env: dict[str, str] | None = None
+) -> Server:
+    """mone-serve on `ckpt` with the benchmark's batching settings, `extra` arguments and `env` on top of
+    this process's environment."""
     port = free_port()
     cmd = [
         sys.executable,
@@ -166,7 +172,7 @@ def start_mone(ckpt: Path, args: argparse.Namespace, *extra: str) -> Server:
     health_port = free_port()
     cmd += ["--max-queue-size", str(args.queue), "--limit-concurrency", "4096"]
     cmd += ["--health-port", str(health_port), "--release-memory-idle-s", str(RELEASE_IDLE_S), *extra]
-    return Server(cmd, "/readyz", f"http://127.0.0.1:{port}", health_port)
+    return Server(cmd, "/readyz", f"http://127.0.0.1:{port}", health_port, env)
 
 
 def start_litserve(ckpt: Path, args: argparse.Namespace) -> Server:

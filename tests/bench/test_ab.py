@@ -1,0 +1,39 @@
+"""`bench.ab`: the variant syntax and the summary table (the runs themselves need servers: `bench.serve`'s
+helpers, exercised by the end-to-end tests)."""
+
+import argparse
+
+import pytest
+
+from bench.ab import Measured, parse_variant, table
+
+
+def test_a_variant_names_its_environment_and_arguments() -> None:
+    v = parse_variant("spin:GOMP_SPINCOUNT=300000 OMP_WAIT_POLICY=:--inference-nice 0 --threads 2")
+    assert v.name == "spin"
+    assert v.env == {"GOMP_SPINCOUNT": "300000", "OMP_WAIT_POLICY": ""}
+    assert v.extra == ["--inference-nice", "0", "--threads", "2"]
+    base = parse_variant("base")
+    assert (base.env, base.extra) == ({}, [])
+    assert parse_variant("nice0::--inference-nice 0").extra == ["--inference-nice", "0"]
+
+
+@pytest.mark.parametrize("spec", ["", "two words", "x:NOEQUALS", "x:=value"])
+def test_a_malformed_variant_is_refused(spec: str) -> None:
+    with pytest.raises(argparse.ArgumentTypeError):
+        parse_variant(spec)
+
+
+def test_the_table_gives_medians_and_ratios_to_the_first_server() -> None:
+    results = {
+        "LitServe": [Measured(10.0, ""), Measured(12.0, ""), Measured(11.0, "")],
+        "base": [
+            Measured(9.0, "", 0.98, 3000.0, (20.0, 10.0)),
+            Measured(13.2, "", 0.99, 3100.0, (30.0, 12.0)),
+            Measured(12.1, "", 0.97, 2900.0, (25.0, 11.0)),
+        ],
+    }
+    rows = table(["LitServe", "base"], results).splitlines()
+    assert rows[0].startswith("| server | req/s | vs LitServe |")
+    assert rows[2] == "| LitServe | 11.0 | 1.00x | - | - | - | - |"
+    assert rows[3] == "| base | 12.1 | 1.10x | 98% | 3000 | 25.0 | 11.0 |"
