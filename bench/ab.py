@@ -29,6 +29,7 @@ from pathlib import Path
 
 import httpx
 import numpy as np
+from prometheus_client.parser import text_string_to_metric_families
 
 from bench import serve as bs
 from model import MoNEConfig
@@ -57,19 +58,21 @@ def parse_variant(spec: str) -> Variant:
     return Variant(name, env, extra.split())
 
 
-def metric(base: str, name: str) -> float:
-    """The sum of every sample of `name` (over its labels) on the server's /metrics."""
-    text = httpx.get(base + "/metrics", timeout=10).text
-    pattern = rf"^{re.escape(name)}(?:{{[^}}]*}})? (\S+)$"
-    return sum(float(m.group(1)) for m in re.finditer(pattern, text, re.M))
-
-
 def compute_counters(base: str) -> tuple[float, float]:
-    """Seconds spent computing batches and batches computed, so far."""
-    return (
-        metric(base, "mone_compute_duration_seconds_sum"),
-        metric(base, "mone_compute_duration_seconds_count"),
-    )
+    """Seconds spent computing batches and batches computed so far, from the server's /metrics."""
+    return compute_totals(httpx.get(base + "/metrics", timeout=10).text)
+
+
+def compute_totals(text: str) -> tuple[float, float]:
+    """`mone_compute_duration_seconds` sum and count in a Prometheus exposition, over every label."""
+    total = {"_sum": 0.0, "_count": 0.0}
+    for family in text_string_to_metric_families(text):
+        if family.name == "mone_compute_duration_seconds":
+            for sample in family.samples:
+                suffix = sample.name.removeprefix(family.name)
+                if suffix in total:
+                    total[suffix] += sample.value
+    return total["_sum"], total["_count"]
 
 
 @dataclass

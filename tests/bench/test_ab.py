@@ -4,8 +4,9 @@ helpers, exercised by the end-to-end tests)."""
 import argparse
 
 import pytest
+from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from bench.ab import Measured, parse_variant, table
+from bench.ab import Measured, compute_totals, parse_variant, table
 
 
 def test_a_variant_names_its_environment_and_arguments() -> None:
@@ -37,3 +38,15 @@ def test_the_table_gives_medians_and_ratios_to_the_first_server() -> None:
     assert rows[0].startswith("| server | req/s | vs LitServe |")
     assert rows[2] == "| LitServe | 11.0 | 1.00x | - | - | - | - |"
     assert rows[3] == "| base | 12.1 | 1.10x | 98% | 3000 | 25.0 | 11.0 |"
+
+
+def test_compute_totals_read_the_histogram_over_its_labels() -> None:
+    registry = CollectorRegistry()
+    other = Histogram("mone_queue_duration_seconds", "queue", registry=registry)
+    compute = Histogram("mone_compute_duration_seconds", "compute", ["device"], registry=registry)
+    other.observe(9.0)
+    compute.labels("cpu").observe(1.5)
+    compute.labels("cpu").observe(2.0)
+    compute.labels("cuda").observe(0.5)
+    assert compute_totals(generate_latest(registry).decode()) == (4.0, 3.0)
+    assert compute_totals("") == (0.0, 0.0)
