@@ -60,6 +60,20 @@ class Settings(BaseSettings):
     model_name: str = Field(default="mone", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     device: str = Field(default="auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     threads: int | None = Field(default=None, ge=1, description="torch intra-op threads (default: torch's)")
+    inference_streams: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="CPU: split a batch into up to this many sub-batches run side by side, each on its own "
+        "thread with threads/streams intra-op threads (0: auto, min(threads, 4); 1: never split); "
+        "always 1 on a GPU",
+    )
+    stream_min_gflops: float = Field(
+        default=0.5,
+        ge=0.0,
+        description="least work (GFLOPs) of a sub-batch: smaller batches run whole, where splitting would "
+        "cost more in per-operation overhead than it saves",
+    )
     inference_nice: int = Field(
         default=10,
         ge=0,

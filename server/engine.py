@@ -200,6 +200,7 @@ class Engine:
             with contextlib.suppress(asyncio.CancelledError):
                 await self._task
         self._executor.shutdown(wait=True)
+        self.runner.close()
 
     # -- admission -----------------------------------------------------------------------------------------
     async def infer(

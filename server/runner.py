@@ -2,6 +2,15 @@
 
 Loading (checkpoint or random initialisation), device choice, warm-up and latency calibration live here too:
 everything that touches the model's weights.  Nothing here knows about queues or HTTP.
+
+Streams (CPU): a batch big enough is split into sub-batches of about equal work that run side by side, each
+on its own thread with its share of the intra-op threads (`inference_streams`).  One forward spread over
+all cores waits at a barrier after every operation for the slowest thread, and runs its Python between
+operations on one core while the others wait; sub-batches on one core each never wait for one another.
+S/16 at batch 32 on 2 cores: 2622 ms as two single-threaded halves against 3112 ms as one two-threaded
+forward (cap 1.0; 2211 against 2502 ms at 0.5).  Every sample goes through the same per-sample arithmetic
+either way.  A batch of one sample, or one too small to be worth splitting (`stream_min_gflops`), runs whole
+on all the threads.
 """
 
 from __future__ import annotations
@@ -9,7 +18,10 @@ from __future__ import annotations
 import logging
 import statistics
 import tempfile
+import threading
 import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -20,8 +32,11 @@ from torch import Tensor
 from model import Checkpoint, MoNE, MoNEConfig, gflops, load_checkpoint, save_checkpoint
 from server.config import Settings
 from server.latency import LatencyModel
+from server.priority import lower_thread_priority
 
 log = logging.getLogger("mone.runner")
+AUTO_STREAMS_MAX = 4  # beyond this, side-by-side forwards would queue for the GIL between their operations
+STREAM_BALANCE = 1.15  # split only when the largest sub-batch is within this factor of an even share
 
 
 class CheckpointMissingError(RuntimeError):
@@ -45,6 +60,65 @@ class SampleOutput:
 class BatchOutput:
     samples: list[SampleOutput]
     seconds: float
+
+
+@dataclass
+class _Part:
+    """One sub-batch's outputs, on the CPU."""
+
+    logits: Tensor
+    top_p: Tensor
+    top_i: Tensor
+    capacity: Tensor
+    counts: Tensor
+    gflops: Tensor
+    experts: Tensor | None
+
+
+_local = threading.local()
+
+
+def _use_threads(n: int) -> None:
+    """Give the calling thread `n` intra-op threads (torch keeps the count per thread once it has run)."""
+    if getattr(_local, "threads", None) != n:
+        torch.set_num_threads(n)
+        _local.threads = n
+
+
+def resolve_streams(setting: int, device: torch.device, threads: int) -> int:
+    """Side-by-side sub-batches: 1 on a GPU, `setting` when given, else one per intra-op thread up to
+    AUTO_STREAMS_MAX."""
+    if device.type != "cpu":
+        return 1
+    return setting if setting > 0 else max(1, min(threads, AUTO_STREAMS_MAX))
+
+
+def split_batch(
+    costs: Sequence[float], streams: int, min_gflops: float, balance: float = STREAM_BALANCE
+) -> list[list[int]]:
+    """The sample indices of each sub-batch of a batch whose samples cost `costs` GFLOPs.
+
+    As many sub-batches as there are streams, samples and multiples of `min_gflops` in the batch, filled
+    largest first into the lightest one; fewer when the largest would exceed `balance` times an even
+    share (three equal samples on two streams: two then one would take longer than all three on both
+    threads).  One sub-batch of every sample when no split qualifies.
+    """
+    n, total = len(costs), float(sum(costs))
+    k = min(streams, n)
+    if min_gflops > 0:
+        k = min(k, int(total // min_gflops))
+    order = sorted(range(n), key=lambda i: (-costs[i], i))
+    while k > 1:
+        loads = [0.0] * k
+        pieces: list[list[int]] = [[] for _ in range(k)]
+        for i in order:
+            j = min(range(k), key=loads.__getitem__)
+            pieces[j].append(i)
+            loads[j] += costs[i]
+        if max(loads) <= balance * total / k:
+            return [sorted(p) for p in pieces]
+        k -= 1
+    return [list(range(n))]
 
 
 def resolve_device(name: str) -> torch.device:
@@ -84,44 +158,154 @@ class Runner:
     Args:
         checkpoint: the loaded model.
         device: where inputs go.
+        streams: sub-batches run side by side on the CPU (0: auto; see `resolve_streams`).
+        min_stream_gflops: least work of a sub-batch.
+        nice: niceness added to the stream threads (server/priority.py).
     """
 
-    def __init__(self, checkpoint: Checkpoint, device: torch.device) -> None:
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        device: torch.device,
+        *,
+        streams: int = 1,
+        min_stream_gflops: float = 0.0,
+        nice: int = 0,
+    ) -> None:
         self.checkpoint = checkpoint
         self.model = checkpoint.model.to(device).eval()
         self.cfg = checkpoint.config
         self.device = device
+        self.min_stream_gflops = min_stream_gflops
+        self.threads: int | None = None  # intra-op threads of a whole batch; set by `setup_threads`
+        self.streams = 1
+        self._streams_setting = streams
+        self._nice = nice
+        self._pool: ThreadPoolExecutor | None = None
+
+    def setup_threads(self, threads: int | None) -> None:
+        """On the inference thread, before its first forward: its intra-op threads (torch's default when
+        None) and the stream threads."""
+        self.threads = threads or torch.get_num_threads()
+        _use_threads(self.threads)
+        self.streams = resolve_streams(self._streams_setting, self.device, self.threads)
+        if self.streams > 1 and self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                self.streams - 1,
+                thread_name_prefix="mone-stream",
+                initializer=lower_thread_priority,
+                initargs=(self._nice,),
+            )
+        log.info("%d intra-op threads, %d stream(s)", self.threads, self.streams)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def split(self, frames: int, capacities: Sequence[float]) -> list[list[int]]:
+        """The sub-batches a batch of these capacities runs as."""
+        if self.streams < 2 or self._pool is None or len(capacities) < 2:
+            return [list(range(len(capacities)))]
+        costs = [gflops(self.cfg, c, frames) for c in capacities]
+        return split_batch(costs, self.streams, self.min_stream_gflops)
 
     def run(
         self, xs: list[Tensor], capacities: list[float], top_ks: list[int], routing: list[bool]
     ) -> BatchOutput:
         """Forward one batch of same-shaped (T, C, H, W) inputs with one e_c each."""
         start = time.perf_counter()
-        with torch.inference_mode():
-            x = torch.stack(xs).to(self.device, non_blocking=True)
-            out = self.model(x, capacity=capacities)
-            probs = out.logits.float().softmax(dim=-1)
-            k = min(max(top_ks), self.cfg.num_classes)
-            top = probs.topk(k, dim=-1)
-            logits = out.logits.float().cpu()
-            top_p, top_i = top.values.cpu(), top.indices.cpu()
-            experts = out.experts.cpu() if any(routing) else None
+        k = min(max(top_ks), self.cfg.num_classes)
+        want_experts = any(routing)
+        pieces = self.split(int(xs[0].shape[0]), capacities)
+        if len(pieces) == 1:
+            parts = [self._forward(xs, capacities, self.threads, k, want_experts)]
+        else:
+            parts = self._forward_split(xs, capacities, pieces, k, want_experts)
         seconds = time.perf_counter() - start
+        where = [(p, j) for p, piece in enumerate(pieces) for j in range(len(piece))]
+        order = [i for piece in pieces for i in piece]
+        located = dict(zip(order, where, strict=True))
         samples = []
         for i, tk in enumerate(top_ks):
+            p, j = located[i]
+            part = parts[p]
             kk = min(tk, self.cfg.num_classes)
             samples.append(
                 SampleOutput(
-                    logits=logits[i].tolist(),
-                    top_indices=top_i[i, :kk].tolist(),
-                    top_probs=top_p[i, :kk].tolist(),
-                    realised=float(out.capacity[i]),
-                    counts=tuple(int(c) for c in out.expert_counts[i].tolist()),
-                    gflops=float(out.gflops[i]),
-                    experts=experts[i] if experts is not None and routing[i] else None,
+                    logits=part.logits[j].tolist(),
+                    top_indices=part.top_i[j, :kk].tolist(),
+                    top_probs=part.top_p[j, :kk].tolist(),
+                    realised=float(part.capacity[j]),
+                    counts=tuple(int(c) for c in part.counts[j].tolist()),
+                    gflops=float(part.gflops[j]),
+                    experts=part.experts[j] if part.experts is not None and routing[i] else None,
                 )
             )
         return BatchOutput(samples, seconds)
+
+    def _forward_split(
+        self,
+        xs: list[Tensor],
+        capacities: list[float],
+        pieces: list[list[int]],
+        k: int,
+        experts: bool,
+    ) -> list[_Part]:
+        """The first sub-batch on this thread, the others on the stream threads; every one is waited for
+        before an error is raised, so that no thread is still computing when the next batch starts."""
+        assert self._pool is not None
+        threads = max(1, (self.threads or 1) // len(pieces))
+
+        def piece_args(piece: list[int]) -> tuple[list[Tensor], list[float]]:
+            return [xs[i] for i in piece], [capacities[i] for i in piece]
+
+        futures: list[Future[_Part]] = [
+            self._pool.submit(self._forward, *piece_args(piece), threads, k, experts) for piece in pieces[1:]
+        ]
+        parts: list[_Part] = []
+        error: BaseException | None = None
+        try:
+            parts.append(self._forward(*piece_args(pieces[0]), threads, k, experts))
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after the other sub-batches
+            error = exc
+        for future in futures:
+            try:
+                parts.append(future.result())
+            except BaseException as exc:  # noqa: BLE001
+                error = error or exc
+        if error is not None:
+            raise error
+        return parts
+
+    def _forward(
+        self, xs: list[Tensor], capacities: list[float], threads: int | None, k: int, experts: bool
+    ) -> _Part:
+        if threads is not None:
+            _use_threads(threads)
+        with torch.inference_mode():
+            x = torch.stack(xs).to(self.device, non_blocking=True)
+            out = self.model(x, capacity=capacities)
+            logits = out.logits.float()
+            top = logits.softmax(dim=-1).topk(k, dim=-1)
+            return _Part(
+                logits=logits.cpu(),
+                top_p=top.values.cpu(),
+                top_i=top.indices.cpu(),
+                capacity=out.capacity,
+                counts=out.expert_counts,
+                gflops=out.gflops,
+                experts=out.experts.cpu() if experts else None,
+            )
+
+    def smallest_split(self, frames: int, max_batch: int) -> int:
+        """The smallest batch at capacity 1.0, up to `max_batch`, that runs on every stream; 0 if none."""
+        if self.streams < 2:
+            return 0
+        for b in range(self.streams, max_batch + 1):
+            if len(self.split(frames, [1.0] * b)) == self.streams:
+                return b
+        return 0
 
     def dummy(self, frames: int) -> Tensor:
         c = self.cfg
@@ -150,11 +334,13 @@ def warm_up_and_calibrate(
     """Warm the model up and measure the latency model: batch sizes x capacities x input kinds (frames per
     sample), plus one mixed batch per kind so that the cost of an extra token split is identifiable."""
     s, cfg = settings, runner.cfg
-    if s.threads:
-        torch.set_num_threads(s.threads)
+    runner.setup_threads(s.threads)
     for frames in kinds:
         if s.warmup_iters:
             runner.time_batch(frames, 1, 1.0, s.warmup_iters)
+            split = runner.smallest_split(frames, s.max_batch_size)
+            if split:  # the stream threads' first forward (thread pools, allocator arenas) is slow
+                runner.time_batch(frames, split, 1.0, 1)
         if not s.calibrate:
             continue
         sizes = sorted({min(b, s.max_batch_size) for b in s.calibration_batch_sizes})

@@ -1,0 +1,200 @@
+"""Streams: a batch split into sub-batches that run side by side on the CPU (server/runner.py)."""
+
+from __future__ import annotations
+
+import sys
+import threading
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+from torch import Tensor
+
+from model import MoNEConfig, gflops, load_checkpoint
+from server.cli import build_parser, settings_from_args
+from server.priority import thread_nice
+from server.runner import AUTO_STREAMS_MAX, STREAM_BALANCE, Runner, resolve_streams, split_batch
+
+CFG = MoNEConfig.from_variant("Mi/4", num_classes=10)
+
+
+def covers(pieces: list[list[int]], n: int) -> bool:
+    return sorted(i for p in pieces for i in p) == list(range(n))
+
+
+# -- the split -------------------------------------------------------------------------------------------
+def test_equal_samples_split_evenly() -> None:
+    pieces = split_batch([1.0] * 32, streams=2, min_gflops=0.0)
+    assert [len(p) for p in pieces] == [16, 16]
+    assert covers(pieces, 32)
+    assert all(p == sorted(p) for p in pieces)
+
+
+def test_one_sample_runs_whole() -> None:
+    assert split_batch([5.0], streams=4, min_gflops=0.0) == [[0]]
+
+
+def test_an_uneven_split_is_not_taken() -> None:
+    # Two then one on two streams takes two samples' time on one core: slower than three on both.
+    assert split_batch([1.0] * 3, streams=2, min_gflops=0.0) == [[0, 1, 2]]
+    # Four streams, five samples: 2+1+1+1 is off balance, 3+2 too; 5 on one is what is left.
+    assert split_batch([1.0] * 5, streams=4, min_gflops=0.0) == [[0, 1, 2, 3, 4]]
+    # ... but four streams and six samples fall back to three sub-batches of two.
+    assert [len(p) for p in split_batch([1.0] * 6, streams=4, min_gflops=0.0)] == [2, 2, 2]
+
+
+def test_small_batches_stay_whole() -> None:
+    assert split_batch([0.125] * 7, streams=2, min_gflops=0.5) == [list(range(7))]
+    assert len(split_batch([0.125] * 8, streams=2, min_gflops=0.5)) == 2
+    # 1.0 GFLOPs in all: room for two sub-batches of 0.5, not four.
+    assert len(split_batch([0.125] * 8, streams=4, min_gflops=0.5)) == 2
+
+
+def test_mixed_capacities_are_balanced_by_work() -> None:
+    caps = [1.0] * 5 + [0.125] * 19
+    costs = [gflops(CFG, c, 1) for c in caps]
+    pieces = split_batch(costs, streams=2, min_gflops=0.0)
+    assert len(pieces) == 2
+    assert covers(pieces, len(caps))
+    loads = [sum(costs[i] for i in p) for p in pieces]
+    assert max(loads) <= STREAM_BALANCE * sum(costs) / 2
+    # Split by count instead, the half with the dense samples would carry most of the work.
+    assert max(loads) < sum(costs[:12])
+
+
+def test_streams_resolve_per_device() -> None:
+    cpu = torch.device("cpu")
+    assert resolve_streams(0, cpu, 2) == 2
+    assert resolve_streams(0, cpu, 64) == AUTO_STREAMS_MAX
+    assert resolve_streams(0, cpu, 1) == 1
+    assert resolve_streams(3, cpu, 2) == 3
+    assert resolve_streams(4, torch.device("cuda"), 16) == 1  # one GPU forward at a time
+
+
+def test_settings_and_flags() -> None:
+    flags = build_parser().format_help()
+    assert "--inference-streams" in flags
+    assert "--stream-min-gflops" in flags
+    s = settings_from_args(["--inference-streams", "3", "--stream-min-gflops", "2.5"])
+    assert s.inference_streams == 3
+    assert s.stream_min_gflops == 2.5
+
+
+# -- the runner ------------------------------------------------------------------------------------------
+def inputs(n: int, seed: int = 0) -> list[Tensor]:
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(1, CFG.in_chans, CFG.img_size, CFG.img_size, generator=g) for _ in range(n)]
+
+
+def runner(checkpoint_dir: Path, **kwargs: Any) -> Runner:
+    r = Runner(load_checkpoint(checkpoint_dir), torch.device("cpu"), **kwargs)
+    r.setup_threads(2)
+    return r
+
+
+@pytest.fixture
+def pair(checkpoint_dir: Path) -> Iterator[tuple[Runner, Runner]]:
+    whole, split = runner(checkpoint_dir, streams=1), runner(checkpoint_dir, streams=2)
+    yield whole, split
+    whole.close()
+    split.close()
+
+
+def test_a_split_batch_answers_what_the_whole_batch_does(pair: tuple[Runner, Runner]) -> None:
+    whole, split = pair
+    caps = [1.0, 0.5, 0.25, 0.125, 0.75, 1.0, 0.3] * 3
+    xs = inputs(len(caps))
+    top_ks = [1, 3, 5, 10, 2, 4, 5] * 3
+    routing = [i % 2 == 0 for i in range(len(caps))]
+    assert len(split.split(1, caps)) == 2
+    assert len(whole.split(1, caps)) == 1
+    a = whole.run(xs, caps, top_ks, routing)
+    b = split.run(xs, caps, top_ks, routing)
+    for i, (s, t) in enumerate(zip(a.samples, b.samples, strict=True)):
+        assert torch.allclose(torch.tensor(s.logits), torch.tensor(t.logits), atol=1e-5), i
+        assert s.top_indices == t.top_indices
+        assert len(t.top_indices) == top_ks[i]
+        assert torch.allclose(torch.tensor(s.top_probs), torch.tensor(t.top_probs), atol=1e-6)
+        assert (s.realised, s.counts, s.gflops) == (t.realised, t.counts, t.gflops)
+        if routing[i]:
+            assert s.experts is not None
+            assert t.experts is not None
+            assert torch.equal(s.experts, t.experts)
+        else:
+            assert t.experts is None
+
+
+def test_sub_batches_run_on_their_own_threads(pair: tuple[Runner, Runner]) -> None:
+    _, split = pair
+    seen: dict[int, tuple[int, int]] = {}
+    forward = split.model.forward
+
+    def record(x: Tensor, capacity: Any = 1.0) -> Any:
+        seen[threading.get_ident()] = (int(x.shape[0]), torch.get_num_threads())
+        return forward(x, capacity=capacity)
+
+    split.model.forward = record  # type: ignore[method-assign]
+    split.run(inputs(16), [1.0] * 16, [1] * 16, [False] * 16)
+    assert len(seen) == 2
+    assert threading.get_ident() in seen
+    assert sorted(n for n, _ in seen.values()) == [8, 8]
+    assert {t for _, t in seen.values()} == {1}  # two threads in all, one each
+    seen.clear()
+    split.run(inputs(1), [1.0], [1], [False])  # one sample: whole, on every thread
+    assert seen == {threading.get_ident(): (1, 2)}
+
+
+def test_a_failing_sub_batch_fails_the_batch_and_the_streams_live_on(pair: tuple[Runner, Runner]) -> None:
+    _, split = pair
+    forward = split.model.forward
+    main = threading.get_ident()
+    finished: list[int] = []
+
+    def flaky(x: Tensor, capacity: Any = 1.0) -> Any:
+        if threading.get_ident() != main:
+            raise RuntimeError("boom")
+        out = forward(x, capacity=capacity)
+        finished.append(threading.get_ident())
+        return out
+
+    split.model.forward = flaky  # type: ignore[method-assign]
+    with pytest.raises(RuntimeError, match="boom"):
+        split.run(inputs(8), [1.0] * 8, [1] * 8, [False] * 8)
+    assert finished == [main]  # the other sub-batch was waited for before the error came out
+    split.model.forward = forward  # type: ignore[method-assign]
+    out = split.run(inputs(8), [1.0] * 8, [1] * 8, [False] * 8)
+    assert len(out.samples) == 8
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
+def test_stream_threads_run_at_the_inference_priority(checkpoint_dir: Path) -> None:
+    r = runner(checkpoint_dir, streams=2, nice=5)
+    try:
+        tids: list[int] = []
+        forward = r.model.forward
+
+        def record(x: Tensor, capacity: Any = 1.0) -> Any:
+            tids.append(threading.get_native_id())
+            return forward(x, capacity=capacity)
+
+        r.model.forward = record  # type: ignore[method-assign]
+        r.run(inputs(8), [1.0] * 8, [1] * 8, [False] * 8)
+        (stream,) = [t for t in tids if t != threading.get_native_id()]
+        assert thread_nice(stream) >= min(19, thread_nice(threading.get_native_id()) + 5)
+    finally:
+        r.close()
+
+
+def test_warm_up_reaches_every_stream(checkpoint_dir: Path) -> None:
+    r = runner(checkpoint_dir, streams=2, min_stream_gflops=0.5)
+    try:
+        b = r.smallest_split(1, 32)
+        assert b > 0
+        assert len(r.split(1, [1.0] * b)) == 2
+        assert len(r.split(1, [1.0] * (b - 1))) == 1
+        assert r.smallest_split(1, b - 1) == 0
+    finally:
+        r.close()
+    assert runner(checkpoint_dir, streams=1).smallest_split(1, 32) == 0
