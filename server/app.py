@@ -84,14 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         try:
             device = resolve_device(settings.device)
             checkpoint = load_model(settings, device)
-            runner = Runner(
-                checkpoint,
-                device,
-                streams=settings.inference_streams,
-                min_stream_gflops=settings.stream_min_gflops,
-                nice=settings.inference_nice,
-            )
-            engine = Engine(runner, settings, events=metrics)
+            engine = Engine(Runner.from_settings(checkpoint, device, settings), settings, events=metrics)
             app.state.engine = engine
             metrics.set_model(settings.model_name, checkpoint.config.variant, str(device))
             if clips is not None:

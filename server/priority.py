@@ -31,6 +31,26 @@ def lower_thread_priority(nice: int) -> None:
         log.warning("could not lower the inference thread's priority: %s", exc)
 
 
+def set_thread_priority(nice: int | None) -> None:
+    """Give the calling thread the nice value `nice` (None: leave it); it can only be raised without
+    privilege, which is all that is asked here: threads started by the inference thread already have its."""
+    if nice is None or not sys.platform.startswith("linux"):
+        return
+    tid = threading.get_native_id()
+    try:
+        if os.getpriority(os.PRIO_PROCESS, tid) != nice:
+            os.setpriority(os.PRIO_PROCESS, tid, nice)
+    except OSError as exc:
+        log.warning("could not set a stream thread's priority: %s", exc)
+
+
+def current_thread_nice() -> int | None:
+    """The calling thread's nice value (Linux), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+
+
 def thread_nice(tid: int) -> int:
     """The nice value of thread `tid` of this process, read from /proc (Linux)."""
     stat = Path(f"/proc/self/task/{tid}/stat").read_text()

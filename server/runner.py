@@ -32,7 +32,7 @@ from torch import Tensor
 from model import Checkpoint, MoNE, MoNEConfig, gflops, load_checkpoint, save_checkpoint
 from server.config import Settings
 from server.latency import LatencyModel
-from server.priority import lower_thread_priority
+from server.priority import current_thread_nice, set_thread_priority
 
 log = logging.getLogger("mone.runner")
 AUTO_STREAMS_MAX = 4  # beyond this, side-by-side forwards would queue for the GIL between their operations
@@ -160,7 +160,6 @@ class Runner:
         device: where inputs go.
         streams: sub-batches run side by side on the CPU (0: auto; see `resolve_streams`).
         min_stream_gflops: least work of a sub-batch.
-        nice: niceness added to the stream threads (server/priority.py).
     """
 
     def __init__(
@@ -170,7 +169,6 @@ class Runner:
         *,
         streams: int = 1,
         min_stream_gflops: float = 0.0,
-        nice: int = 0,
     ) -> None:
         self.checkpoint = checkpoint
         self.model = checkpoint.model.to(device).eval()
@@ -180,12 +178,20 @@ class Runner:
         self.threads: int | None = None  # intra-op threads of a whole batch; set by `setup_threads`
         self.streams = 1
         self._streams_setting = streams
-        self._nice = nice
         self._pool: ThreadPoolExecutor | None = None
+
+    @classmethod
+    def from_settings(cls, checkpoint: Checkpoint, device: torch.device, settings: Settings) -> Runner:
+        return cls(
+            checkpoint,
+            device,
+            streams=settings.inference_streams,
+            min_stream_gflops=settings.stream_min_gflops,
+        )
 
     def setup_threads(self, threads: int | None) -> None:
         """On the inference thread, before its first forward: its intra-op threads (torch's default when
-        None) and the stream threads."""
+        None) and the stream threads, which run at its priority (server/priority.py)."""
         self.threads = threads or torch.get_num_threads()
         _use_threads(self.threads)
         self.streams = resolve_streams(self._streams_setting, self.device, self.threads)
@@ -193,8 +199,8 @@ class Runner:
             self._pool = ThreadPoolExecutor(
                 self.streams - 1,
                 thread_name_prefix="mone-stream",
-                initializer=lower_thread_priority,
-                initargs=(self._nice,),
+                initializer=set_thread_priority,
+                initargs=(current_thread_nice(),),
             )
         log.info("%d intra-op threads, %d stream(s)", self.threads, self.streams)
 

@@ -42,7 +42,9 @@ def inputs(n: int, frames: int = 1) -> list[Tensor]:
 
 async def start_engine(checkpoint_dir: Path, **overrides: Any) -> Engine:
     settings = fast_settings(checkpoint_dir, **{"calibrate": False, **overrides})
-    engine = Engine(Runner(load_checkpoint(checkpoint_dir), torch.device("cpu")), settings)
+    engine = Engine(
+        Runner.from_settings(load_checkpoint(checkpoint_dir), torch.device("cpu"), settings), settings
+    )
     await engine.start()
     return engine
 
@@ -69,6 +71,30 @@ def slow_down(engine: Engine, seconds: float) -> list[int]:
 
 
 async def test_mixed_budget_batch_equals_alone(engine: Engine) -> None:
+    await batch_equals_alone(engine)
+
+
+async def test_mixed_budget_batch_on_streams_equals_alone(checkpoint_dir: Path) -> None:
+    """The same with the batch split into sub-batches on two streams (server/runner.py)."""
+    e = await start_engine(checkpoint_dir, max_batch_wait_ms=50.0, threads=2, stream_min_gflops=0.0)
+    splits: list[int] = []
+    split = e.runner.split
+
+    def counted(frames: int, capacities: Any) -> list[list[int]]:
+        pieces = split(frames, capacities)
+        splits.append(len(pieces))
+        return pieces
+
+    e.runner.split = counted  # type: ignore[method-assign]
+    try:
+        assert e.runner.streams == 2
+        await batch_equals_alone(e)
+    finally:
+        await e.stop(drain_s=5)
+    assert 2 in splits, "the shared batch was meant to run on both streams"
+
+
+async def batch_equals_alone(engine: Engine) -> None:
     xs = inputs(6) + inputs(2, frames=1)
     budgets = [Budget("capacity", c) for c in (0.125, 0.3, 0.5, 0.5, 0.8, 1.0, 0.2, 0.9)]
     together = await asyncio.gather(*(engine.infer(x, b) for x, b in zip(xs, budgets, strict=True)))
@@ -371,13 +397,18 @@ async def test_inference_threads_run_at_a_lower_priority(checkpoint_dir: Path, n
     loop_tid = threading.get_native_id()
     base = thread_nice(loop_tid)
     before = thread_ids()
-    engine = await start_engine(checkpoint_dir, threads=2, inference_nice=nice)
+    engine = await start_engine(checkpoint_dir, threads=2, inference_nice=nice, stream_min_gflops=0.0)
     try:
         await engine.infer(inputs(1)[0], Budget("capacity", 1.0))
+        # Four at once share a batch, which runs on two streams: the second one's thread joins in.
+        await asyncio.gather(*(engine.infer(x, Budget("capacity", 1.0)) for x in inputs(4)))
         started = {tid: thread_nice(tid) for tid in thread_ids() - before}
+        streams = {t.native_id for t in threading.enumerate() if t.name.startswith("mone-stream")}
     finally:
         await engine.stop(drain_s=5)
-    assert len(started) >= 2, started  # the worker and at least one intra-op thread
+    assert len(started) >= 3, started  # the worker, an intra-op thread and a stream thread
+    assert streams, "no stream thread ran"
+    assert streams <= set(started), (streams, started)
     assert set(started.values()) == {min(19, base + nice)}, started
     assert thread_nice(loop_tid) == base
 

@@ -14,7 +14,7 @@ from torch import Tensor
 
 from model import MoNEConfig, gflops, load_checkpoint
 from server.cli import build_parser, settings_from_args
-from server.priority import thread_nice
+from server.priority import lower_thread_priority, thread_nice
 from server.runner import AUTO_STREAMS_MAX, STREAM_BALANCE, Runner, resolve_streams, split_batch
 
 CFG = MoNEConfig.from_variant("Mi/4", num_classes=10)
@@ -169,22 +169,28 @@ def test_a_failing_sub_batch_fails_the_batch_and_the_streams_live_on(pair: tuple
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice values are Linux's")
-def test_stream_threads_run_at_the_inference_priority(checkpoint_dir: Path) -> None:
-    r = runner(checkpoint_dir, streams=2, nice=5)
-    try:
-        tids: list[int] = []
-        forward = r.model.forward
+def test_stream_threads_run_at_the_priority_of_the_thread_that_set_them_up(checkpoint_dir: Path) -> None:
+    r = Runner(load_checkpoint(checkpoint_dir), torch.device("cpu"), streams=2)
+    seen: dict[str, int] = {}
+    forward = r.model.forward
 
-        def record(x: Tensor, capacity: Any = 1.0) -> Any:
-            tids.append(threading.get_native_id())
-            return forward(x, capacity=capacity)
+    def record(x: Tensor, capacity: Any = 1.0) -> Any:
+        seen[threading.current_thread().name] = thread_nice(threading.get_native_id())
+        return forward(x, capacity=capacity)
 
+    def inference_thread() -> None:
+        lower_thread_priority(5)
+        r.setup_threads(2)
         r.model.forward = record  # type: ignore[method-assign]
         r.run(inputs(8), [1.0] * 8, [1] * 8, [False] * 8)
-        (stream,) = [t for t in tids if t != threading.get_native_id()]
-        assert thread_nice(stream) >= min(19, thread_nice(threading.get_native_id()) + 5)
-    finally:
-        r.close()
+
+    base = thread_nice(threading.get_native_id())
+    t = threading.Thread(target=inference_thread, name="infer")
+    t.start()
+    t.join()
+    r.close()
+    assert len(seen) == 2, seen
+    assert set(seen.values()) == {min(19, base + 5)}, seen
 
 
 def test_warm_up_reaches_every_stream(checkpoint_dir: Path) -> None:
