@@ -4,7 +4,8 @@ The event loop answers /healthz, /readyz, /metrics and admission; the model runs
 thread and torch's intra-op threads.  When inference saturates the cores, the loop would get only its fair
 share of them, behind every busy intra-op thread.  On Linux the nice value is a per-thread attribute and a
 thread inherits its creator's: raising it for the worker thread before its first torch op also lowers the
-intra-op threads that torch's OpenMP runtime starts from there, and leaves the loop's thread untouched.
+intra-op threads that torch's OpenMP runtime starts from there, and leaves the loop's thread untouched.  The
+stream threads (server/runner.py) are set to the worker thread's value when they start.
 Raising one's nice value needs no privilege; it only matters when something else wants the CPU.
 """
 
