@@ -73,7 +73,10 @@ def test_streams_resolve_per_device() -> None:
     assert resolve_streams(4, torch.device("cuda"), 16) == 1  # one GPU forward at a time
 
 
-def test_settings_and_flags() -> None:
+def test_settings_and_flags(monkeypatch: pytest.MonkeyPatch) -> None:
+    # The CLI exports its settings as MONE_* variables; these two are put back as they were afterwards.
+    for name in ("MONE_INFERENCE_STREAMS", "MONE_STREAM_MIN_GFLOPS"):
+        monkeypatch.setenv(name, "")
     flags = build_parser().format_help()
     assert "--inference-streams" in flags
     assert "--stream-min-gflops" in flags
