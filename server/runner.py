@@ -229,9 +229,7 @@ class Runner:
         else:
             parts = self._forward_split(xs, capacities, pieces, k, want_experts)
         seconds = time.perf_counter() - start
-        where = [(p, j) for p, piece in enumerate(pieces) for j in range(len(piece))]
-        order = [i for piece in pieces for i in piece]
-        located = dict(zip(order, where, strict=True))
+        located = {i: (p, j) for p, piece in enumerate(pieces) for j, i in enumerate(piece)}
         samples = []
         for i, tk in enumerate(top_ks):
             p, j = located[i]
