@@ -47,9 +47,7 @@ def set_thread_priority(nice: int | None) -> None:
 
 def current_thread_nice() -> int | None:
     """The calling thread's nice value (Linux), else None."""
-    if not sys.platform.startswith("linux"):
-        return None
-    return os.getpriority(os.PRIO_PROCESS, threading.get_native_id())
+    return thread_nice(threading.get_native_id()) if sys.platform.startswith("linux") else None
 
 
 def thread_nice(tid: int) -> int:

@@ -211,7 +211,7 @@ class Runner:
 
     def split(self, frames: int, capacities: Sequence[float]) -> list[list[int]]:
         """The sub-batches a batch of these capacities runs as."""
-        if self.streams < 2 or self._pool is None or len(capacities) < 2:
+        if self._pool is None or len(capacities) < 2:  # no stream threads: one stream, or closed
             return [list(range(len(capacities)))]
         costs = [gflops(self.cfg, c, frames) for c in capacities]
         return split_batch(costs, self.streams, self.min_stream_gflops)
