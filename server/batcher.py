@@ -1,7 +1,9 @@
 """The dynamic batcher: a bounded FIFO that hands out batches of up to `max_batch_size` items.
 
 A batch starts with the oldest waiting item and collects items of the same input kind (frames per sample)
-until it is full or `max_batch_wait_ms` has passed since it started.  Items of other kinds stay queued in
+until it is full or `max_batch_wait_ms` has passed since it started; with `wait="incoming"`, it stops
+waiting as soon as no request is on its way to the queue (see `Batcher.coming`): a lone request on an idle
+server runs at once instead of waiting for batch-mates that cannot come.  Items of other kinds stay queued in
 order.  Budgets may differ inside a batch (the model takes one e_c per sample), so a cheap request is never
 queued behind a different budget.  Items whose client left are dropped; items whose hard deadline passed
 are handed back as `expired` so that the caller can answer them 504 without running them.
@@ -13,9 +15,9 @@ import asyncio
 import contextlib
 import time
 from collections import deque
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, Literal
 
 from torch import Tensor
 
@@ -65,14 +67,34 @@ class Batcher:
         max_batch_size: most items in one batch.
         max_batch_wait_ms: how long a batch waits for more items after its first.
         max_queue_size: most queued items; `put` refuses beyond it.
+        wait: "always" waits `max_batch_wait_ms` for a batch to fill; "incoming" only while a request is
+            on its way (inside `coming()`).
     """
 
-    def __init__(self, max_batch_size: int, max_batch_wait_ms: float, max_queue_size: int) -> None:
+    def __init__(
+        self,
+        max_batch_size: int,
+        max_batch_wait_ms: float,
+        max_queue_size: int,
+        wait: Literal["always", "incoming"] = "always",
+    ) -> None:
         self.max_batch_size = max_batch_size
         self.max_wait = max_batch_wait_ms / 1e3
         self.max_queue_size = max_queue_size
+        self.wait = wait
         self._queue: deque[WorkItem] = deque()
         self._wakeup = asyncio.Event()
+        self._coming = 0
+
+    @contextlib.contextmanager
+    def coming(self) -> Iterator[None]:
+        """Mark a request on its way to `put` (being decoded): a forming batch waits for it.  Leaving does
+        not wake the batch; the `put` that follows does (or the wait runs out, if the request failed)."""
+        self._coming += 1
+        try:
+            yield
+        finally:
+            self._coming -= 1
 
     def __len__(self) -> int:
         return len(self._queue)
@@ -130,6 +152,8 @@ class Batcher:
             self._take(frames, items, expired)
             left = self.max_wait - (time.monotonic() - start)
             if len(items) >= self.max_batch_size or left <= 0 or (not items and not self._queue):
+                break
+            if self.wait == "incoming" and not self._coming and items:
                 break
             self._wakeup.clear()
             with contextlib.suppress(TimeoutError):

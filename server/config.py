@@ -105,6 +105,11 @@ class Settings(BaseSettings):
     # -- batching and overload ---------------------------------------------------------------------------
     max_batch_size: int = Field(default=32, ge=1, le=1024)
     max_batch_wait_ms: float = Field(default=5.0, ge=0.0, le=1000.0)
+    batch_wait: Literal["incoming", "always"] = Field(
+        default="incoming",
+        description="incoming: a batch waits for more items only while requests are being decoded (a lone "
+        "request on an idle server runs at once); always: the whole max_batch_wait_ms",
+    )
     max_queue_size: int = Field(default=128, ge=1)
     overload_policy: Literal["reject", "degrade"] = "reject"
     degrade_start: float = Field(

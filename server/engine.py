@@ -13,6 +13,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -178,7 +179,7 @@ class Engine:
     async def start(self) -> None:
         """Warm up, calibrate the latency model, start the batch loop; then report ready."""
         s = self.settings
-        self._batcher = Batcher(s.max_batch_size, s.max_batch_wait_ms, s.max_queue_size)
+        self._batcher = Batcher(s.max_batch_size, s.max_batch_wait_ms, s.max_queue_size, s.batch_wait)
         calibrate = partial(
             warm_up_and_calibrate, self.runner, self.latency, s, sorted(set(self.kinds.values()))
         )
@@ -279,6 +280,15 @@ class Engine:
                     retry_after=self.scheduler.drain_estimate(self.queue_depth),
                 )
             )
+
+    @contextlib.contextmanager
+    def coming(self) -> Iterator[None]:
+        """Wrap the decoding of an admitted request, so that a forming batch waits for it."""
+        if self._batcher is None:
+            yield
+            return
+        with self._batcher.coming():
+            yield
 
     def _admission_level(self, budget: Budget, frames: int) -> Level | None:
         try:

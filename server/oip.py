@@ -117,10 +117,11 @@ async def post_infer(
     check_model(name, settings)
     engine.shed_if_full()  # an overloaded server refuses before decoding
     jobs: list[tuple[Tensor, Parameters]] = []
-    for tensor in body.inputs:
-        params = {**(body.parameters or {}), **(tensor.parameters or {})}
-        samples = await _input_samples(tensor, params, engine, settings, get_clip_decoder(request))
-        jobs += [(x, params) for x in samples]
+    with engine.coming():
+        for tensor in body.inputs:
+            params = {**(body.parameters or {}), **(tensor.parameters or {})}
+            samples = await _input_samples(tensor, params, engine, settings, get_clip_decoder(request))
+            jobs += [(x, params) for x in samples]
     decode_ms = (time.monotonic() - arrival) * 1e3
     work = [
         engine.infer(x, _budget(p, settings.default_capacity), arrival=arrival, **_options(p))

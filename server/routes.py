@@ -104,7 +104,8 @@ async def post_classify(request: Request) -> ClassifyResponse:
     params = _parse_params(fields, settings.default_top_k)
     budget = parse_budget(params.capacity, params.gflops, params.latency_ms, settings.default_capacity)
     engine.shed_if_full()  # an overloaded server refuses before decoding
-    decoded = await decode_payload(data, engine, settings, params.kind, get_clip_decoder(request))
+    with engine.coming():
+        decoded = await decode_payload(data, engine, settings, params.kind, get_clip_decoder(request))
     decode_ms = (time.monotonic() - arrival) * 1e3
     work = engine.infer(
         decoded.tensor,

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
 
 import pytest
@@ -74,3 +75,48 @@ async def test_queue_is_bounded() -> None:
     assert b.full()
     with pytest.raises(OverflowError):
         b.put(item())
+
+
+async def test_incoming_wait_runs_a_lone_item_at_once() -> None:
+    b = Batcher(max_batch_size=4, max_batch_wait_ms=1000, max_queue_size=16, wait="incoming")
+    b.put(item())
+    start = time.monotonic()
+    batch = await b.next_batch()
+    assert time.monotonic() - start < 0.5
+    assert len(batch.items) == 1
+
+
+async def test_incoming_wait_waits_for_a_request_being_decoded() -> None:
+    b = Batcher(max_batch_size=4, max_batch_wait_ms=1000, max_queue_size=16, wait="incoming")
+    b.put(item())
+
+    async def decode_then_put() -> None:
+        with b.coming():
+            await asyncio.sleep(0.05)
+        b.put(item())
+
+    task = asyncio.create_task(decode_then_put())
+    await asyncio.sleep(0)  # the second request is being decoded before the batch forms
+    start = time.monotonic()
+    batch = await b.next_batch()
+    await task
+    assert 0.03 <= time.monotonic() - start < 0.5
+    assert len(batch.items) == 2
+
+
+async def test_incoming_wait_gives_up_on_a_request_that_never_arrives() -> None:
+    b = Batcher(max_batch_size=4, max_batch_wait_ms=100, max_queue_size=16, wait="incoming")
+    b.put(item())
+
+    async def fail_while_decoding() -> None:
+        with contextlib.suppress(ValueError), b.coming():
+            await asyncio.sleep(0.02)
+            raise ValueError("undecodable")
+
+    task = asyncio.create_task(fail_while_decoding())
+    await asyncio.sleep(0)
+    start = time.monotonic()
+    batch = await b.next_batch()
+    await task
+    assert 0.08 <= time.monotonic() - start < 0.6
+    assert len(batch.items) == 1

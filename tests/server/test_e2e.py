@@ -31,7 +31,9 @@ def metric(base: str, name: str, **labels: str) -> float:
 
 @pytest.fixture(scope="module")
 def server(checkpoint_dir: Path) -> Iterator[str]:
-    proc, base = start(checkpoint_dir, "--max-batch-size", "8", "--max-batch-wait-ms", "1000")
+    proc, base = start(
+        checkpoint_dir, "--max-batch-size", "8", "--max-batch-wait-ms", "1000", "--batch-wait", "always"
+    )
     yield base
     stop(proc)
 

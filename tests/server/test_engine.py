@@ -217,6 +217,19 @@ async def test_gflops_budget_is_honoured(engine: Engine) -> None:
     assert r.output.realised == 1.0
 
 
+@pytest.mark.parametrize("wait", ["incoming", "always"])
+async def test_a_lone_request_waits_for_batch_mates_only_when_told_to(
+    checkpoint_dir: Path, wait: str
+) -> None:
+    engine = await start_engine(checkpoint_dir, max_batch_wait_ms=600.0, batch_wait=wait)
+    result = await engine.infer(inputs(1)[0], Budget("default", 1.0))
+    await engine.stop(drain_s=5)
+    if wait == "incoming":
+        assert result.queue_ms < 300, "nothing else on its way: the batch runs at once"
+    else:
+        assert result.queue_ms >= 550
+
+
 async def test_reject_policy_answers_429_and_accounts_for_everything(checkpoint_dir: Path) -> None:
     engine = await start_engine(checkpoint_dir, max_batch_size=1, max_queue_size=2, max_batch_wait_ms=0.0)
     slow_down(engine, 0.05)
