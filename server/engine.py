@@ -13,7 +13,6 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
@@ -281,14 +280,9 @@ class Engine:
                 )
             )
 
-    @contextlib.contextmanager
-    def coming(self) -> Iterator[None]:
+    def coming(self) -> contextlib.AbstractContextManager[None]:
         """Wrap the decoding of an admitted request, so that a forming batch waits for it."""
-        if self._batcher is None:
-            yield
-            return
-        with self._batcher.coming():
-            yield
+        return self._batcher.coming() if self._batcher else contextlib.nullcontext()
 
     def _admission_level(self, budget: Budget, frames: int) -> Level | None:
         try:
