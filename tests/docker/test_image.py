@@ -185,8 +185,8 @@ def wait_inflight(base: str, timeout_s: float) -> None:
 
 
 def test_sigterm_finishes_in_flight_request_and_exits_zero(image: str) -> None:
-    # The longest batch wait keeps one request in flight (queued, then run) for about 1 s.
-    c = Container(image, "mone-test-stop", MONE_MAX_BATCH_WAIT_MS="1000")
+    # The longest batch wait, taken whole, keeps one request in flight (queued, then run) for about 1 s.
+    c = Container(image, "mone-test-stop", MONE_MAX_BATCH_WAIT_MS="1000", MONE_BATCH_WAIT="always")
     try:
         c.wait_ready()
         result: dict[str, httpx.Response] = {}
