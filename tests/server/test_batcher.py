@@ -5,11 +5,13 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import time
+from collections.abc import Coroutine
+from typing import Any
 
 import pytest
 import torch
 
-from server.batcher import Batcher, WorkItem
+from server.batcher import Batch, Batcher, WorkItem
 from server.budget import Budget
 
 pytestmark = pytest.mark.anyio
@@ -18,6 +20,16 @@ pytestmark = pytest.mark.anyio
 def item(frames: int = 1, deadline_s: float = 10.0) -> WorkItem:
     now = time.monotonic()
     return WorkItem(torch.zeros(frames, 1, 4, 4), Budget("default", 1.0), now, now + deadline_s)
+
+
+async def batch_beside(b: Batcher, side: Coroutine[Any, Any, None]) -> tuple[Batch, float]:
+    """The next batch of `b` while `side` runs (started first), and the seconds it took to form."""
+    task = asyncio.create_task(side)
+    await asyncio.sleep(0)
+    start = time.monotonic()
+    batch = await b.next_batch()
+    await task
+    return batch, time.monotonic() - start
 
 
 async def test_full_batch_is_handed_out_at_once() -> None:
@@ -40,11 +52,8 @@ async def test_partial_batch_waits_then_goes() -> None:
         await asyncio.sleep(0.01)
         b.put(item())
 
-    task = asyncio.create_task(late())
-    start = time.monotonic()
-    batch = await b.next_batch()
-    await task
-    assert 0.04 <= time.monotonic() - start < 0.5
+    batch, seconds = await batch_beside(b, late())
+    assert 0.04 <= seconds < 0.5
     assert len(batch.items) == 2
 
 
@@ -95,12 +104,8 @@ async def test_incoming_wait_waits_for_a_request_being_decoded() -> None:
             await asyncio.sleep(0.05)
         b.put(item())
 
-    task = asyncio.create_task(decode_then_put())
-    await asyncio.sleep(0)  # the second request is being decoded before the batch forms
-    start = time.monotonic()
-    batch = await b.next_batch()
-    await task
-    assert 0.03 <= time.monotonic() - start < 0.5
+    batch, seconds = await batch_beside(b, decode_then_put())  # being decoded before the batch forms
+    assert 0.03 <= seconds < 0.5
     assert len(batch.items) == 2
 
 
@@ -113,10 +118,6 @@ async def test_incoming_wait_gives_up_on_a_request_that_never_arrives() -> None:
             await asyncio.sleep(0.02)
             raise ValueError("undecodable")
 
-    task = asyncio.create_task(fail_while_decoding())
-    await asyncio.sleep(0)
-    start = time.monotonic()
-    batch = await b.next_batch()
-    await task
-    assert 0.08 <= time.monotonic() - start < 0.6
+    batch, seconds = await batch_beside(b, fail_while_decoding())
+    assert 0.08 <= seconds < 0.6
     assert len(batch.items) == 1
