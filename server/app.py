@@ -75,13 +75,16 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         # turns at the GIL; at Python's 5 ms a probe waited up to ~50 ms (p99) for its turn, at 1 ms ~25 ms.
         switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(settings.gil_switch_interval_ms / 1e3)
-        health = start_health_listener(settings)
-        app.state.health = health
-        # The decode workers start first: they import their modules while the model loads.
-        clips = DecodePool(settings.decode_workers) if settings.decode_isolation == "process" else None
-        app.state.clips = clips
+        health: HealthListener | None = None
+        clips: DecodePool | None = None
         watchdog: Watchdog | None = None
-        try:
+        engine: Engine | None = None
+        try:  # a start-up that fails part-way undoes what it had started, as a stop does
+            health = start_health_listener(settings)
+            app.state.health = health
+            # The decode workers start first: they import their modules while the model loads.
+            clips = DecodePool(settings.decode_workers) if settings.decode_isolation == "process" else None
+            app.state.clips = clips
             device = resolve_device(settings.device)
             checkpoint = load_model(settings, device)
             engine = Engine(Runner.from_settings(checkpoint, device, settings), settings, events=metrics)
@@ -95,11 +98,10 @@ def create_app(settings: Settings | None = None) -> FastAPI:
                 watchdog = Watchdog(health.state, on_lag=metrics.loop_lag.set)
                 watchdog.start()  # armed once ready: a blocking model load is not a stall
             log.info("ready: %s (%s) on %s", settings.model_name, checkpoint.config.variant, device)
-            try:
-                yield
-            finally:
-                await engine.stop(drain_s=float(settings.timeout_graceful_shutdown))
+            yield
         finally:
+            if engine is not None:
+                await engine.stop(drain_s=float(settings.timeout_graceful_shutdown))
             if watchdog is not None:
                 await watchdog.stop()
             if health is not None:

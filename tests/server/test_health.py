@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import http.client
 import json
+import multiprocessing
 import signal
 import socket
 import sys
@@ -14,6 +15,9 @@ from pathlib import Path
 
 import pytest
 
+import server.app
+import server.engine
+from model.checkpoint import CheckpointError
 from server.app import create_app
 from server.health import HealthListener, HealthState, Watchdog, mark_draining_on_signals
 from tests.live_server import free_port
@@ -151,6 +155,47 @@ async def test_app_lifespan_sets_the_gil_switch_interval(checkpoint_dir: Path) -
     async with app.router.lifespan_context(app):
         assert sys.getswitchinterval() == pytest.approx(0.0025)
     assert sys.getswitchinterval() == before
+
+
+def _fail_to_spawn(workers: int) -> None:
+    raise OSError("cannot spawn decode workers")
+
+
+def _fail_to_calibrate(*args: object) -> None:
+    raise RuntimeError("calibration failed")
+
+
+@pytest.mark.anyio
+@pytest.mark.parametrize("failure", ["digest", "decode workers", "calibration"])
+async def test_a_start_up_that_fails_undoes_what_it_started(
+    checkpoint_dir: Path, monkeypatch: pytest.MonkeyPatch, failure: str
+) -> None:
+    """Start-up stops at the weights (a digest that does not match), at the decode workers, or at
+    calibration: the probe listener, the decode workers and the engine's thread are stopped again, and
+    Python's switch interval comes back."""
+    port = free_port()
+    pin = "0" * 64 if failure == "digest" else None
+    settings = fast_settings(
+        checkpoint_dir, health_port=port, gil_switch_interval_ms=2.5, checkpoint_sha256=pin
+    )
+    if failure == "decode workers":
+        monkeypatch.setattr(server.app, "DecodePool", _fail_to_spawn)
+    if failure == "calibration":
+        monkeypatch.setattr(server.engine, "warm_up_and_calibrate", _fail_to_calibrate)
+    before = sys.getswitchinterval()
+    app = create_app(settings)
+    expected = {"digest": CheckpointError, "decode workers": OSError, "calibration": RuntimeError}[failure]
+    with pytest.raises(expected):
+        async with app.router.lifespan_context(app):
+            pass
+    assert sys.getswitchinterval() == before
+    with pytest.raises(ConnectionRefusedError):
+        socket.create_connection(("127.0.0.1", port), timeout=2).close()
+    assert not [p for p in multiprocessing.active_children() if p.is_alive()]
+    engine = getattr(app.state, "engine", None)
+    if failure == "calibration":
+        assert engine is not None
+        assert engine._executor._shutdown
 
 
 def test_health_port_must_differ_from_port(checkpoint_dir: Path) -> None:
