@@ -154,12 +154,22 @@ def table(names: list[str], results: dict[str, list[Measured]]) -> str:
     return "\n".join(lines)
 
 
+def request_fields(capacity: str) -> dict[str, str]:
+    """The form fields of a mone-serve run: the capacity asked for, or none (`default`), so that variants
+    started with different `--default-capacity` values can be set side by side."""
+    return {} if capacity == "default" else {"capacity": capacity}
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--model", choices=["shipped", "s16"], default="shipped")
     p.add_argument("--variants", nargs="+", type=parse_variant, default=[parse_variant("base")])
     p.add_argument("--lit", action="store_true", help="LitServe serving the same checkpoint, dense")
-    p.add_argument("--capacity", default="1.0", help="the capacity the mone-serve runs ask for")
+    p.add_argument(
+        "--capacity",
+        default="1.0",
+        help="the capacity the mone-serve runs ask for; `default`: none, the server's default_capacity",
+    )
     p.add_argument("--concurrency", type=int, default=64)
     p.add_argument("--seconds", type=float, default=20.0, help="per run; at least --round-batches batches")
     p.add_argument("--round-batches", type=int, default=12)
@@ -200,7 +210,7 @@ def main() -> None:
                 v.name,
                 bs.start_mone(ckpt, args, *v.extra, env=v.env),
                 "/v1/classify",
-                {"capacity": args.capacity},
+                request_fields(args.capacity),
             )
         for r in range(args.rounds):
             for name, server, path, fields in bs.round_order(servers, r):

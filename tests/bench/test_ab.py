@@ -6,7 +6,7 @@ import argparse
 import pytest
 from prometheus_client import CollectorRegistry, Histogram, generate_latest
 
-from bench.ab import Measured, compute_totals, parse_variant, table
+from bench.ab import Measured, compute_totals, parse_variant, request_fields, table
 
 
 def test_a_variant_names_its_environment_and_arguments() -> None:
@@ -50,3 +50,8 @@ def test_compute_totals_read_the_histogram_over_its_labels() -> None:
     compute.labels("cuda").observe(0.5)
     assert compute_totals(generate_latest(registry).decode()) == (4.0, 3.0)
     assert compute_totals("") == (0.0, 0.0)
+
+
+def test_capacity_default_sends_no_budget() -> None:
+    assert request_fields("0.5") == {"capacity": "0.5"}
+    assert request_fields("default") == {}
