@@ -157,6 +157,12 @@ class Settings(BaseSettings):
         ge=1,
         description="pixels of images being decoded at once, across requests (memory); others wait, then 503",
     )
+    inline_decode_pixels: int = Field(
+        default=16_384,
+        ge=0,
+        description="images of at most this many pixels (by their header) and 64 KiB are decoded on the "
+        "event loop, where handing them to a thread costs more than decoding them; 0: always in a thread",
+    )
 
     # -- security ----------------------------------------------------------------------------------------
     api_key: SecretStr | None = Field(

@@ -1,14 +1,23 @@
 """The budget of pixels in decoding (server/decode_budget.py): waits in order, never oversubscribes, gives
-503 after its wait, and is released whatever happens to the decode."""
+503 after its wait, and is released whatever happens to the decode; and where an image is decoded."""
 
 from __future__ import annotations
 
 import asyncio
+import threading
+from types import SimpleNamespace
+from typing import Any, cast
 
 import pytest
 from PIL import Image
 
+import server.deps
+from model import MoNEConfig
+from server.config import Settings
+from server.decode import Decoded, decode
 from server.decode_budget import PixelBudget, header_pixels
+from server.deps import decode_payload
+from server.engine import Engine
 from server.errors import OverloadedError
 from tests.server.conftest import encode
 
@@ -75,3 +84,32 @@ async def test_a_failing_or_cancelled_decode_gives_its_pixels_back() -> None:
     assert budget.used == 0
     async with budget.hold(100):
         assert budget.used == 100
+
+
+@pytest.mark.parametrize(
+    ("size", "inline_pixels", "on_loop"),
+    [((28, 28), 16_384, True), ((200, 200), 16_384, False), ((28, 28), 0, False)],
+)
+async def test_small_images_decode_on_the_loop_and_the_rest_in_a_thread(
+    monkeypatch: pytest.MonkeyPatch, size: tuple[int, int], inline_pixels: int, on_loop: bool
+) -> None:
+    """An image within `inline_decode_pixels` is decoded where it arrives, on the event loop's thread (a
+    hand-off would cost more); a larger one, or any with the setting at 0, in a worker thread.  Either way
+    it holds its pixels of the decoding budget while it decodes and gives them back."""
+    seen: list[tuple[threading.Thread, int]] = []
+    cfg = MoNEConfig.from_variant("Mi/4", num_classes=10)
+    engine = SimpleNamespace(cfg=cfg, decode_budget=PixelBudget(10**6, 5.0))
+
+    def recording(*args: Any) -> Decoded:
+        seen.append((threading.current_thread(), engine.decode_budget.used))
+        return decode(*args)
+
+    monkeypatch.setattr(server.deps, "decode", recording)
+    settings = Settings(inline_decode_pixels=inline_pixels)
+    data = encode(Image.new("L", size, 128), "PNG")
+    out = await decode_payload(data, cast(Engine, engine), settings)
+    assert out.tensor.shape[-2:] == (28, 28)
+    [(thread, held)] = seen
+    assert (thread is threading.current_thread()) == on_loop
+    assert held == size[0] * size[1]
+    assert engine.decode_budget.used == 0
