@@ -8,7 +8,9 @@ and command-line arguments on top of `bench.serve`'s batching settings.  Every s
 each round runs every server in turn (in reverse every other round) with the others stopped (SIGSTOP), so
 that a machine whose speed drifts moves them alike.  Printed: each run; then per server the median req/s
 and its ratio to the first server, and for mone-serve the share of the wall time its batches were computing
-and their mean compute time (from /metrics: what the server does besides the model shows up as the rest).
+and their mean compute time (from /metrics: what the server does besides the model shows up as the rest),
+and for every server the CPU time its processes spent per request served (user + system, from /proc: less
+noisy than req/s on a machine whose speed drifts, since it does not count the time the server waited).
 With `--probe`, /healthz on the API port and on the probe listener is timed during each mone-serve run from
 a process of its own (p99 in ms).
 """
@@ -18,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import os
 import re
 import statistics
 import tempfile
@@ -84,6 +87,7 @@ class Measured:
     busy: float | None = None  # share of the wall time mone-serve's batches were computing
     batch_ms: float | None = None  # their mean compute time
     healthz_p99: tuple[float, float] | None = None  # API port, probe listener
+    cpu_ms: float | None = None  # CPU time of the server's processes per request served
 
 
 def measure(
@@ -106,13 +110,18 @@ def measure(
                 pool.submit(bs.probe, urls, max(1.0, args.seconds - 2), 1.0) if mone and args.probe else None
             )
             url = server.base + path
+            cpu = group_cpu_seconds(server.proc.pid)
             run = asyncio.run(bs.closed_loop(url, bodies, fields, args.concurrency, args.seconds, label))
+            cpu = group_cpu_seconds(server.proc.pid) - cpu
             health = probes.result() if probes else None
         wall = time.perf_counter() - start
         after = compute_counters(server.base) if mone else None
     finally:
         server.pause()
     out = Measured(run.rps, run.row())
+    if run.requests:
+        out.cpu_ms = 1e3 * cpu / run.requests
+        out.row += f" CPU {out.cpu_ms:.2f} ms a request;"
     if before and after and after[1] > before[1]:
         out.busy = (after[0] - before[0]) / wall
         out.batch_ms = 1e3 * (after[0] - before[0]) / (after[1] - before[1])
@@ -122,6 +131,21 @@ def measure(
         out.healthz_p99 = (api, listener)
         out.row += f"; /healthz p99 {api:.1f} ms, probe listener {listener:.1f} ms"
     return out
+
+
+def group_cpu_seconds(pgid: int) -> float:
+    """User + system CPU seconds of the live processes of a process group (a server and its workers), from
+    /proc/PID/stat; 0 where /proc is not there."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for entry in Path("/proc").glob("[0-9]*"):
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if int(fields[2]) == pgid:  # after the command: state, ppid, pgrp, ...; utime and stime are 11, 12
+            total += int(fields[11]) + int(fields[12])
+    return total / tick
 
 
 def checkpoint(model: str, tmp: Path) -> Path:
@@ -139,17 +163,20 @@ def table(names: list[str], results: dict[str, list[Measured]]) -> str:
 
     first = statistics.median(m.rps for m in results[names[0]])
     lines = [
-        f"| server | req/s | vs {names[0]} | computing | ms a batch | /healthz p99 API | probe listener |",
-        "|---|---|---|---|---|---|---|",
+        f"| server | req/s | vs {names[0]} | CPU ms a request | computing | ms a batch | /healthz p99 API "
+        "| probe listener |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     for name in names:
         rps = statistics.median(m.rps for m in results[name])
+        cpu = median(name, lambda m: m.cpu_ms, ".2f")
         busy = median(name, lambda m: m.busy, ".0%")
         ms = median(name, lambda m: m.batch_ms, ".0f")
         api = median(name, lambda m: m.healthz_p99[0] if m.healthz_p99 else None, ".1f")
         listener = median(name, lambda m: m.healthz_p99[1] if m.healthz_p99 else None, ".1f")
         lines.append(
-            f"| {name} | {rps:.1f} | {rps / max(first, 1e-9):.2f}x | {busy} | {ms} | {api} | {listener} |"
+            f"| {name} | {rps:.1f} | {rps / max(first, 1e-9):.2f}x | {cpu} | {busy} | {ms} | {api} "
+            f"| {listener} |"
         )
     return "\n".join(lines)
 
