@@ -251,3 +251,12 @@ def test_calibrate_full_width_sets_a_threshold_within_the_measured_sizes(net: Mo
     rows = net.calibrate_full_width(batches=(1, 2, 4), repeats=1)
     assert net.full_width_rows == rows
     assert 0.5 * saved_per_frame <= rows <= 2.0 * 4 * saved_per_frame
+
+
+@pytest.mark.parametrize("capacity", [1.0, 0.125])
+def test_routing_of_a_single_expert_split_sends_every_token_there(capacity: float) -> None:
+    probs = torch.rand(3, 49, 4, generator=torch.Generator().manual_seed(1)).softmax(-1)
+    counts = expert_counts(capacity, 49)
+    experts = expert_preferred_routing(probs, counts)
+    assert experts.dtype == torch.long
+    assert torch.equal(experts, torch.full((3, 49), counts.index(49)))
