@@ -206,12 +206,14 @@ class Block(nn.Module):
         D, H = x.shape[-1], self.attn.heads
         N = x.shape[0] // frames
         step = frames if x.device.type != "cpu" else max(1, min(frames, CHUNK_BYTES // (4 * N * 4 * D)))
+        if step >= frames:
+            self._full_width_chunk_(x, frames, mask, scale, D, H)
+            return
         for f0 in range(0, frames, step):
             n = min(step, frames - f0)
             rows = slice(f0 * N, (f0 + n) * N)
-            xc = x[rows]
             m = None if mask is None else mask[rows]
-            self._full_width_chunk_(xc, n, m, None if scale is None else scale[rows], D, H)
+            self._full_width_chunk_(x[rows], n, m, None if scale is None else scale[rows], D, H)
 
     def _full_width_chunk_(
         self, x: Tensor, n: int, mask: Tensor | None, scale: Tensor | None, D: int, H: int
