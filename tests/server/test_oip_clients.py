@@ -1,0 +1,147 @@
+"""NVIDIA's `tritonclient` (PyPI), unmodified, against a real `python -m server` process: JSON and binary
+tensor data over HTTP, FP32 and BYTES inputs, each budget; the answers must equal the native API's."""
+
+from __future__ import annotations
+
+import base64
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from model import MoNEConfig
+from server.preprocess import pil_to_tensor
+from tests.live_server import start_server, stop_server
+from tests.server.conftest import LABELS, fashion_images, png
+
+httpclient = pytest.importorskip("tritonclient.http")
+
+pytestmark = pytest.mark.slow
+BUDGETS = [{"capacity": 0.5}, {"gflops": 0.05}, {"latency_ms": 200.0}]
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint_dir: Path) -> Iterator[str]:
+    proc, base = start_server(checkpoint_dir)
+    yield base
+    stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def triton(server: str) -> Iterator[Any]:
+    client = httpclient.InferenceServerClient(server.removeprefix("http://"), network_timeout=30)
+    yield client
+    client.close()
+
+
+def native(base: str, image: bytes, **budget: float) -> dict[str, Any]:
+    """/v1/classify with every class's probability."""
+    params = {k: str(v) for k, v in budget.items()}
+    r = httpx.post(base + "/v1/classify", params={**params, "top_k": "10"}, content=image, timeout=30)
+    assert r.status_code == 200, r.text
+    body: dict[str, Any] = r.json()
+    return body
+
+
+def probs(native_body: dict[str, Any]) -> np.ndarray:
+    out = np.zeros(len(native_body["top_k"]))
+    for p in native_body["top_k"]:
+        out[p["index"]] = p["prob"]
+    return out
+
+
+def softmax(logits: np.ndarray) -> np.ndarray:
+    return torch.tensor(logits, dtype=torch.float64).softmax(-1).numpy()
+
+
+def pixels(arr: np.ndarray) -> np.ndarray:
+    cfg = MoNEConfig.from_variant("Mi/4", num_classes=10)
+    return pil_to_tensor(Image.fromarray(arr), cfg).unsqueeze(0).numpy().astype(np.float32)
+
+
+def assert_same_as_native(base: str, result: Any, image: bytes, budget: dict[str, float]) -> None:
+    """The tritonclient result matches /v1/classify at the capacity the request was served at."""
+    served = result.get_response()["parameters"]
+    assert served["budget_type"] == next(iter(budget))
+    # A latency budget is planned from the load of the moment: compare at the capacity it got.
+    want = native(base, image, **(budget if "latency_ms" not in budget else {"capacity": served["capacity"]}))
+    logits = result.as_numpy("logits")
+    assert logits.shape == (1, 10)
+    np.testing.assert_allclose(softmax(logits[0]), probs(want), rtol=1e-4, atol=1e-5)
+    label = result.as_numpy("label")[0]
+    assert (label.decode() if isinstance(label, bytes) else label) == want["top_k"][0]["label"]
+    assert result.as_numpy("capacity")[0] == pytest.approx(want["served"]["realised_capacity"], rel=1e-6)
+    assert result.as_numpy("gflops")[0] == pytest.approx(want["served"]["gflops"], rel=1e-6)
+    if "gflops" in budget:
+        assert served["gflops"] <= budget["gflops"]
+
+
+def test_health_and_metadata(triton: Any) -> None:
+    assert triton.is_server_live()
+    assert triton.is_server_ready()
+    assert triton.is_model_ready("mone")
+    assert "binary_tensor_data" in triton.get_server_metadata()["extensions"]
+    names = {t["name"] for t in triton.get_model_metadata("mone")["inputs"]}
+    assert names == {"input", "pixels"}
+
+
+@pytest.mark.parametrize("budget", BUDGETS, ids=lambda b: next(iter(b)))
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_bytes_input(server: str, triton: Any, budget: dict[str, float], binary: bool) -> None:
+    image = png(fashion_images(3)[2])
+    # JSON carries BYTES elements as strings: an encoded image goes base64; binary data carries it raw.
+    element: Any = image if binary else base64.b64encode(image).decode()
+    tensor = httpclient.InferInput("input", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([element], dtype=np.object_), binary_data=binary)
+    outputs = [httpclient.InferRequestedOutput(n, binary_data=binary) for n in ("logits", "label")]
+    outputs += [httpclient.InferRequestedOutput(n, binary_data=not binary) for n in ("capacity", "gflops")]
+    result = triton.infer("mone", [tensor], outputs=outputs, parameters=budget)
+    assert_same_as_native(server, result, image, budget)
+
+
+@pytest.mark.parametrize("budget", BUDGETS, ids=lambda b: next(iter(b)))
+@pytest.mark.parametrize("binary", [True, False], ids=["binary", "json"])
+def test_fp32_input(server: str, triton: Any, budget: dict[str, float], binary: bool) -> None:
+    arr = fashion_images(4)[3]
+    tensor = httpclient.InferInput("pixels", [1, 1, 28, 28], "FP32")
+    tensor.set_data_from_numpy(pixels(arr), binary_data=binary)
+    # No outputs named: tritonclient then asks for every output as binary data (`binary_data_output`).
+    result = triton.infer("mone", [tensor], parameters=budget, request_id="fp32-1")
+    assert result.get_response()["id"] == "fp32-1"
+    assert_same_as_native(server, result, png(arr), budget)
+
+
+def test_a_batch_of_images_in_one_binary_tensor(server: str, triton: Any) -> None:
+    arrays = fashion_images(5)
+    images = [png(a) for a in arrays]
+    tensor = httpclient.InferInput("input", [len(images)], "BYTES")
+    tensor.set_data_from_numpy(np.array(images, dtype=np.object_))
+    result = triton.infer("mone", [tensor], parameters={"capacity": 0.25})
+    labels = [x.decode() for x in result.as_numpy("label")]
+    logits = result.as_numpy("logits")
+    assert logits.shape == (5, 10)
+    for i, image in enumerate(images):
+        want = native(server, image, capacity=0.25)
+        np.testing.assert_allclose(softmax(logits[i]), probs(want), rtol=1e-4, atol=1e-5)
+        assert labels[i] == want["top_k"][0]["label"]
+        assert labels[i] in LABELS
+
+
+def test_errors_reach_the_client_as_messages(triton: Any) -> None:
+    from tritonclient.utils import InferenceServerException
+
+    tensor = httpclient.InferInput("input", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([b"not an image"], dtype=np.object_))
+    with pytest.raises(InferenceServerException) as bad:
+        triton.infer("mone", [tensor])
+    assert bad.value.status() == "415"
+    tensor.set_data_from_numpy(np.array([png(fashion_images(1)[0])], dtype=np.object_))
+    with pytest.raises(InferenceServerException) as floor:
+        triton.infer("mone", [tensor], parameters={"gflops": 1e-6})
+    assert bad.value.message()
+    assert "floor" in (floor.value.message() or "")
