@@ -20,6 +20,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server import __version__, oip, routes
+from server.access import RequestIdMiddleware, configure_access_log, record_of
 from server.auth import AuthMiddleware
 from server.config import Settings, get_settings
 from server.decode_pool import DecodePool
@@ -135,9 +136,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(
             AuthMiddleware, api_key=key, metrics=metrics, metrics_public=settings.metrics_public
         )
+    app.add_middleware(RequestIdMiddleware, error_body=_internal_error)
+    configure_access_log(settings.access_log)
     known = [*routes.router.routes, *routes.v1.routes, *oip.router.routes, *oip.models.routes]
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=known)
     return app
+
+
+def _internal_error(message: str, path: str) -> JSONResponse:
+    return error_response(InternalError.code, message, path=path)
+
+
+def _note_error(scope: Scope, code: str) -> None:
+    record = record_of(scope)
+    if record is not None:
+        record.error = code
 
 
 def start_health_listener(settings: Settings) -> HealthListener | None:
@@ -198,6 +211,7 @@ class ShedMiddleware:
                             break
                 except ServeError as too_large:  # the body limit cut it off: that answer comes first
                     refusal = too_large
+                _note_error(scope, refusal.code)
                 await serve_error_response(refusal, scope["path"], self.metrics)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -206,16 +220,19 @@ class ShedMiddleware:
 def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, exc: ServeError) -> JSONResponse:
+        _note_error(request.scope, exc.code)
         return serve_error_response(exc, request.url.path, metrics)
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
         # The client left while sending its body: nobody reads this answer, but it is a 499, not a 500.
+        _note_error(request.scope, ClientGoneError.code)
         return error_response(ClientGoneError.code, "client disconnected", path=request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         metrics.reject("bad_input")
+        _note_error(request.scope, "validation_error")
         errors = [{"field": ".".join(map(str, e["loc"])), "message": e["msg"]} for e in exc.errors()]
         message = "request does not match the schema"
         return error_response("validation_error", message, {"errors": errors}, request.url.path)
@@ -223,6 +240,7 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        _note_error(request.scope, code)
         response = error_response(code, str(exc.detail), path=request.url.path)
         response.status_code = exc.status_code
         return response

@@ -43,6 +43,11 @@ class Settings(BaseSettings):
         description="port of a probe listener (/healthz, /readyz) on its own thread, off the main event "
         "loop, bound to the same host; 0 turns it off (the container image sets 8001)",
     )
+    access_log: bool = Field(
+        default=True,
+        description="one JSON line per request on stderr (logger mone.access): request id, route, status, "
+        "input kind, budget asked, capacity and GFLOPs served, decode/queue/compute ms; replaces uvicorn's",
+    )
     health_stale_s: float = Field(
         default=10.0,
         gt=0.0,

@@ -21,6 +21,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from torch import Tensor
 
 from server import __version__
+from server.access import AccessRecord, record_of
 from server.budget import Budget, parse_budget
 from server.config import Settings
 from server.deps import (
@@ -179,6 +180,7 @@ async def post_infer(name: str, request: Request) -> Response:
         get_clip_decoder(request),
         arrival,
         lambda work: cancel_on_disconnect(request, work),
+        record_of(request),
     )
     outputs = [o for o in output_tensors(results, engine) if o.name in binary]
     head: dict[str, Any] = {"model_name": name, "model_version": "1"}
@@ -214,10 +216,11 @@ async def serve(
     clips: ClipDecoder | None,
     arrival: float,
     guard: Callable[[Awaitable[list[InferResult]]], Awaitable[list[InferResult]]],
+    record: AccessRecord | None = None,
 ) -> tuple[list[InferResult], float]:
     """Decode the inputs, run every sample under its budget (per input parameters win over the request's)
     and return the results in input order, with the decoding time in ms.  `guard` wraps the wait (the HTTP
-    route cancels it when the client disconnects)."""
+    route cancels it when the client disconnects); `record` gets the account for the access log."""
     jobs: list[tuple[Tensor, Parameters]] = []
     with engine.coming():
         for tensor in inputs:
@@ -226,8 +229,13 @@ async def serve(
             jobs += [(x, p) for x in samples]
     decode_ms = (time.monotonic() - arrival) * 1e3
     planned = [(x, _budget(p, settings.default_capacity), _options(p)) for x, p in jobs]
+    if record is not None and planned:
+        record.ask(planned[0][1])
     work = [engine.infer(x, budget, arrival=arrival, **options) for x, budget, options in planned]
-    return await guard(asyncio.gather(*work)), decode_ms
+    results = await guard(asyncio.gather(*work))
+    if record is not None:
+        record.serve(results, decode_ms)
+    return results, decode_ms
 
 
 async def _input_samples(
