@@ -10,6 +10,7 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -44,6 +45,9 @@ from server.health import (
 from server.limits import BodyLimitMiddleware
 from server.metrics import Metrics, MetricsMiddleware
 from server.runner import Runner, load_model, resolve_device
+
+if TYPE_CHECKING:
+    from server.grpc_api import GrpcServer
 
 log = logging.getLogger("mone.app")
 NOT_REJECTIONS = (ClientGoneError.code, InternalError.code)
@@ -80,6 +84,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         clips: DecodePool | None = None
         watchdog: Watchdog | None = None
         engine: Engine | None = None
+        grpc_server: GrpcServer | None = None
         try:  # a start-up that fails part-way undoes what it had started, as a stop does
             health = start_health_listener(settings)
             app.state.health = health
@@ -94,6 +99,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if clips is not None:
                 await asyncio.to_thread(clips.wait_ready)
             await engine.start()
+            if settings.grpc_port:
+                from server.grpc_api import GrpcServer  # grpc is loaded only when it serves
+
+                grpc_server = GrpcServer(app, settings)
+                await grpc_server.start()
+                app.state.grpc = grpc_server
+                log.info("gRPC (Open Inference Protocol) on %s:%d", settings.host, grpc_server.port)
             if health is not None:
                 health.state.ready = lambda: engine.ready
                 watchdog = Watchdog(health.state, on_lag=metrics.loop_lag.set)
@@ -101,6 +113,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.info("ready: %s (%s) on %s", settings.model_name, checkpoint.config.variant, device)
             yield
         finally:
+            if grpc_server is not None:  # refuses new calls, lets the running ones finish
+                await grpc_server.stop(float(settings.timeout_graceful_shutdown))
             if engine is not None:
                 await engine.stop(drain_s=float(settings.timeout_graceful_shutdown))
             if watchdog is not None:

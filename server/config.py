@@ -43,6 +43,13 @@ class Settings(BaseSettings):
         description="port of a probe listener (/healthz, /readyz) on its own thread, off the main event "
         "loop, bound to the same host; 0 turns it off (the container image sets 8001)",
     )
+    grpc_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="port of the Open Inference Protocol's gRPC API (inference.GRPCInferenceService), bound "
+        "to the same host; 0 turns it off (the container image sets 8081, KServe's gRPC port)",
+    )
     access_log: bool = Field(
         default=True,
         description="one JSON line per request on stderr (logger mone.access): request id, route, status, "
@@ -217,6 +224,8 @@ class Settings(BaseSettings):
             raise ValueError("degrade_floor cannot exceed default_capacity")
         if self.health_port and self.health_port == self.port:
             raise ValueError("health_port must differ from port")
+        if self.grpc_port and self.grpc_port in (self.port, self.health_port):
+            raise ValueError("grpc_port must differ from port and health_port")
         loopback = self.host in ("127.0.0.1", "localhost", "::1")
         if not loopback and self.api_key is None and not self.allow_unauthenticated:
             raise ValueError(

@@ -59,6 +59,7 @@ from server.schemas import (
 )
 from server.video import ClipDecoder
 
+EXTENSIONS = ("binary_tensor_data",)
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
 models = APIRouter(prefix="/v2/models", tags=["open inference protocol"], dependencies=[Depends(require_key)])
 
@@ -66,7 +67,7 @@ models = APIRouter(prefix="/v2/models", tags=["open inference protocol"], depend
 @router.get("", response_model=ServerMetadata)
 async def get_server_metadata() -> ServerMetadata:
     """Server metadata."""
-    return ServerMetadata(name="mone-serve", version=__version__, extensions=["binary_tensor_data"])
+    return ServerMetadata(name="mone-serve", version=__version__, extensions=list(EXTENSIONS))
 
 
 @router.get("/health/live", response_model=LiveResponse)
@@ -87,6 +88,10 @@ async def get_server_ready(engine: EngineDep, response: Response) -> ReadyRespon
 async def get_model_metadata(name: str, engine: EngineDep, settings: SettingsDep) -> ModelMetadata:
     """Model metadata: inputs and outputs."""
     check_model(name, settings)
+    return oip_model_metadata(name, engine)
+
+
+def oip_model_metadata(name: str, engine: Engine) -> ModelMetadata:
     c = engine.cfg
     return ModelMetadata(
         name=name,

@@ -1,5 +1,6 @@
 """NVIDIA's `tritonclient` (PyPI), unmodified, against a real `python -m server` process: JSON and binary
-tensor data over HTTP, FP32 and BYTES inputs, each budget; the answers must equal the native API's."""
+tensor data over HTTP, and the gRPC API; FP32 and BYTES inputs, each budget; the answers must equal the
+native API's."""
 
 from __future__ import annotations
 
@@ -16,20 +17,35 @@ from PIL import Image
 
 from model import MoNEConfig
 from server.preprocess import pil_to_tensor
-from tests.live_server import start_server, stop_server
+from server.proto import inference_pb2 as pb
+from server.proto import inference_pb2_grpc
+from tests.live_server import free_port, start_server, stop_server
 from tests.server.conftest import LABELS, fashion_images, png
 
 httpclient = pytest.importorskip("tritonclient.http")
+grpcclient = pytest.importorskip("tritonclient.grpc")
 
 pytestmark = pytest.mark.slow
 BUDGETS = [{"capacity": 0.5}, {"gflops": 0.05}, {"latency_ms": 200.0}]
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint_dir: Path) -> Iterator[str]:
-    proc, base = start_server(checkpoint_dir)
+def grpc_port() -> int:
+    return free_port()
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint_dir: Path, grpc_port: int) -> Iterator[str]:
+    proc, base = start_server(checkpoint_dir, "--grpc-port", str(grpc_port))
     yield base
     stop_server(proc)
+
+
+@pytest.fixture(scope="module")
+def triton_grpc(server: str, grpc_port: int) -> Iterator[Any]:
+    client = grpcclient.InferenceServerClient(f"127.0.0.1:{grpc_port}")
+    yield client
+    client.close()
 
 
 @pytest.fixture(scope="module")
@@ -145,3 +161,91 @@ def test_errors_reach_the_client_as_messages(triton: Any) -> None:
         triton.infer("mone", [tensor], parameters={"gflops": 1e-6})
     assert bad.value.message()
     assert "floor" in (floor.value.message() or "")
+
+
+# -- gRPC ----------------------------------------------------------------------------------------------------
+def test_grpc_health_and_metadata(triton_grpc: Any) -> None:
+    assert triton_grpc.is_server_live()
+    assert triton_grpc.is_server_ready()
+    assert triton_grpc.is_model_ready("mone")
+    meta = triton_grpc.get_server_metadata(as_json=True)
+    assert meta["name"] == "mone-serve"
+    assert "binary_tensor_data" in meta["extensions"]
+    model = triton_grpc.get_model_metadata("mone", as_json=True)
+    assert {t["name"] for t in model["inputs"]} == {"input", "pixels"}
+    assert {t["name"] for t in model["outputs"]} == {"logits", "label", "capacity", "gflops"}
+
+
+@pytest.mark.parametrize("budget", BUDGETS, ids=lambda b: next(iter(b)))
+@pytest.mark.parametrize("datatype", ["BYTES", "FP32"])
+def test_grpc_infer(server: str, triton_grpc: Any, budget: dict[str, float], datatype: str) -> None:
+    arr = fashion_images(5)[4]
+    image = png(arr)
+    if datatype == "BYTES":
+        tensor = grpcclient.InferInput("input", [1], "BYTES")
+        tensor.set_data_from_numpy(np.array([image], dtype=np.object_))
+    else:
+        tensor = grpcclient.InferInput("pixels", [1, 1, 28, 28], "FP32")
+        tensor.set_data_from_numpy(pixels(arr))
+    result = triton_grpc.infer("mone", [tensor], parameters=budget, request_id="g-1")
+    assert result.get_response().id == "g-1"
+    assert_same_as_native(server, GrpcResult(result), image, budget)
+
+
+class GrpcResult:
+    """tritonclient.grpc's result seen through the accessors `assert_same_as_native` uses."""
+
+    def __init__(self, result: Any) -> None:
+        self.result = result
+
+    def get_response(self) -> dict[str, Any]:
+        response: dict[str, Any] = self.result.get_response(as_json=True)
+        params = response.get("parameters", {})
+        response["parameters"] = {k: next(iter(v.values())) for k, v in params.items()}
+        return response
+
+    def as_numpy(self, name: str) -> Any:
+        return self.result.as_numpy(name)
+
+
+def test_grpc_typed_contents_request_id_and_errors(server: str, grpc_port: int) -> None:
+    """The typed `contents` form (what some clients send instead of raw bytes), with the project's stubs."""
+    import grpc
+
+    image = png(fashion_images(1)[0])
+    with grpc.insecure_channel(f"127.0.0.1:{grpc_port}") as channel:
+        stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+        request = pb.ModelInferRequest(model_name="mone")
+        request.parameters["capacity"].double_param = 0.5
+        request.inputs.add(name="input", datatype="BYTES", shape=[1]).contents.bytes_contents.append(image)
+        request.outputs.add(name="label")
+        answer, call = stub.ModelInfer.with_call(request, metadata=[("x-request-id", "typed-1")])
+        assert dict(call.trailing_metadata())["x-request-id"] == "typed-1"
+        assert [o.name for o in answer.outputs] == ["label"]
+        label = answer.raw_output_contents[0][4:].decode()
+        assert label == native(server, image, capacity=0.5)["top_k"][0]["label"]
+        assert answer.parameters["capacity"].double_param == 0.5
+
+        bad = pb.ModelInferRequest(model_name="mone")
+        bad.inputs.add(name="input", datatype="BYTES", shape=[1]).contents.bytes_contents.append(b"nope")
+        with pytest.raises(grpc.RpcError) as refused:
+            stub.ModelInfer(bad, metadata=[("x-request-id", "typed-2")])
+        assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        trailing = dict(refused.value.trailing_metadata())
+        assert trailing["x-request-id"] == "typed-2"
+        assert trailing["mone-error-code"] == "unsupported_media_type"
+
+        floor = pb.ModelInferRequest(model_name="mone")
+        floor.parameters["gflops"].double_param = 1e-6
+        floor.inputs.add(name="input", datatype="BYTES", shape=[1]).contents.bytes_contents.append(image)
+        with pytest.raises(grpc.RpcError) as low:
+            stub.ModelInfer(floor)
+        assert low.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "floor" in (low.value.details() or "")
+        with pytest.raises(grpc.RpcError) as missing:
+            stub.ModelReady(pb.ModelReadyRequest(name="nope"))
+        assert missing.value.code() == grpc.StatusCode.NOT_FOUND
+        assert len(dict(missing.value.trailing_metadata())["x-request-id"]) == 32
+
+    metrics = httpx.get(server + "/metrics").text
+    assert 'route="/inference.GRPCInferenceService/ModelInfer"' in metrics
