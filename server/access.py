@@ -19,13 +19,16 @@ import sys
 import time
 from collections.abc import Sequence
 from json.encoder import encode_basestring_ascii as _str
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from starlette.requests import Request
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from server.budget import Budget
 from server.engine import InferResult
+
+if TYPE_CHECKING:
+    from server.tracing import Tracing
 
 log = logging.getLogger("mone.access")
 errors_log = logging.getLogger("mone.app")
@@ -61,6 +64,8 @@ class AccessRecord:
         "queue_ms",
         "compute_ms",
         "error",
+        "arrival",
+        "results",
     )
 
     def __init__(self, request_id: str) -> None:
@@ -75,14 +80,17 @@ class AccessRecord:
         self.queue_ms: float | None = None
         self.compute_ms: float | None = None
         self.error: str | None = None
+        self.arrival = 0.0  # time.monotonic() when the route took the request
+        self.results: Sequence[InferResult] | None = None
 
     def ask(self, budget: Budget) -> None:
         self.budget_type, self.budget_value = budget.type, budget.value
 
-    def serve(self, results: Sequence[InferResult], decode_ms: float) -> None:
+    def serve(self, results: Sequence[InferResult], decode_ms: float, arrival: float) -> None:
         """The served account of a request's samples (the least capacity, the total GFLOPs, the longest
         queue and compute times, as the Open Inference Protocol's answer gives them)."""
         self.ask(results[0].budget)
+        self.results, self.arrival = results, arrival
         self.samples = len(results)
         kinds = {"image" if r.frames == 1 else "clip" for r in results}
         self.kind = kinds.pop() if len(kinds) == 1 else "mixed"
@@ -142,15 +150,16 @@ class RequestIdMiddleware:
     An exception that no handler took becomes the 500 answer here, so that it carries the id too.
     """
 
-    def __init__(self, app: ASGIApp, error_body: Any) -> None:
+    def __init__(self, app: ASGIApp, error_body: Any, tracing: Tracing | None = None) -> None:
         self.app = app
-        self.error_body = error_body  # (code, message, path) -> ASGI app answering the error
+        self.error_body = error_body  # (message, path) -> ASGI app answering the error
+        self.tracing = tracing
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        start = time.perf_counter()
+        start = time.monotonic()
         given = next((v for k, v in scope["headers"] if k == HEADER), None)
         record = AccessRecord(usable_id(given))
         scope[SCOPE_KEY] = record
@@ -176,6 +185,22 @@ class RequestIdMiddleware:
                 scope, receive, send_with_id
             )
         finally:
+            end = time.monotonic()
             if log.isEnabledFor(logging.INFO):
-                ms = (time.perf_counter() - start) * 1e3
-                log.info(record.line(scope["method"], scope["path"], status, ms))
+                log.info(record.line(scope["method"], scope["path"], status, (end - start) * 1e3))
+            if self.tracing is not None:
+                self._trace(scope, record, start, end, status)
+
+    def _trace(self, scope: Scope, record: AccessRecord, start: float, end: float, status: int) -> None:
+        assert self.tracing is not None
+        route = getattr(scope.get("route"), "path", None) or scope["path"]
+        attributes = {"http.request.method": scope["method"], "url.path": scope["path"], "http.route": route}
+        try:
+            name, carrier = f"{scope['method']} {route}", _headers(scope["headers"])
+            self.tracing.request(name, carrier, attributes, record, start, end, status)
+        except Exception:  # tracing must never fail a request
+            errors_log.exception("tracing %s failed", scope["path"])
+
+
+def _headers(raw: Any) -> dict[str, str]:
+    return {k.decode("latin-1"): v.decode("latin-1") for k, v in raw}

@@ -47,6 +47,8 @@ from server.metrics import Metrics, MetricsMiddleware
 from server.runner import Runner, load_model, resolve_device
 
 if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+
     from server.grpc_api import GrpcServer
 
 log = logging.getLogger("mone.app")
@@ -69,10 +71,21 @@ def error_response(
     return JSONResponse(body, status_code=status)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the app; the model is loaded by the lifespan, so importing this module is cheap."""
+def create_app(settings: Settings | None = None, tracer_provider: TracerProvider | None = None) -> FastAPI:
+    """Build the app; the model is loaded by the lifespan, so importing this module is cheap.  Requests are
+    traced to `tracer_provider` when given, else as `otel_exporter` says (server/tracing.py)."""
     settings = settings or get_settings()
     metrics = Metrics()
+    owned = None
+    if tracer_provider is None and settings.otel_exporter != "none":
+        from server.tracing import provider_from_settings
+
+        tracer_provider = owned = provider_from_settings(settings)
+    tracing = None
+    if tracer_provider is not None:
+        from server.tracing import Tracing
+
+        tracing = Tracing(tracer_provider)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -124,6 +137,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if clips is not None:
                 await asyncio.to_thread(clips.close)
             sys.setswitchinterval(switch_interval)
+            if owned is not None and tracing is not None:
+                tracing.shutdown()  # exports the spans still buffered
 
     app = FastAPI(
         title="mone-serve",
@@ -136,6 +151,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.tracing = tracing
     app.include_router(routes.router)
     app.include_router(routes.v1)
     app.include_router(oip.router)
@@ -150,7 +166,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(
             AuthMiddleware, api_key=key, metrics=metrics, metrics_public=settings.metrics_public
         )
-    app.add_middleware(RequestIdMiddleware, error_body=_internal_error)
+    app.add_middleware(RequestIdMiddleware, error_body=_internal_error, tracing=tracing)
     configure_access_log(settings.access_log)
     known = [*routes.router.routes, *routes.v1.routes, *oip.router.routes, *oip.models.routes]
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=known)

@@ -55,6 +55,15 @@ class Settings(BaseSettings):
         description="one JSON line per request on stderr (logger mone.access): request id, route, status, "
         "input kind, budget asked, capacity and GFLOPs served, decode/queue/compute ms; replaces uvicorn's",
     )
+    otel_exporter: Literal["none", "otlp", "console"] = Field(
+        default="none",
+        description="OpenTelemetry traces (spans for decode, queue, batch and forward): none (off), otlp "
+        "(OTLP over HTTP to OTEL_EXPORTER_OTLP_ENDPOINT; pip install 'mone-serve[tracing]'), "
+        "console (stdout)",
+    )
+    otel_sample_ratio: float = Field(
+        default=1.0, ge=0.0, le=1.0, description="share of traces kept when the caller has not decided"
+    )
     health_stale_s: float = Field(
         default=10.0,
         gt=0.0,

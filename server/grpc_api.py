@@ -16,7 +16,7 @@ import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 import grpc
 import torch
@@ -44,6 +44,9 @@ from server.oip_tensors import InputTensor, raw_input, unsupported
 from server.proto import inference_pb2 as pb
 from server.proto import inference_pb2_grpc
 from server.schemas import Parameters
+
+if TYPE_CHECKING:
+    from server.tracing import Tracing
 
 log = logging.getLogger("mone.grpc")
 SERVICE = "inference.GRPCInferenceService"
@@ -74,6 +77,7 @@ class InferenceService:
         self.app = app
         self.settings: Settings = app.state.settings
         self.metrics: Metrics = app.state.metrics
+        self.tracing: Tracing | None = getattr(app.state, "tracing", None)
         key = self.settings.api_key
         self._key = key.get_secret_value().encode() if key is not None else None
 
@@ -161,7 +165,7 @@ class InferenceService:
         needs_key: bool,
         work: Callable[[AccessRecord], Awaitable[R]],
     ) -> R:
-        start = time.perf_counter()
+        start = time.monotonic()
         metadata = _metadata(context)
         record = AccessRecord(usable_id(metadata.get("x-request-id")))
         trailing: list[tuple[str, str]] = [("x-request-id", record.id)]
@@ -189,13 +193,31 @@ class InferenceService:
             await context.abort(grpc.StatusCode.INTERNAL, f"internal error: {type(exc).__name__}")
         finally:
             route = f"/{SERVICE}/{method}"
-            seconds = time.perf_counter() - start
+            end = time.monotonic()
             self.metrics.requests.labels(route=route, code=str(status)).inc()
-            self.metrics.request_duration.labels(route=route).observe(seconds)
+            self.metrics.request_duration.labels(route=route).observe(end - start)
             if access_log.isEnabledFor(logging.INFO):
-                access_log.info(record.line("GRPC", route, status, seconds * 1e3))
+                access_log.info(record.line("GRPC", route, status, (end - start) * 1e3))
+            if self.tracing is not None:
+                self._trace(route, metadata, record, start, end, status)
         context.set_trailing_metadata(tuple(trailing))
         return answer
+
+    def _trace(
+        self,
+        route: str,
+        metadata: Mapping[str, str],
+        record: AccessRecord,
+        start: float,
+        end: float,
+        status: int,
+    ) -> None:
+        assert self.tracing is not None
+        attributes = {"rpc.system": "grpc", "rpc.service": SERVICE, "rpc.method": route.rsplit("/", 1)[1]}
+        try:
+            self.tracing.request(route.lstrip("/"), metadata, attributes, record, start, end, status)
+        except Exception:  # tracing must never fail a call
+            log.exception("tracing %s failed", route)
 
     def _check_key(self, metadata: Mapping[str, str]) -> None:
         if self._key is None:

@@ -239,7 +239,7 @@ async def serve(
     work = [engine.infer(x, budget, arrival=arrival, **options) for x, budget, options in planned]
     results = await guard(asyncio.gather(*work))
     if record is not None:
-        record.serve(results, decode_ms)
+        record.serve(results, decode_ms, arrival)
     return results, decode_ms
 
 

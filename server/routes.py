@@ -121,7 +121,7 @@ async def post_classify(request: Request) -> ClassifyResponse:
     )
     result = await cancel_on_disconnect(request, work)
     if record is not None:
-        record.serve([result], decode_ms)
+        record.serve([result], decode_ms, arrival)
     return build_response(result, settings.model_name, engine.runner.checkpoint.labels, decode_ms, arrival)
 
 
