@@ -12,6 +12,7 @@ With `api_key` set, ModelMetadata, ModelReady and ModelInfer need `authorization
 
 from __future__ import annotations
 
+import asyncio
 import hmac
 import logging
 import time
@@ -184,6 +185,9 @@ class InferenceService:
                 trailing.append(("retry-after", str(int(max(1, round(exc.retry_after))))))
             context.set_trailing_metadata(tuple(trailing))
             await context.abort(CODES.get(exc.code, grpc.StatusCode.INTERNAL), exc.message)
+        except asyncio.CancelledError:  # the client cancelled, or its deadline passed: the engine dropped it
+            status, record.error = STATUS[ClientGoneError.code], ClientGoneError.code
+            raise
         except Exception as exc:
             log.exception("unhandled error in %s", method)
             status = 500

@@ -89,3 +89,44 @@ async def test_a_taken_grpc_port_fails_the_start(checkpoint_dir: Path) -> None:
         with pytest.raises(RuntimeError, match="cannot listen for gRPC"):
             async with app.router.lifespan_context(app):
                 pass
+
+
+async def test_a_call_past_its_deadline_is_cancelled_in_the_engine(checkpoint_dir: Path) -> None:
+    """A batch that waits 1 s for company outlives a 0.3 s client deadline: the queued sample is dropped."""
+    import asyncio
+    import json
+    import logging
+
+    port = free_port()
+    settings = fast_settings(checkpoint_dir, grpc_port=port, max_batch_wait_ms=1000.0, batch_wait="always")
+    app = create_app(settings)
+    lines: list[str] = []
+
+    class Keep(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            lines.append(record.getMessage())
+
+    keep = Keep()
+    logging.getLogger("mone.access").addHandler(keep)
+    try:
+        async with app.router.lifespan_context(app):
+            engine = app.state.engine
+            before = engine.stats.cancelled
+            request = pb.ModelInferRequest(model_name="mone")
+            image = request.inputs.add(name="input", datatype="BYTES", shape=[1])
+            image.contents.bytes_contents.append(png(fashion_images(1)[0]))
+            async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
+                stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+                with pytest.raises(grpc.aio.AioRpcError) as late:
+                    await stub.ModelInfer(request, timeout=0.3, metadata=[("x-request-id", "late-1")])
+            assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            for _ in range(100):
+                if engine.stats.cancelled > before:
+                    break
+                await asyncio.sleep(0.01)
+            assert engine.stats.cancelled == before + 1
+            assert engine.stats.inflight == 0
+    finally:
+        logging.getLogger("mone.access").removeHandler(keep)
+    (line,) = [json.loads(x) for x in lines if '"late-1"' in x]
+    assert (line["status"], line["error"]) == (499, "cancelled")
