@@ -5,6 +5,8 @@ native API's."""
 from __future__ import annotations
 
 import base64
+import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -35,10 +37,18 @@ def grpc_port() -> int:
 
 
 @pytest.fixture(scope="module")
-def server(checkpoint_dir: Path, grpc_port: int) -> Iterator[str]:
-    proc, base = start_server(checkpoint_dir, "--grpc-port", str(grpc_port))
-    yield base
-    stop_server(proc)
+def server_log(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return tmp_path_factory.mktemp("log") / "stderr.log"
+
+
+@pytest.fixture(scope="module")
+def server(checkpoint_dir: Path, grpc_port: int, server_log: Path) -> Iterator[str]:
+    with server_log.open("wb") as stderr:
+        # At info level uvicorn would write its own access log; the server's replaces it.
+        args = ("--grpc-port", str(grpc_port), "--log-level", "info")
+        proc, base = start_server(checkpoint_dir, *args, stderr=stderr)
+        yield base
+        stop_server(proc)
 
 
 @pytest.fixture(scope="module")
@@ -249,3 +259,42 @@ def test_grpc_typed_contents_request_id_and_errors(server: str, grpc_port: int) 
 
     metrics = httpx.get(server + "/metrics").text
     assert 'route="/inference.GRPCInferenceService/ModelInfer"' in metrics
+
+
+def test_request_ids_reach_the_access_log(
+    server: str, triton: Any, triton_grpc: Any, server_log: Path
+) -> None:
+    """The ids tritonclient sends (HTTP header, gRPC metadata) are the access log's, one JSON line each."""
+    image = np.array([png(fashion_images(1)[0])], dtype=np.object_)
+    x = httpclient.InferInput("input", [1], "BYTES")
+    x.set_data_from_numpy(image)
+    triton.infer("mone", [x], parameters={"capacity": 0.25}, headers={"X-Request-ID": "tc-http-1"})
+    g = grpcclient.InferInput("input", [1], "BYTES")
+    g.set_data_from_numpy(image)
+    triton_grpc.infer("mone", [g], parameters={"capacity": 0.25}, headers={"x-request-id": "tc-grpc-1"})
+    deadline = time.monotonic() + 5
+    lines: dict[str, dict[str, Any]] = {}
+    while len(lines) < 2 and time.monotonic() < deadline:
+        for raw in server_log.read_text().splitlines():
+            if raw.startswith("{") and ('"tc-http-1"' in raw or '"tc-grpc-1"' in raw):
+                entry = json.loads(raw)
+                lines[entry["id"]] = entry
+        time.sleep(0.05)
+    http, rpc = lines["tc-http-1"], lines["tc-grpc-1"]
+    assert (http["method"], http["path"], http["status"]) == ("POST", "/v2/models/mone/infer", 200)
+    assert (rpc["method"], rpc["path"], rpc["status"]) == (
+        "GRPC",
+        "/inference.GRPCInferenceService/ModelInfer",
+        200,
+    )
+    for entry in (http, rpc):
+        assert (entry["kind"], entry["budget"], entry["budget_value"], entry["capacity"]) == (
+            "image",
+            "capacity",
+            0.25,
+            0.25,
+        )
+        assert entry["gflops"] > 0
+        assert entry["compute_ms"] > 0
+    # The access log replaces uvicorn's: no plain-text line for the same request.
+    assert '"POST /v2/models/mone/infer HTTP/1.1"' not in server_log.read_text()
