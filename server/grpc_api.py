@@ -315,7 +315,8 @@ class GrpcServer:
             ("grpc.max_receive_message_length", settings.max_body_bytes),
             ("grpc.max_send_message_length", -1),
         ]
-        self.server = grpc.aio.server(options=options)
+        # As uvicorn's limit_concurrency does for HTTP: calls beyond it get RESOURCE_EXHAUSTED at once.
+        self.server = grpc.aio.server(options=options, maximum_concurrent_rpcs=settings.limit_concurrency)
         add = inference_pb2_grpc.add_GRPCInferenceServiceServicer_to_server
         add(InferenceService(app), self.server)  # type: ignore[no-untyped-call]
         address = f"{settings.host}:{settings.grpc_port}"

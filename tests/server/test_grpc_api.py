@@ -92,13 +92,16 @@ async def test_a_taken_grpc_port_fails_the_start(checkpoint_dir: Path) -> None:
 
 
 async def test_a_call_past_its_deadline_is_cancelled_in_the_engine(checkpoint_dir: Path) -> None:
-    """A batch that waits 1 s for company outlives a 0.3 s client deadline: the queued sample is dropped."""
+    """A batch that waits 1 s for company outlives a 0.3 s client deadline: the queued sample is dropped.
+    Meanwhile a second call is one more than `limit_concurrency` allows, and is refused at once."""
     import asyncio
     import json
     import logging
 
     port = free_port()
-    settings = fast_settings(checkpoint_dir, grpc_port=port, max_batch_wait_ms=1000.0, batch_wait="always")
+    settings = fast_settings(
+        checkpoint_dir, grpc_port=port, max_batch_wait_ms=1000.0, batch_wait="always", limit_concurrency=1
+    )
     app = create_app(settings)
     lines: list[str] = []
 
@@ -117,8 +120,15 @@ async def test_a_call_past_its_deadline_is_cancelled_in_the_engine(checkpoint_di
             image.contents.bytes_contents.append(png(fashion_images(1)[0]))
             async with grpc.aio.insecure_channel(f"127.0.0.1:{port}") as channel:
                 stub = inference_pb2_grpc.GRPCInferenceServiceStub(channel)
+                first = asyncio.ensure_future(
+                    stub.ModelInfer(request, timeout=0.3, metadata=[("x-request-id", "late-1")])
+                )
+                await asyncio.sleep(0.1)
+                with pytest.raises(grpc.aio.AioRpcError) as busy:
+                    await stub.ModelInfer(request, timeout=5)
+                assert busy.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
                 with pytest.raises(grpc.aio.AioRpcError) as late:
-                    await stub.ModelInfer(request, timeout=0.3, metadata=[("x-request-id", "late-1")])
+                    await first
             assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             for _ in range(100):
                 if engine.stats.cancelled > before:
