@@ -22,7 +22,7 @@ from server.preprocess import pil_to_tensor
 from server.proto import inference_pb2 as pb
 from server.proto import inference_pb2_grpc
 from tests.live_server import free_port, start_server, stop_server
-from tests.server.conftest import LABELS, fashion_images, png
+from tests.server.conftest import LABELS, encode_clip, fashion_images, png
 
 httpclient = pytest.importorskip("tritonclient.http")
 grpcclient = pytest.importorskip("tritonclient.grpc")
@@ -156,6 +156,20 @@ def test_a_batch_of_images_in_one_binary_tensor(server: str, triton: Any) -> Non
         np.testing.assert_allclose(softmax(logits[i]), probs(want), rtol=1e-4, atol=1e-5)
         assert labels[i] == want["top_k"][0]["label"]
         assert labels[i] in LABELS
+
+
+@pytest.mark.parametrize("transport", ["http", "grpc"])
+def test_a_clip_as_binary_bytes(server: str, triton: Any, triton_grpc: Any, transport: str) -> None:
+    """An MP4 travels raw in a BYTES tensor, as an image does, and is served as a clip."""
+    clip = encode_clip(fashion_images(12))
+    mod, client = (httpclient, triton) if transport == "http" else (grpcclient, triton_grpc)
+    tensor = mod.InferInput("input", [1], "BYTES")
+    tensor.set_data_from_numpy(np.array([clip], dtype=np.object_))
+    result = client.infer("mone", [tensor], parameters={"capacity": 0.5})
+    want = native(server, clip, capacity=0.5)
+    assert want["kind"] == "clip"
+    np.testing.assert_allclose(softmax(result.as_numpy("logits")[0]), probs(want), rtol=1e-4, atol=1e-5)
+    assert result.as_numpy("gflops")[0] == pytest.approx(want["served"]["gflops"], rel=1e-6)
 
 
 def test_errors_reach_the_client_as_messages(triton: Any) -> None:
