@@ -4,7 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system serve test lint format typecheck pytest bench clean
+.PHONY: setup system serve test lint format typecheck pytest bench proto clean
 
 $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -35,6 +35,9 @@ pytest: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+proto: $(STAMP)  # regenerate server/proto's stubs after editing inference.proto (they are committed)
+	$(PY) scripts/gen_proto.py
 
 bench: setup
 	$(PY) -m bench.model_speed
