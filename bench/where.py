@@ -10,7 +10,7 @@ never paused; idle threads are not sampled).  Each sample is charged to the inne
 
     forward    the model (model/), the runner's forward
     decode     sniffing, decoding and preprocessing the upload (server/decode*.py, preprocess, frames, PIL)
-    planning   budgets, batching, scheduling, the latency model (server/budget, batcher, scheduling, latency)
+    batching   budgets, batching, scheduling, the latency model, the engine and the runner around the forward
     metrics    Prometheus (prometheus_client, server/metrics.py) and the access log
     response   building and serialising answers (pydantic, build_response, json)
     framework  FastAPI / Starlette routing, middleware and request parsing (multipart)
@@ -39,17 +39,23 @@ from model import MoNEConfig
 from model.checkpoint import read_checkpoint_info
 
 # Innermost match wins; checked in this order for each frame.
+_AT = r"(?:\(|/)"  # py-spy writes a frame as "name (path/file.py:line)", paths relative to sys.path
 STAGES: list[tuple[str, re.Pattern[str]]] = [
-    ("forward", re.compile(r"/model/|runner\.py.*\b_forward\b|torch/")),
+    ("forward", re.compile(rf"Runner\._forward\b|{_AT}model/|{_AT}torch/")),
     (
         "decode",
-        re.compile(r"server/(decode|decode_pool|decode_budget|preprocess|frames|video)\.py|/PIL/|/av/"),
+        re.compile(
+            rf"{_AT}server/(decode|decode_pool|decode_budget|preprocess|frames|video)\.py|{_AT}(PIL|av)/"
+        ),
     ),
-    ("planning", re.compile(r"server/(budget|batcher|scheduling|latency)\.py")),
-    ("metrics", re.compile(r"prometheus_client|server/(metrics|access)\.py|/logging/")),
-    ("response", re.compile(r"pydantic|build_response|/json/")),
-    ("framework", re.compile(r"/fastapi/|/starlette/|multipart")),
-    ("http", re.compile(r"/uvicorn/|httptools|/asyncio/|selectors\.py")),
+    (
+        "batching",
+        re.compile(rf"{_AT}server/(budget|batcher|scheduling|latency|engine|runner)\.py|{_AT}concurrent/"),
+    ),
+    ("metrics", re.compile(rf"{_AT}prometheus_client/|{_AT}server/(metrics|access)\.py|{_AT}logging/")),
+    ("response", re.compile(rf"{_AT}pydantic|build_response|{_AT}json/")),
+    ("framework", re.compile(rf"{_AT}(fastapi|starlette|multipart|python_multipart)/")),
+    ("http", re.compile(rf"{_AT}(uvicorn|asyncio)/|httptools|selectors\.py")),
 ]
 ORDER = [name for name, _ in STAGES] + ["other"]
 
@@ -122,7 +128,7 @@ def main(argv: list[str] | None = None) -> int:
             ckpt = args.checkpoint
         cfg = MoNEConfig.from_dict(read_checkpoint_info(ckpt)["config"])
         path, content_type, _ = make_inputs(cfg, tmp)["image"]
-        server = bs.start_mone(ckpt, args)
+        server = bs.start_mone(ckpt, args, log=tmp / "server.log")
         try:
             url = f"{server.base}/v1/classify?capacity={args.capacity:g}"
             drive_hey(url, path, content_type, args.clients, 2.0)  # warm-up
