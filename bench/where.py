@@ -17,8 +17,9 @@ never paused; idle threads are not sampled).  Each sample is charged to the inne
     http       uvicorn, httptools, the asyncio event loop's own work
     other      anything else
 
-and shown per thread (the event loop, the inference threads, the rest) as a share of all samples and as
-CPU milliseconds per request answered.
+and shown per thread (the event loop, the inference threads, the rest) as a share of all samples and as busy
+thread milliseconds per request answered (running, not waiting; the forward's own worker threads are not
+sampled, so its row is the wall time of the inference threads).
 """
 
 from __future__ import annotations
@@ -164,7 +165,7 @@ def main(argv: list[str] | None = None) -> int:
     print(
         f"# bench.where, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}, {cpu_model()}, {model}, "
         f"capacity {args.capacity:g}, {args.clients} clients, {answered / (args.seconds + 2):.1f} req/s; "
-        f"share of samples (CPU ms per request)\n"
+        f"share of samples (busy thread ms per request)\n"
     )
     print(table(summarise(text), args.rate, max(requests, 1.0)))
     return 0
