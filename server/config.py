@@ -150,9 +150,9 @@ class Settings(BaseSettings):
     full_width_rows: float | None = Field(
         default=None,
         ge=0.0,
-        description="token rows saved per extra expert group below which a token split runs at full width "
-        "with masks instead of one product per expert (model/vit.py, MoNE.full_width_pays); default: "
-        "measured at start-up (with calibrate; else the model's default)",
+        description="what one more matrix product per projection costs the model, in token rows of "
+        "full-width work: it decides which experts run as one product with masks (model/vit.py, "
+        "MoNE.plan_runs); default: measured at start-up (with calibrate; else the model's default)",
     )
 
     # -- input limits (reliability.md section 6) ---------------------------------------------------------
