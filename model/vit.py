@@ -77,9 +77,10 @@ class Mlp(nn.Module):
 # holds every frame.
 CHUNK_BYTES = 16 << 20
 
-# Default of `MoNE.full_width_rows` (CPU): what one more product group costs, in token rows of full-width
-# work (`MoNE.plan_runs`).  `calibrate_full_width` measures it per model and device.
-FULL_WIDTH_ROWS = 256.0
+# Default of `MoNE.full_width_rows` (CPU): what one more product costs, in token rows of full-width work
+# (`MoNE.plan_runs`); measured on 2 vCPUs it is 15-90 for Mi/4 and under 16 for S/16, whose rows cost more.
+# `calibrate_full_width` measures it per model and device.
+FULL_WIDTH_ROWS = 32.0
 
 
 @dataclass(frozen=True)
