@@ -229,3 +229,40 @@ def test_default_variant_trains(tmp_path: Path) -> None:
     assert ck.config.variant == "TiG/2"
     assert ck.config.num_tokens == 196
     assert epochs_of(out)[-1]["step"] == 1
+
+
+@pytest.mark.slow
+def test_gpu_training_script_runs_tiny_end_to_end(tmp_path: Path) -> None:
+    """scripts/train-gpu.sh (the default's GPU recipe) at its tiny scale: both chains at equal FLOPs budgets,
+    the ablation ladder, and the evaluation, every file inside the one output folder."""
+    out = tmp_path / "gpu-run"
+    env = {**os.environ, "TINY": "1", "ABLATION": "1", "PYTHON": sys.executable, "THREADS": "1"}
+    root = Path(__file__).resolve().parents[2]
+    proc = subprocess.run(
+        ["bash", str(root / "scripts" / "train-gpu.sh"), str(out)],
+        env=env, cwd=root, capture_output=True, text=True, timeout=900, check=False,
+    )  # fmt: skip
+    logs = "".join(p.read_text()[-2000:] for p in out.rglob("*.log"))
+    assert proc.returncode == 0, proc.stdout + proc.stderr + logs
+    dense, mone = epochs_of(out / "dense")[-1], epochs_of(out / "mone")[-1]
+    assert dense["budget_gflops"] == mone["budget_gflops"] > 0  # isoFLOPs
+    for rec in (dense, mone):
+        assert rec["train_gflops"] >= rec["budget_gflops"]
+    assert "ema_val_acc@1" in mone
+    assert "val_acc@0.25" in mone
+    meta = load_checkpoint(out / "mone" / "ema").meta["train_config"]
+    assert (meta["schedule"], meta["distill"], meta["clip_share"]) == ("sandwich", 0.5, 0.25)
+    assert load_checkpoint(out / "dense" / "last").meta["train_config"]["capacity"] == 1.0
+    results = json.loads((out / "eval" / "results.json").read_text())
+    assert {"mone", "dense", "tome", "random_router", "targets", "ablation"} <= set(results)
+    assert [r["name"] for r in results["ablation"]] == ["dense", "dense+EMA", "MoNE", "MoNE+EMA"]
+    ladder = (out / "eval" / "ablation-ladder.md").read_text().splitlines()
+    assert len(ladder) == 2 + 6
+    assert "+ distillation" in ladder[4]
+    ratios = [
+        r["train_flops_ratio"]
+        for r in json.loads((out / "eval" / "ablation-ladder.json").read_text())["ablation"]
+    ]
+    assert all(0.8 <= r <= 1.6 for r in ratios)  # equal budgets; a step may overshoot a tiny one
+    assert (out / "eval" / "accuracy_vs_gflops.png").stat().st_size > 0
+    assert "MoNE+EMA" in proc.stdout
