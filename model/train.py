@@ -1,15 +1,25 @@
 """`mone-train`: train a MoNE ViT (or its dense baseline) on images and clips.
 
-Recipe: AdamW, linear warm-up then cosine decay, label smoothing, random-crop + flip augmentation; a dense
-baseline is the same network at capacity 1.0 (every token on the full expert).  Adaptive training samples
-one effective capacity per step from {0.15, 0.25, ..., 0.95} plus 1.0 (Jain et al., NeurIPS 2024, Sec. 5
-"Adaptive model"; mone-paper.md section 5), so one checkpoint serves every budget.  Clip batches (moving
-Fashion-MNIST items, `model.clips`) are interleaved with image batches so the temporal transformer learns.
+Recipe: AdamW, linear warm-up then cosine decay, label-smoothed soft targets, augmentation (random crop and
+flip; optionally RandAugment-style ops, random erasing and mixup/CutMix, `model.augment`).  A dense baseline
+is the same network at capacity 1.0 (every token on the full expert).  The capacity schedule
+(`model.recipe.CapacitySchedule`) decides which effective capacities a step trains: one fixed capacity, one
+drawn per step from {0.15, 0.25, ..., 0.95} plus 1.0 (the paper's adaptive model, Jain et al., NeurIPS 2024,
+Sec. 5; mone-paper.md section 5), or a sandwich of 1.0 and lower capacities whose forwards the 1.0 forward
+teaches by in-place distillation (`--distill`).  An EMA of the weights (`--ema-decay`) is validated and
+saved beside them.  Clip batches (moving Fashion-MNIST items, `model.clips`) are interleaved with image
+batches (`--clip-every` or `--clip-share`) so the temporal transformer and per-frame routing learn.
+
+The run's length is either --epochs or a budget of training FLOPs (`--budget-epochs`, forward + backward =
+3 x the analytic forward FLOPs of every capacity a step runs), so that runs with different schedules can be
+compared at equal training compute; `--max-minutes` bounds the wall clock with the schedule still annealed.
+`--from-timm FILE` starts from a timm ViT's weights (`model.timm_import`).
 
 Runs on CPU, one CUDA GPU (bf16 autocast) or several through `torchrun` (DDP; gloo on CPU).  Every epoch
-writes `<out>/last/` (a loadable checkpoint) and `<out>/train_state.pt` (optimizer and counters, loaded
-with weights_only=True); `--resume` continues from them.  The data order and augmentation of epoch e depend
-only on (seed, e), so a resumed run sees the same batches as an uninterrupted one.
+writes `<out>/last/` (a loadable checkpoint), `<out>/ema/` (with an EMA) and `<out>/train_state.pt`
+(optimizer, EMA and counters, loaded with weights_only=True); `--resume` continues from them.  The data order
+and augmentation of epoch e depend only on (seed, e), so a resumed run sees the same batches as an
+uninterrupted one.
 
 Shape legend: B batch, T frames, C channels, H = W pixels.
 """
@@ -395,6 +405,8 @@ def train(cfg: TrainConfig) -> Path:
         with torch.no_grad():
             net.alpha.fill_(cfg.alpha_init)
     net.to(dd.device)
+    if dd.device.type == "cuda":
+        torch.set_float32_matmul_precision("high")  # TF32 for the fp32 validation forwards
     opt = torch.optim.AdamW(param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     ema = EMA(net, cfg.ema_decay) if cfg.ema_decay else None
     state: dict[str, Any] = {"epoch": 0, "step": 0, "wall_s": 0.0, "train_gflops": 0.0}
