@@ -234,15 +234,18 @@ def augment(x: Tensor, gen: torch.Generator, cfg: TrainConfig) -> Tensor:
 def lr_at(step: int, total: int, cfg: TrainConfig) -> float:
     """Linear warm-up to cfg.lr, then cosine decay to cfg.min_lr at `total` steps."""
     warm = min(cfg.warmup_steps, max(total // 10, 1))
-    return lr_at_progress(step, (step - warm) / max(total - warm, 1), warm, cfg)
+    if step < warm:
+        return cfg.lr * (step + 1) / warm
+    t = min((step - warm) / max(total - warm, 1), 1.0)
+    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * t))
 
 
 def lr_at_progress(step: int, progress: float, warm: int, cfg: TrainConfig) -> float:
-    """Linear warm-up over `warm` steps, then cosine decay by `progress` (0..1 of the run after warm-up)."""
-    if step < warm:
-        return cfg.lr * (step + 1) / warm
+    """Cosine decay from cfg.lr to cfg.min_lr over `progress` (0..1 of a budget of FLOPs or time), times a
+    linear warm-up over the first `warm` steps: however early the budget ends, the run ends annealed."""
     t = min(max(progress, 0.0), 1.0)
-    return cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * t))
+    cosine = cfg.min_lr + 0.5 * (cfg.lr - cfg.min_lr) * (1.0 + math.cos(math.pi * t))
+    return cosine * min(1.0, (step + 1) / max(warm, 1))
 
 
 def sample_capacity(cfg: TrainConfig, gen: torch.Generator) -> float:
@@ -454,7 +457,12 @@ def train(cfg: TrainConfig) -> Path:
         if cfg.max_steps:
             done = max(done, step / cfg.max_steps)
         if cfg.max_minutes:
-            done = max(done, (time.monotonic() - t_start) / (60.0 * cfg.max_minutes))
+            elapsed = time.monotonic() - t_start
+            if dd.world > 1:  # every rank must see the same clock, or they would stop at different steps
+                t = torch.tensor([elapsed], dtype=torch.float64, device=dd.device)
+                dist.all_reduce(t, op=dist.ReduceOp.MAX)
+                elapsed = float(t.item())
+            done = max(done, elapsed / (60.0 * cfg.max_minutes))
         return done
 
     epoch = int(state["epoch"])
@@ -477,7 +485,8 @@ def train(cfg: TrainConfig) -> Path:
         model.train()
         t_epoch, seen, loss_sum, loss_n = time.monotonic(), 0, 0.0, 0
         for kind, idx in plan:
-            if progress() >= 1.0:
+            done = progress()
+            if done >= 1.0:
                 break
             caps = schedule.capacities(cap_gen)
             x, y = _batch(data, cfg, idx[dd.rank :: dd.world], kind == "clip", step, cap_gen)
@@ -485,7 +494,7 @@ def train(cfg: TrainConfig) -> Path:
             targets = soft_targets(y.to(dd.device), net.cfg.num_classes, cfg.label_smoothing)
             x, targets, _ = mix(x, targets, cap_gen, cfg.mixup, cfg.cutmix, cfg.mix_prob)
             if budget or cfg.max_minutes:
-                lr = lr_at_progress(step, progress(), warm, cfg)
+                lr = lr_at_progress(step, done, warm, cfg)
             else:
                 lr = lr_at(step, total, cfg)
             for g in opt.param_groups:

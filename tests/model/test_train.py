@@ -266,3 +266,17 @@ def test_gpu_training_script_runs_tiny_end_to_end(tmp_path: Path) -> None:
     assert all(0.8 <= r <= 1.6 for r in ratios)  # equal budgets; a step may overshoot a tiny one
     assert (out / "eval" / "accuracy_vs_gflops.png").stat().st_size > 0
     assert "MoNE+EMA" in proc.stdout
+
+
+def test_budget_schedule_warms_up_and_ends_annealed_by_progress() -> None:
+    from model.train import lr_at_progress
+
+    cfg = TrainConfig(lr=1e-3, min_lr=1e-5)
+    assert lr_at_progress(0, 0.0, 10, cfg) == pytest.approx(1e-4)
+    assert lr_at_progress(9, 0.0, 10, cfg) == pytest.approx(1e-3)
+    assert lr_at_progress(500, 0.5, 10, cfg) == pytest.approx((1e-3 + 1e-5) / 2)
+    assert lr_at_progress(500, 1.0, 10, cfg) == pytest.approx(1e-5)
+    # A budget that ends inside the warm-up still ends at the minimum.
+    assert lr_at_progress(3, 1.0, 300, cfg) == pytest.approx(1e-5 * 4 / 300)
+    lrs = [lr_at_progress(s, s / 100, 5, cfg) for s in range(5, 101)]
+    assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
