@@ -2,7 +2,7 @@
 # Train the TiG/2 default (MoNE) and its dense baseline with the full recipe, at equal training FLOPs, as two
 # processes on one GPU, then evaluate both; every log, checkpoint and result goes into one folder, OUT.
 #
-#   PYTHON=.venv/bin/python scripts/train-gpu.sh runs/tig2        # about 10 minutes of one H100 / H200
+#   PYTHON=.venv/bin/python scripts/train-gpu.sh runs/tig2        # under 10 minutes of one H100 / H200
 #   TINY=1 PYTHON=.venv/bin/python scripts/train-gpu.sh /tmp/t    # the same pipeline, tiny, on a CPU
 #
 # Both chains train from scratch with the same budget of training FLOPs (--budget-epochs: BUDGET dense epochs
@@ -40,7 +40,7 @@ if [ "$TINY" = 1 ]; then
 else
   VARIANT=${VARIANT:-TiG/2}
   BUDGET=${BUDGET:-20}
-  MINUTES=${MINUTES:-8}
+  MINUTES=${MINUTES:-7}
   BATCH=${BATCH:-256}
   CLIP_BATCH=${CLIP_BATCH:-32}
   WARMUP=${WARMUP:-300}
@@ -59,7 +59,7 @@ TRAIN="$PYTHON -m model.train"
 mkdir -p "$OUT"
 # The recipe of both chains; only the capacity schedule (and distillation, which needs it) differs.
 OPTIM="--variant $VARIANT --batch-size $BATCH --lr $LR --min-lr 1e-5 --warmup-steps $WARMUP --weight-decay 0.05 \
-  --label-smoothing 0.1 --epochs 100000 --threads $THREADS --no-progress $SIZE"
+  --label-smoothing 0.1 --threads $THREADS --no-progress $SIZE"
 CLIPS="--clip-share 0.25 --clip-batch-size $CLIP_BATCH"
 AUG="--crop-pad 2 --hflip --randaug-ops 2 --randaug-magnitude 0.4 --erase-prob 0.25 --mixup 0.2 --cutmix 1.0 \
   --mix-prob 0.5"
