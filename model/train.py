@@ -33,7 +33,10 @@ import json
 import logging
 import math
 import os
+import queue
+import threading
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
@@ -392,6 +395,77 @@ def _batch(
     return x, data.train.y[idx]
 
 
+def _steps(
+    plan: list[tuple[str, Tensor]],
+    data: Data,
+    cfg: TrainConfig,
+    mcfg: MoNEConfig,
+    schedule: CapacitySchedule,
+    gen: torch.Generator,
+    first_step: int,
+    dd: Dist,
+) -> Iterator[tuple[str, int, list[float], Tensor, Tensor]]:
+    """Each step of `plan` in order: (kind, items over all ranks, capacities, normalised (mixed) batch of this
+    rank, soft targets).  Capacities, augmentation and mixing draw from `gen` in this fixed order."""
+    pin = dd.device.type == "cuda"
+    for i, (kind, idx) in enumerate(plan):
+        caps = schedule.capacities(gen)
+        x8, y = _batch(data, cfg, idx[dd.rank :: dd.world], kind == "clip", first_step + i, gen)
+        x = normalize(x8, mcfg.mean, mcfg.std)
+        targets = soft_targets(y, mcfg.num_classes, cfg.label_smoothing)
+        x, targets, _ = mix(x, targets, gen, cfg.mixup, cfg.cutmix, cfg.mix_prob)
+        if pin:
+            x, targets = x.pin_memory(), targets.pin_memory()
+        yield kind, len(idx), caps, x, targets
+
+
+_END = object()
+
+
+class Prefetch:
+    """Runs an iterator in a thread, `depth` items ahead of the consumer; exceptions reach the consumer.
+
+    `close()` stops the thread (also when the consumer stopped early)."""
+
+    def __init__(self, items: Iterator[Any], depth: int = 2) -> None:
+        self._queue: queue.Queue[Any] = queue.Queue(maxsize=depth)
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, args=(items,), daemon=True)
+        self._thread.start()
+
+    def _put(self, item: Any) -> bool:
+        while not self._stop.is_set():
+            try:
+                self._queue.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def _run(self, items: Iterator[Any]) -> None:
+        try:
+            for item in items:
+                if not self._put(item):
+                    return
+        except BaseException as exc:  # handed to the consumer, raised there
+            self._put(exc)
+            return
+        self._put(_END)
+
+    def __iter__(self) -> Iterator[Any]:
+        while True:
+            item = self._queue.get()
+            if item is _END:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+
+    def close(self) -> None:
+        self._stop.set()
+        self._thread.join()
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) training; returns the directory of the final checkpoint."""
     torch.set_num_threads(cfg.threads)
@@ -484,60 +558,66 @@ def train(cfg: TrainConfig) -> Path:
             bar = tqdm(total=len(plan), desc=f"epoch {epoch + 1}", mininterval=2.0)
         model.train()
         t_epoch, seen, loss_sum, loss_n = time.monotonic(), 0, 0.0, 0
-        for kind, idx in plan:
-            done = progress()
-            if done >= 1.0:
-                break
-            caps = schedule.capacities(cap_gen)
-            x, y = _batch(data, cfg, idx[dd.rank :: dd.world], kind == "clip", step, cap_gen)
-            x = normalize(x.to(dd.device), net.cfg.mean, net.cfg.std)
-            targets = soft_targets(y.to(dd.device), net.cfg.num_classes, cfg.label_smoothing)
-            x, targets, _ = mix(x, targets, cap_gen, cfg.mixup, cfg.cutmix, cfg.mix_prob)
-            if budget or cfg.max_minutes:
-                lr = lr_at_progress(step, done, warm, cfg)
-            else:
-                lr = lr_at(step, total, cfg)
-            for g in opt.param_groups:
-                g["lr"] = lr
-            opt.zero_grad(set_to_none=True)
-            teacher = None
-            step_loss = 0.0
-            for j, capacity in enumerate(caps):
-                # Under DDP, gradients of all but the step's last forward accumulate without an all-reduce.
-                sync = dd.world == 1 or j == len(caps) - 1
-                ctx = contextlib.nullcontext() if sync else model.no_sync()  # type: ignore[operator]
-                with ctx:
-                    with torch.autocast(dd.device.type, dtype=torch.bfloat16, enabled=amp):
-                        logits = model(x, capacity).logits.float()
-                    loss = capacity_loss(logits, targets, teacher, cfg.distill, cfg.distill_temperature)
-                    loss.backward()  # type: ignore[no-untyped-call]
-                if j == 0 and cfg.distill:
-                    teacher = logits.detach()
-                step_loss += loss.item()
-            opt.step()
-            with torch.no_grad():
-                # Project alpha onto [0, 1): the forward clamps it, and below 0 the clamp would cut the
-                # router's only gradient path (Eq. 1) for good.
-                net.alpha.clamp_(0.0, 1.0 - 1e-6)
-            if ema is not None:
-                ema.update(net, step)
-            frames = x.shape[1] if x.dim() == 5 else 1
-            # Forward + backward ~ 3x the forward FLOPs (Kaplan et al. 2020), summed over ranks.
-            state["train_gflops"] += 3 * sum(gflops(net.cfg, c, frames) for c in caps) * len(idx)
-            step += 1
-            seen += len(idx) * frames
-            loss_sum, loss_n = loss_sum + step_loss / len(caps), loss_n + 1
-            if bar is not None:
-                rate = seen / max(time.monotonic() - t_epoch, 1e-9)
-                mean_loss = step_loss / len(caps)
-                bar.set_postfix(loss=f"{mean_loss:.3f}", cap=f"{min(caps):.2f}", img_s=f"{rate:.0f}")
-                bar.update(1)
-            if logf is not None and cfg.log_every and step % cfg.log_every == 0:
-                rec: dict[str, Any] = {"step": step, "epoch": epoch, "loss": round(step_loss / len(caps), 4)}
-                rec.update(capacity=caps[-1], capacities=caps)
-                rec.update(kind=kind, lr=lr, alpha=round(net.alpha.item(), 4))
-                logf.write(json.dumps(rec) + "\n")
-                logf.flush()
+        # Batches are drawn and augmented on the CPU by a thread a few steps ahead of the model.
+        batches = Prefetch(_steps(plan, data, cfg, net.cfg, schedule, cap_gen, step, dd), depth=3)
+        try:
+            for kind, n_items, caps, x, targets in batches:
+                done = progress()
+                if done >= 1.0:
+                    break
+                x = x.to(dd.device, non_blocking=True)
+                targets = targets.to(dd.device, non_blocking=True)
+                if budget or cfg.max_minutes:
+                    lr = lr_at_progress(step, done, warm, cfg)
+                else:
+                    lr = lr_at(step, total, cfg)
+                for g in opt.param_groups:
+                    g["lr"] = lr
+                opt.zero_grad(set_to_none=True)
+                teacher = None
+                step_loss = 0.0
+                for j, capacity in enumerate(caps):
+                    # Under DDP, all but the step's last backward accumulate gradients without an all-reduce.
+                    sync = dd.world == 1 or j == len(caps) - 1
+                    ctx = contextlib.nullcontext() if sync else model.no_sync()  # type: ignore[operator]
+                    with ctx:
+                        with torch.autocast(dd.device.type, dtype=torch.bfloat16, enabled=amp):
+                            logits = model(x, capacity).logits.float()
+                        loss = capacity_loss(logits, targets, teacher, cfg.distill, cfg.distill_temperature)
+                        loss.backward()  # type: ignore[no-untyped-call]
+                    if j == 0 and cfg.distill:
+                        teacher = logits.detach()
+                    step_loss += loss.item()
+                opt.step()
+                with torch.no_grad():
+                    # Project alpha onto [0, 1): the forward clamps it, and below 0 the clamp would cut the
+                    # router's only gradient path (Eq. 1) for good.
+                    net.alpha.clamp_(0.0, 1.0 - 1e-6)
+                if ema is not None:
+                    ema.update(net, step)
+                frames = x.shape[1] if x.dim() == 5 else 1
+                # Forward + backward ~ 3x the forward FLOPs (Kaplan et al. 2020), summed over ranks.
+                state["train_gflops"] += 3 * sum(gflops(net.cfg, c, frames) for c in caps) * n_items
+                step += 1
+                seen += n_items * frames
+                loss_sum, loss_n = loss_sum + step_loss / len(caps), loss_n + 1
+                if bar is not None:
+                    rate = seen / max(time.monotonic() - t_epoch, 1e-9)
+                    mean_loss = step_loss / len(caps)
+                    bar.set_postfix(loss=f"{mean_loss:.3f}", cap=f"{min(caps):.2f}", img_s=f"{rate:.0f}")
+                    bar.update(1)
+                if logf is not None and cfg.log_every and step % cfg.log_every == 0:
+                    rec: dict[str, Any] = {
+                        "step": step,
+                        "epoch": epoch,
+                        "loss": round(step_loss / len(caps), 4),
+                    }
+                    rec.update(capacity=caps[-1], capacities=caps)
+                    rec.update(kind=kind, lr=lr, alpha=round(net.alpha.item(), 4))
+                    logf.write(json.dumps(rec) + "\n")
+                    logf.flush()
+        finally:
+            batches.close()
         if bar is not None:
             bar.close()
         epoch += 1

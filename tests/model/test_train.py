@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -280,3 +281,24 @@ def test_budget_schedule_warms_up_and_ends_annealed_by_progress() -> None:
     assert lr_at_progress(3, 1.0, 300, cfg) == pytest.approx(1e-5 * 4 / 300)
     lrs = [lr_at_progress(s, s / 100, 5, cfg) for s in range(5, 101)]
     assert all(a >= b for a, b in zip(lrs, lrs[1:], strict=False))
+
+
+def test_prefetch_keeps_order_passes_errors_and_stops_early() -> None:
+    from model.train import Prefetch
+
+    assert list(Prefetch(iter(range(20)), depth=2)) == list(range(20))
+
+    def failing() -> Iterator[int]:
+        yield 1
+        raise RuntimeError("bad batch")
+
+    items = iter(Prefetch(failing()))
+    assert next(items) == 1
+    with pytest.raises(RuntimeError, match="bad batch"):
+        next(items)
+    early = Prefetch(iter(range(10**6)), depth=2)
+    for item in early:
+        if item == 3:
+            break
+    early.close()  # returns: the thread stops although the iterator had more
+    assert not early._thread.is_alive()
