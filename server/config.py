@@ -53,7 +53,16 @@ class Settings(BaseSettings):
     checkpoint: Path = Field(
         default=DEFAULT_CHECKPOINT, description="checkpoint directory (safetensors + JSON)"
     )
-    checkpoint_sha256: str | None = Field(default=None, description="pin the weights to this digest")
+    checkpoint_sha256: str | None = Field(
+        default=None,
+        description="pin the checkpoint to this digest (the sha256 in its config.json and in GET /v1/models, "
+        "which covers config, labels, profile and weights)",
+    )
+    allow_unverified_checkpoint: bool = Field(
+        default=False,
+        description="development only: load a checkpoint whose digests are missing or do not match "
+        "(a pinned checkpoint_sha256 is still enforced)",
+    )
     random_init: bool = Field(default=False, description="development: serve a randomly initialised model")
     random_variant: str = Field(default="Mi/4", description="variant for --random-init")
     random_classes: int = Field(default=10, ge=1, description="classes for --random-init")
