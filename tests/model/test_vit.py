@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -177,6 +178,65 @@ def test_capacity_validation(net: MoNE) -> None:
         net(images(), torch.tensor([0.5, 0.5]))
     with pytest.raises(ValueError, match="frames of shape"):
         net(torch.randn(1, 3, 28, 28), 0.5)
+
+
+def _nan_pixels() -> torch.Tensor:
+    x = images()
+    x[1, 0, 5, 7] = float("nan")
+    return x
+
+
+def _inf_clip() -> torch.Tensor:
+    x = torch.randn(2, 3, 1, 28, 28)
+    x[0, 2, 0, 0, 0] = float("inf")
+    return x
+
+
+BAD_CALLS = {
+    "capacity True": (images, True, "capacity must be a number"),
+    "capacity False": (images, False, "capacity must be a number"),
+    "capacity '0.5'": (images, "0.5", "capacity must be a number.*str '0.5'"),
+    "capacity b'1'": (images, b"1", "capacity must be a number.*bytes"),
+    "capacity None": (images, None, "capacity must be a number.*NoneType"),
+    "capacity dict": (images, {"capacity": 0.5}, "capacity must be a number"),
+    "capacities with a string": (images, [0.5, "0.5", 1.0], "capacity must be a finite number, got str"),
+    "capacities with a bool": (images, [0.5, True, 1.0], "capacity must be a finite number, got bool"),
+    "capacities with None": (images, [0.5, None, 1.0], "capacity must be a finite number, got NoneType"),
+    "capacity NaN": (images, float("nan"), "capacity must be a finite number"),
+    "bool tensor": (images, torch.tensor([True, True, False]), "dtype torch.bool"),
+    "NaN tensor": (images, torch.tensor([0.5, float("nan"), 1.0]), "finite number"),
+    "capacity below the floor": (images, 0.1, r"outside \[0.125, 1\]"),
+    "empty batch": (lambda: torch.zeros(0, 1, 28, 28), 0.5, "empty batch"),
+    "empty batch of clips": (lambda: torch.zeros(0, 4, 1, 28, 28), 0.5, "empty batch"),
+    "zero frames": (lambda: torch.zeros(2, 0, 1, 28, 28), 0.5, "at least one frame"),
+    "NaN pixels": (_nan_pixels, 0.5, "NaN or infinite"),
+    "infinite pixels in a clip": (_inf_clip, 0.5, "NaN or infinite"),
+    "integer pixels": (lambda: torch.zeros(1, 1, 28, 28, dtype=torch.uint8), 0.5, "floating-point tensor"),
+    "a list for x": (lambda: [[0.0] * 28] * 28, 0.5, "floating-point tensor, got list"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_bad_input_is_a_clear_value_error(net: MoNE, case: str) -> None:
+    make_x, capacity, says = BAD_CALLS[case]
+    with torch.no_grad(), pytest.raises(ValueError, match=says):
+        net(make_x(), capacity)
+
+
+@pytest.mark.parametrize(
+    "capacity",
+    [0.5, 1, np.float32(0.5), np.float64(0.25), [0.5, 1, 0.25], (0.5, 0.5, 0.5), np.array([0.5, 1.0, 0.25])],
+    ids=["float", "int", "np.float32", "np.float64", "list", "tuple", "ndarray"],
+)
+def test_numbers_of_any_real_type_are_capacities(net: MoNE, capacity: object) -> None:
+    """The validation refuses what is not a number, and still takes numbers of other types."""
+    x = images()
+    expected = [float(c) for c in np.broadcast_to(np.asarray(capacity, dtype=np.float64), (3,))]
+    with torch.no_grad():
+        out = net(x, capacity)  # type: ignore[arg-type]
+        ref = net(x, torch.tensor(expected))
+    assert out.requested.tolist() == expected
+    assert torch.equal(out.logits, ref.logits)
 
 
 def test_gradients_reach_router_and_alpha() -> None:
