@@ -107,7 +107,11 @@ class Settings(BaseSettings):
 
     # -- budgets -----------------------------------------------------------------------------------------
     default_capacity: float = Field(
-        default=1.0, ge=0.125, le=1.0, description="e_c when a request gives no budget"
+        default=1.0,
+        gt=0.0,
+        le=1.0,
+        description="e_c when a request gives no budget (at least the model's lowest capacity, 1/2**(E-1) "
+        "for E experts)",
     )
     default_top_k: int = Field(default=5, ge=1)
 
@@ -125,14 +129,20 @@ class Settings(BaseSettings):
         default=0.25, ge=0.0, lt=1.0, description="queue fill at which degrading begins"
     )
     degrade_floor: float = Field(
-        default=0.25, ge=0.125, le=1.0, description="lowest e_c that degrading serves"
+        default=0.25,
+        gt=0.0,
+        le=1.0,
+        description="lowest e_c that degrading serves (raised to the model's lowest capacity when below it)",
     )
     request_timeout_s: float = Field(default=30.0, gt=0.0, description="hard deadline; 504 when it expires")
 
     # -- latency model -----------------------------------------------------------------------------------
     calibrate: bool = Field(default=True, description="measure the latency model at start-up")
     calibration_batch_sizes: list[int] = Field(default_factory=lambda: [1, 8, 32])
-    calibration_capacities: list[float] = Field(default_factory=lambda: [0.125, 0.5, 1.0])
+    calibration_capacities: list[float] = Field(
+        default_factory=lambda: [0.125, 0.5, 1.0],
+        description="e_c measured at start-up; each is raised to the model's lowest capacity when below it",
+    )
     calibration_repeats: int = Field(default=2, ge=1, le=20)
     warmup_iters: int = Field(default=2, ge=0, le=100)
 
@@ -195,8 +205,8 @@ class Settings(BaseSettings):
     @field_validator("calibration_capacities")
     @classmethod
     def _capacities(cls, v: list[float]) -> list[float]:
-        if not v or any(not 0.125 <= c <= 1.0 for c in v):
-            raise ValueError("calibration_capacities must lie in [0.125, 1]")
+        if not v or any(not 0.0 < c <= 1.0 for c in v):
+            raise ValueError("calibration_capacities must lie in (0, 1]")
         return sorted(set(v))
 
     @field_validator("api_key")

@@ -20,6 +20,7 @@ from typing import Protocol
 
 from torch import Tensor
 
+from model import MoNEConfig
 from server.batcher import Batcher, WorkItem
 from server.budget import Budget, Level, Planner
 from server.config import Settings
@@ -104,6 +105,22 @@ class SafeEvents:
         self._call("settled", outcome, reason)
 
 
+def fit_settings(settings: Settings, cfg: MoNEConfig) -> Settings:
+    """The settings for this model: capacities below its lowest one (1/2**(E-1) for E experts) raised to it
+    for calibration and degrading; a default capacity below it is refused, naming both."""
+    lo = cfg.min_capacity
+    if settings.default_capacity < lo - 1e-9:
+        raise ValueError(
+            f"default_capacity {settings.default_capacity:g} is below the model's lowest capacity {lo:g} "
+            f"({cfg.num_experts} experts)"
+        )
+    calibration = sorted({max(c, lo) for c in settings.calibration_capacities})
+    degrade_floor = max(settings.degrade_floor, lo)
+    if calibration == settings.calibration_capacities and degrade_floor == settings.degrade_floor:
+        return settings
+    return settings.model_copy(update={"calibration_capacities": calibration, "degrade_floor": degrade_floor})
+
+
 @dataclass
 class InferResult:
     """One served sample and its account."""
@@ -145,11 +162,11 @@ class Engine:
     def __init__(self, runner: Runner, settings: Settings, events: EngineEvents | None = None) -> None:
         self.runner = runner
         self.cfg = runner.cfg
-        self.settings = settings
+        self.settings = fit_settings(settings, runner.cfg)
         self.events: EngineEvents = SafeEvents(events or NullEvents())
         self.planner = Planner(self.cfg)
         self.latency = LatencyModel()
-        self.scheduler = BatchPlanner(self.planner, self.latency, settings)
+        self.scheduler = BatchPlanner(self.planner, self.latency, self.settings)
         self.decode_budget = PixelBudget(settings.max_decode_pixels, settings.request_timeout_s)
         self.stats = Stats()
         self.ready = False

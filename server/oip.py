@@ -122,9 +122,13 @@ async def post_infer(
             params = {**(body.parameters or {}), **(tensor.parameters or {})}
             samples = await _input_samples(tensor, params, engine, settings, get_clip_decoder(request))
             jobs += [(x, params) for x in samples]
+    if not jobs:
+        raise InvalidParamsError("the request holds no samples (an empty batch)")
     decode_ms = (time.monotonic() - arrival) * 1e3
     work = [
-        engine.infer(x, _budget(p, settings.default_capacity), arrival=arrival, **_options(p))
+        engine.infer(
+            x, _budget(p, settings.default_capacity, engine.cfg.min_capacity), arrival=arrival, **_options(p)
+        )
         for x, p in jobs
     ]
     results = await cancel_on_disconnect(request, asyncio.gather(*work))
@@ -169,6 +173,9 @@ def _pixels(t: InferInputTensor, engine: Engine) -> list[Tensor]:
         raise BadInputError(
             f"input {t.name!r}: FP32 shape must be [B, {frame}] or [B, T, {frame}], got {t.shape}"
         )
+    if t.shape[0] < 1 or (len(t.shape) == 5 and t.shape[1] < 1):
+        what = "an empty batch (B = 0)" if t.shape[0] < 1 else "clips of zero frames (T = 0)"
+        raise InvalidParamsError(f"input {t.name!r}: shape {t.shape} is {what}")
     flat = _flatten(t.data)
     if len(flat) != math.prod(t.shape):
         raise BadInputError(f"input {t.name!r}: {len(flat)} values for shape {t.shape}")
@@ -177,7 +184,7 @@ def _pixels(t: InferInputTensor, engine: Engine) -> list[Tensor]:
     except (TypeError, ValueError) as exc:
         raise BadInputError(f"input {t.name!r}: data must be numbers ({exc})") from None
     if not torch.isfinite(x).all():
-        raise BadInputError(f"input {t.name!r}: data contains NaN or infinity")
+        raise InvalidParamsError(f"input {t.name!r}: data contains NaN or infinity")
     x = x if x.dim() == 5 else x.unsqueeze(1)  # (B, T, C, H, W)
     return list(x.unbind(0))
 
@@ -200,12 +207,13 @@ def _number(params: Parameters, key: str) -> float | None:
         raise InvalidParamsError(f"parameter {key} must be a number, got {v!r}") from None
 
 
-def _budget(params: Parameters, default_capacity: float) -> Budget:
+def _budget(params: Parameters, default_capacity: float, min_capacity: float) -> Budget:
     return parse_budget(
         _number(params, "capacity"),
         _number(params, "gflops"),
         _number(params, "latency_ms"),
         default_capacity,
+        min_capacity,
     )
 
 

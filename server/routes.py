@@ -102,7 +102,9 @@ async def post_classify(request: Request) -> ClassifyResponse:
     engine, settings = await get_engine(request), await get_settings(request)
     data, fields = await _read_input(request, settings.max_body_bytes)
     params = _parse_params(fields, settings.default_top_k)
-    budget = parse_budget(params.capacity, params.gflops, params.latency_ms, settings.default_capacity)
+    budget = parse_budget(
+        params.capacity, params.gflops, params.latency_ms, settings.default_capacity, engine.cfg.min_capacity
+    )
     engine.shed_if_full()  # an overloaded server refuses before decoding
     with engine.coming():
         decoded = await decode_payload(data, engine, settings, params.kind, get_clip_decoder(request))
