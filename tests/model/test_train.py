@@ -14,14 +14,18 @@ import torch
 from model import load_checkpoint
 from model.data import FASHION_MNIST_DIR
 from model.train import ADAPTIVE_GRID, TrainConfig, lr_at, parse_args, train
+from tests.system import missing
 
-pytestmark = [
-    pytest.mark.model,
-    pytest.mark.skipif(
-        not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
-        reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist (make setup does it)",
-    ),
-]
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture
+def fashion_mnist() -> Path:
+    """The data set the training runs read; its absence skips them (fails them in CI, tests/system.py)."""
+    if not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
+        missing("Fashion-MNIST", "dataset-fashion-mnist")
+    return FASHION_MNIST_DIR
+
 
 SMALL = [
     "--train-limit", "640", "--val-size", "200", "--val-clips", "16", "--batch-size", "64",
@@ -54,6 +58,7 @@ def test_lr_schedule_warms_up_then_decays() -> None:
     assert max(ADAPTIVE_GRID) == 0.95
 
 
+@pytest.mark.usefixtures("fashion_mnist")
 def test_smoke_run_checkpoint_and_resume(tmp_path: Path) -> None:
     out = tmp_path / "run"
     train(parse_args(["--out", str(out), "--epochs", "2", "--adaptive", *SMALL]))
@@ -73,6 +78,7 @@ def test_smoke_run_checkpoint_and_resume(tmp_path: Path) -> None:
     assert load_checkpoint(out / "last").meta["epoch"] == 3
 
 
+@pytest.mark.usefixtures("fashion_mnist")
 def test_fixed_capacity_and_init_from(tmp_path: Path) -> None:
     base = tmp_path / "dense"
     args = ["--epochs", "1", "--max-steps", "4", *SMALL]
@@ -89,6 +95,7 @@ def test_fixed_capacity_and_init_from(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("fashion_mnist")
 def test_ddp_two_processes_gloo(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -104,6 +111,7 @@ def test_ddp_two_processes_gloo(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("fashion_mnist")
 def test_default_recipe_script_runs_both_chains(tmp_path: Path) -> None:
     """scripts/train-default.sh (the shipped checkpoint's recipe) runs its five stages, each from the last."""
     runs = tmp_path / "runs"
