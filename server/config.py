@@ -48,6 +48,20 @@ class Settings(BaseSettings):
         gt=0.0,
         description="the probe listener's /healthz answers 503 once the main event loop's heartbeat is older",
     )
+    stuck_batch_factor: float = Field(
+        default=10.0,
+        gt=1.0,
+        description="/healthz answers 503 (stuck) once an inference batch has run this many times its "
+        "predicted time, and at least stuck_batch_min_s",
+    )
+    stuck_batch_min_s: float = Field(
+        default=10.0, gt=0.0, description="a batch is never stuck before it has run this long"
+    )
+    stuck_batch_ceiling_s: float = Field(
+        default=120.0,
+        ge=0.0,
+        description="a batch running this long is stuck whatever its prediction (0: no ceiling)",
+    )
 
     # -- model -------------------------------------------------------------------------------------------
     checkpoint: Path = Field(

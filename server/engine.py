@@ -181,6 +181,10 @@ class Engine:
         )
         self._task: asyncio.Task[None] | None = None
         self._answering: set[asyncio.Task[None]] = set()
+        # The batch on the inference thread: when it started and its predicted seconds (liveness, `stuck`).
+        self._batch_started: float | None = None
+        self._batch_predicted_s = 0.0
+        self._stuck_logged = False
 
     @property
     def kinds(self) -> dict[str, int]:
@@ -284,6 +288,32 @@ class Engine:
         self.events.load(self.queue_depth, self.stats.inflight)
         return item
 
+    def stuck(self) -> dict[str, float] | None:
+        """How long the running batch has gone past its limit, when it has (else None): it has run
+        `stuck_batch_factor` times its predicted time and at least `stuck_batch_min_s`, or
+        `stuck_batch_ceiling_s`.  A hung forward cannot be interrupted, so liveness fails and the
+        orchestrator restarts the process.  Read from any thread."""
+        started, predicted = self._batch_started, self._batch_predicted_s
+        if started is None:
+            return None
+        s = self.settings
+        running = time.monotonic() - started
+        limit = max(s.stuck_batch_factor * predicted, s.stuck_batch_min_s)
+        if s.stuck_batch_ceiling_s:
+            limit = min(limit, s.stuck_batch_ceiling_s)
+        if running <= limit:
+            return None
+        if not self._stuck_logged:
+            self._stuck_logged = True
+            log.error(
+                "an inference batch has run %.1f s (predicted %.3f s): liveness fails", running, predicted
+            )
+        return {
+            "batch_running_s": round(running, 3),
+            "predicted_s": round(predicted, 4),
+            "limit_s": round(limit, 3),
+        }
+
     def shed_if_full(self) -> None:
         """Raise 503/429 now when a new request could not be admitted, so that routes can refuse it before
         paying for its decoding."""
@@ -357,10 +387,15 @@ class Engine:
         self.events.load(self.queue_depth, self.stats.inflight)
         levels = [it.level for it in run if it.level is not None]
         args = ([it.x for it in run], [lv.capacity for lv in levels], [it.top_k for it in run])
-        out = await asyncio.get_running_loop().run_in_executor(
-            self._executor, self.runner.run, *args, [it.routing for it in run]
-        )
         groups, gflops = len({lv.counts for lv in levels}), sum(lv.gflops for lv in levels)
+        self._batch_predicted_s = self.latency.predict(run[0].frames, groups, gflops)
+        self._batch_started = time.monotonic()
+        try:
+            out = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.runner.run, *args, [it.routing for it in run]
+            )
+        finally:
+            self._batch_started, self._stuck_logged = None, False
         self.latency.observe(run[0].frames, groups, gflops, out.seconds)
         self.events.batch_done(len(run), out.seconds)
         task = asyncio.create_task(self._answer(run, out.samples, out.seconds))

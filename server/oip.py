@@ -60,9 +60,12 @@ async def get_server_metadata() -> ServerMetadata:
 
 
 @router.get("/health/live", response_model=LiveResponse)
-async def get_live() -> LiveResponse:
-    """Liveness."""
-    return LiveResponse(live=True)
+async def get_live(request: Request, response: Response) -> LiveResponse:
+    """Liveness (503 while an inference batch is stuck, as /healthz)."""
+    engine: Engine | None = getattr(request.app.state, "engine", None)
+    live = engine is None or engine.stuck() is None
+    response.status_code = 200 if live else 503
+    return LiveResponse(live=live)
 
 
 @router.get("/health/ready", response_model=ReadyResponse)
