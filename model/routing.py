@@ -45,6 +45,9 @@ def expert_preferred_routing(probs: Tensor, counts: tuple[int, ...]) -> Tensor:
     if len(counts) != E or sum(counts) != N:
         raise ValueError(f"counts {counts} do not split {N} tokens over {E} experts")
     experts = torch.zeros(F_, N, dtype=torch.long, device=probs.device)
+    for j, k in enumerate(counts):
+        if k == N:  # one expert takes every token: nothing to choose
+            return experts.fill_(j)
     taken = torch.zeros(F_, N, dtype=torch.bool, device=probs.device)
     for j in range(E - 1, 0, -1):
         k = counts[j]

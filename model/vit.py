@@ -21,6 +21,8 @@ from __future__ import annotations
 import itertools
 import math
 import numbers
+import statistics
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import cast
@@ -76,6 +78,10 @@ class Mlp(nn.Module):
 # holds every frame.
 CHUNK_BYTES = 16 << 20
 
+# Default of `MoNE.full_width_rows` (CPU): below this many token rows of FLOPs saved per extra expert group,
+# a multi-group split runs at full width with masks.  `calibrate_full_width` measures it per model/device.
+FULL_WIDTH_ROWS = 256.0
+
 
 @dataclass(frozen=True)
 class Layout:
@@ -119,7 +125,11 @@ class Block(nn.Module):
     def forward(self, x: Tensor) -> Tensor:
         """Dense block on (B, L, D): the temporal transformer."""
         B, L, D = x.shape
-        return self.forward_nested(x.reshape(B * L, D), Layout(B, (L,), (D,)), None).view(B, L, D)
+        if torch.is_grad_enabled():
+            return self.forward_nested(x.reshape(B * L, D), Layout(B, (L,), (D,)), None).view(B, L, D)
+        x = x.reshape(B * L, D).clone()
+        self.forward_full_width_(x, B, None, None)
+        return x.view(B, L, D)
 
     def forward_nested(self, x: Tensor, layout: Layout, scale: Tensor | None) -> Tensor:
         """One block over tokens grouped by expert.
@@ -177,6 +187,61 @@ class Block(nn.Module):
             y = F.linear(u, self.mlp.fc2.weight[:d], self.mlp.fc2.bias[:d])
             out.append(xs + F.pad(y if scale is None else y * scale[s:e], (0, D - d)))
         return out[0] if len(out) == 1 else torch.cat(out)
+
+    def forward_full_width_(self, x: Tensor, frames: int, mask: Tensor | None, scale: Tensor | None) -> None:
+        """The block in place on (F*N, D) tokens in frame order, every product at full width D: inference.
+
+        Each token's expert width d_j is applied by `mask` (F*N, D), 1 in the first d_j features and 0
+        beyond: in-projections see LN(x) * mask and out-projections add only their first d_j outputs,
+        which is Eq. 4-6 exactly (the zeroed features contribute nothing).  It spends dense FLOPs in one
+        matrix product per projection, so on shapes where per-operation overhead outweighs the FLOPs saved
+        (a few images of a small model) it is faster than one product per expert (`Plan`).  None for every
+        token at full width.
+
+        Args:
+            x: (F*N, D) residual stream in frame order, updated in place.
+            frames: F.
+            mask: (F*N, D) expert-width mask, or None.
+            scale: the MLP branch's multiplier (Eq. 1) times `mask`, (F*N, D) or (F*N, 1); None for 1.
+        """
+        D, H = x.shape[-1], self.attn.heads
+        N = x.shape[0] // frames
+        step = frames if x.device.type != "cpu" else max(1, min(frames, CHUNK_BYTES // (4 * N * 4 * D)))
+        for f0 in range(0, frames, step):
+            n = min(step, frames - f0)
+            rows = slice(f0 * N, (f0 + n) * N)
+            xc = x[rows]
+            m = None if mask is None else mask[rows]
+            self._full_width_chunk_(xc, n, m, None if scale is None else scale[rows], D, H)
+
+    def _full_width_chunk_(
+        self, x: Tensor, n: int, mask: Tensor | None, scale: Tensor | None, D: int, H: int
+    ) -> None:
+        n1, n2 = self.norm1, self.norm2
+        h = F.layer_norm(x, (D,), n1.weight, n1.bias, n1.eps)
+        if mask is not None:
+            h.mul_(mask)
+        if x.shape[0] == n:  # one token per frame: attention over a single key returns its value
+            a = F.linear(h, self.attn.qkv.weight[2 * D :], self.attn.qkv.bias[2 * D :])
+        else:
+            qkv = F.linear(h, self.attn.qkv.weight, self.attn.qkv.bias)
+            q, k, v = qkv.view(n, -1, 3, H, D // H).permute(2, 0, 3, 1, 4)  # (n, H, N, h) each
+            a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(-1, D)
+        y = F.linear(a, self.attn.proj.weight, self.attn.proj.bias)
+        if mask is None:
+            x.add_(y)
+        else:
+            x.addcmul_(y, mask)
+        h = F.layer_norm(x, (D,), n2.weight, n2.bias, n2.eps)
+        if mask is not None:
+            h.mul_(mask)
+        u = F.linear(h, self.mlp.fc1.weight, self.mlp.fc1.bias)
+        torch.ops.aten.gelu_(u)
+        y = F.linear(u, self.mlp.fc2.weight, self.mlp.fc2.bias)
+        if scale is None:
+            x.add_(y)
+        else:
+            x.addcmul_(y, scale)
 
     def _forward_inference_(self, x: Tensor, layout: Layout, scale: Tensor | None) -> None:
         """`attention` and `_update` in place on x, for inference, a chunk of frames at a time.
@@ -291,6 +356,7 @@ class MoNE(nn.Module):
             )
             self.temporal_norm = nn.LayerNorm(D, eps=1e-6)
         self.head = nn.Linear(D, cfg.num_classes)
+        self.full_width_rows = FULL_WIDTH_ROWS
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -315,6 +381,79 @@ class MoNE(nn.Module):
         good once an update pushed the raw value below 0 (where it starts)."""
         a = self.alpha
         return a + (a.clamp(0.0, 1.0 - 1e-6) - a).detach()
+
+    def full_width_pays(self, frames: int, counts: tuple[int, ...]) -> bool:
+        """Whether `frames` frames split as `counts` run faster at full width with masks
+        (`Block.forward_full_width_`) than as one matrix product per expert.
+
+        Per layer, the split saves (1 - e_c) of the projections' FLOPs over F*N token rows and costs a few
+        operations per extra expert group.  It pays once F*N*(1 - e_c)/(groups - 1) reaches
+        `full_width_rows`, which depends on the device and the model's width: `calibrate_full_width`
+        measures it, and a GPU, where every operation is a kernel launch, needs far more rows than a CPU.
+        """
+        groups = sum(1 for k in counts if k > 0)
+        if groups < 2:
+            return False
+        saved = 1.0 - realised_capacity(counts)
+        return frames * sum(counts) * saved / (groups - 1) < self.full_width_rows
+
+    @torch.inference_mode()
+    def calibrate_full_width(
+        self,
+        batches: Sequence[int] = (1, 2, 4, 8, 16, 32),
+        capacity: float = 0.5,
+        repeats: int = 3,
+        budget_s: float = 5.0,
+    ) -> float:
+        """Measure where one product per expert starts to beat full width with masks on this device, set
+        `full_width_rows` to it and return it.
+
+        Both ways are timed on random images at `capacity` (every expert in use) for growing batch sizes,
+        until the split wins at two sizes in a row, the sizes run out or `budget_s` is spent.  The threshold
+        is the geometric mean of the `full_width_pays` measure at the last size where full width won and the
+        first where the split won.
+        """
+        cfg = self.cfg
+        device = next(self.parameters()).device
+        counts = expert_counts(capacity, cfg.num_tokens, cfg.num_experts)
+        groups = sum(1 for k in counts if k > 0)
+        if groups < 2:
+            return self.full_width_rows
+        saved = (1.0 - realised_capacity(counts)) * cfg.num_tokens / (groups - 1)  # per frame
+        keep = self.full_width_rows
+        start = time.perf_counter()
+        last_full: int | None = None
+        first_split: int | None = None
+        wins = 0
+        try:
+            for b in batches:
+                x = torch.randn(b, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
+                times: dict[float, list[float]] = {}
+                for rows in (math.inf, 0.0) * (repeats + 1):  # the first round warms up
+                    self.full_width_rows = rows
+                    t0 = time.perf_counter()
+                    self(x, capacity)
+                    if device.type == "cuda":
+                        torch.cuda.synchronize(device)
+                    times.setdefault(rows, []).append(time.perf_counter() - t0)
+                full, split = (statistics.median(times[r][1:]) for r in (math.inf, 0.0))
+                if split < full:
+                    first_split = b if first_split is None else first_split
+                    wins += 1
+                else:
+                    last_full, first_split, wins = b, None, 0
+                if wins >= 2 or time.perf_counter() - start > budget_s:
+                    break
+        finally:
+            self.full_width_rows = keep
+        if first_split is None:  # full width won at the largest size measured
+            rows = 2.0 * saved * (last_full or 1)
+        elif last_full is None:  # the split won from the smallest size on
+            rows = 0.5 * saved * first_split
+        else:
+            rows = math.sqrt(saved * last_full * saved * first_split)
+        self.full_width_rows = rows
+        return rows
 
     # -- spatial MoNE encoder ------------------------------------------------------------------------
     def embed(self, frames: Tensor) -> Tensor:
@@ -341,6 +480,15 @@ class MoNE(nn.Module):
         ks = tuple(counts[j] for j in groups)
         dims = tuple(self.cfg.expert_dims[j] for j in groups)
         x = x.reshape(F_ * N, D)
+        if not torch.is_grad_enabled() and (dims == (D,) or self.full_width_pays(F_, counts)):
+            mask = None
+            if dims != (D,):
+                widths = torch.tensor(self.cfg.expert_dims, device=x.device)[experts].view(F_ * N, 1)
+                mask = (torch.arange(D, device=x.device) < widths).to(x.dtype)  # (F*N, D)
+                scale = scale * mask
+            for blk in self.blocks:
+                cast(Block, blk).forward_full_width_(x, F_, mask, scale)
+            return x.view(F_, N, D).mean(dim=1), experts
         if len(groups) == 1:
             layout = Layout(F_, ks, dims)
         else:

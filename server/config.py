@@ -94,8 +94,8 @@ class Settings(BaseSettings):
     stream_min_gflops: float = Field(
         default=0.5,
         ge=0.0,
-        description="least work (GFLOPs) of a sub-batch: smaller batches run whole, where splitting would "
-        "cost more in per-operation overhead than it saves",
+        description="least work of a sub-batch, in GFLOPs at capacity 1.0 whatever the capacities served: "
+        "smaller batches run whole, where splitting would cost more in per-operation overhead than it saves",
     )
     inference_nice: int = Field(
         default=10,
@@ -154,11 +154,18 @@ class Settings(BaseSettings):
     calibrate: bool = Field(default=True, description="measure the latency model at start-up")
     calibration_batch_sizes: list[int] = Field(default_factory=lambda: [1, 8, 32])
     calibration_capacities: list[float] = Field(
-        default_factory=lambda: [0.125, 0.5, 1.0],
+        default_factory=lambda: [0.125, 0.25, 0.5, 1.0],
         description="e_c measured at start-up; each is raised to the model's lowest capacity when below it",
     )
     calibration_repeats: int = Field(default=2, ge=1, le=20)
     warmup_iters: int = Field(default=2, ge=0, le=100)
+    full_width_rows: float | None = Field(
+        default=None,
+        ge=0.0,
+        description="token rows saved per extra expert group below which a token split runs at full width "
+        "with masks instead of one product per expert (model/vit.py, MoNE.full_width_pays); default: "
+        "measured at start-up (with calibrate; else the model's default)",
+    )
 
     # -- input limits (reliability.md section 6) ---------------------------------------------------------
     max_body_bytes: int = Field(

@@ -10,6 +10,13 @@ a 500 ms miss on a 1 s one) over the start-up measurements plus a window of rece
 follows the device as its load changes.  A coefficient that comes out negative is dropped and the rest
 refitted, which keeps predictions monotone in GFLOPs.
 
+A lower capacity is not always faster: on a small model at a small batch the forward is bound by
+per-operation overhead, not FLOPs, and every capacity costs about the same.  So the start-up measurements of
+uniform batches (one capacity) are also kept as measured, and two rules follow from them: a prediction is
+never below what the nearest measured capacity took at the nearest measured batch size no larger than the
+batch (`predict_uniform`), and planning never serves a capacity when a higher one was measured no slower
+(`no_slower_capacity`).
+
 One line cannot fit every batch shape: a few samples at a low capacity cost more per GFLOP than a full dense
 batch (smaller matrix products, one pass per token split), and a loaded machine adds noise.  So a prediction
 is the line times a tail correction: the 90th percentile of observed / fitted time over the recent batches
@@ -41,6 +48,7 @@ class _KindModel:
     coef: tuple[float, float, float] | None = None
     log_gflops: np.ndarray = field(default_factory=lambda: np.zeros(0))  # of the recent batches
     ratio: np.ndarray = field(default_factory=lambda: np.zeros(0))  # their observed / fitted time
+    measured: dict[int, dict[float, float]] = field(default_factory=dict)  # batch -> capacity -> seconds
 
 
 class LatencyModel:
@@ -68,6 +76,47 @@ class LatencyModel:
             fitted = np.maximum(a + b * rows[:, 0] + c * rows[:, 1], 1e-9)
             km.log_gflops = np.log(np.maximum(rows[:, 1], 1e-12))
             km.ratio = rows[:, 2] / fitted
+
+    def observe_uniform(self, frames: int, batch: int, capacity: float, seconds: float) -> None:
+        """Record a start-up measurement of a batch of `batch` inputs all at `capacity`."""
+        self._kind(frames).measured.setdefault(batch, {})[capacity] = seconds
+
+    def _measured_at(self, frames: int, batch: int, below: bool) -> dict[float, float] | None:
+        """The measured capacities at the measured batch size nearest `batch` (in ratio), or with `below`
+        the largest measured size no larger than `batch`."""
+        km = self._kinds.get(frames)
+        if km is None or not km.measured:
+            return None
+        sizes = [b for b in km.measured if b <= batch] if below else list(km.measured)
+        if not sizes:
+            return None
+        return km.measured[min(sizes, key=lambda b: (abs(math.log(b / batch)), -b))]
+
+    def no_slower_capacity(self, frames: int, batch: int, capacity: float) -> float:
+        """The largest measured capacity above `capacity` whose batches (at the measured size nearest
+        `batch`) took no longer than those at the largest measured capacity not above it; else `capacity`.
+
+        Serving it costs no more time and answers more accurately (MoNE's accuracy grows with capacity).
+        """
+        table = self._measured_at(frames, batch, below=False)
+        if not table:
+            return capacity
+        below = [c for c in table if c <= capacity + 1e-9]
+        if not below:
+            return capacity
+        ref = table[max(below)]
+        faster = [c for c, t in table.items() if c > capacity + 1e-9 and t <= ref]
+        return max(faster) if faster else capacity
+
+    def predict_uniform(self, frames: int, groups: int, gflops: float, batch: int, capacity: float) -> float:
+        """`predict` for a batch of `batch` inputs at about `capacity`, never below what the measured
+        capacity nearest it took at the largest measured batch size no larger than `batch`."""
+        fitted = self.predict(frames, groups, gflops)
+        table = self._measured_at(frames, batch, below=True)
+        if not table:
+            return fitted
+        nearest = min(table, key=lambda c: (abs(c - capacity), -c))
+        return max(fitted, table[nearest])
 
     def predict(self, frames: int, groups: int, gflops: float) -> float:
         """Predicted compute seconds of one batch."""
@@ -98,6 +147,10 @@ class LatencyModel:
                 "per_extra_split_ms": b * 1e3,
                 "ms_per_gflop": c * 1e3,
                 "samples": len(km.calibration) + len(km.recent),
+                "measured_ms": {
+                    str(b): {f"{cap:g}": t * 1e3 for cap, t in sorted(row.items())}
+                    for b, row in sorted(km.measured.items())
+                },
             }
         return out
 

@@ -100,7 +100,7 @@ async def get_model(name: str, engine: EngineDep, settings: SettingsDep) -> Mode
 
 
 @v1.post("/classify", response_model=ClassifyResponse, openapi_extra=CLASSIFY_BODY)
-async def post_classify(request: Request) -> ClassifyResponse:
+async def post_classify(request: Request) -> Response:
     """Classify an image or clip (multipart `file`, or the raw bytes as the body) under one budget."""
     arrival = time.monotonic()
     # The hot path: the engine and settings are fetched here, not declared as FastAPI dependencies, whose
@@ -124,7 +124,10 @@ async def post_classify(request: Request) -> ClassifyResponse:
         deadline_ms=params.deadline_ms,
     )
     result = await cancel_on_disconnect(request, work)
-    return build_response(result, settings.model_name, engine.runner.checkpoint.labels, decode_ms, arrival)
+    answer = build_response(result, settings.model_name, engine.runner.checkpoint.labels, decode_ms, arrival)
+    # Serialised here, once: returned as a model, FastAPI would validate it against `response_model` again
+    # (a second pass over every field) before encoding it.
+    return Response(answer.model_dump_json(), media_type="application/json")
 
 
 async def _read_input(request: Request, limit: int) -> tuple[bytes, dict[str, str]]:

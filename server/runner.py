@@ -94,19 +94,23 @@ def resolve_streams(setting: int, device: torch.device, threads: int) -> int:
 
 
 def split_batch(
-    costs: Sequence[float], streams: int, min_gflops: float, balance: float = STREAM_BALANCE
+    costs: Sequence[float],
+    streams: int,
+    min_gflops: float,
+    balance: float = STREAM_BALANCE,
+    work: float | None = None,
 ) -> list[list[int]]:
     """The sample indices of each sub-batch of a batch whose samples cost `costs` GFLOPs.
 
-    As many sub-batches as there are streams, samples and multiples of `min_gflops` in the batch, filled
-    largest first into the lightest one; fewer when the largest would exceed `balance` times an even
-    share (three equal samples on two streams: two then one would take longer than all three on both
-    threads).  One sub-batch of every sample when no split qualifies.
+    As many sub-batches as there are streams, samples and multiples of `min_gflops` in the batch's `work`
+    (default: its GFLOPs), filled largest first into the lightest one; fewer when the largest would exceed
+    `balance` times an even share (three equal samples on two streams: two then one would take longer than
+    all three on both threads).  One sub-batch of every sample when no split qualifies.
     """
     n, total = len(costs), float(sum(costs))
     k = min(streams, n)
     if min_gflops > 0:
-        k = min(k, int(total // min_gflops))
+        k = min(k, int((total if work is None else work) // min_gflops))
     order = sorted(range(n), key=lambda i: (-costs[i], i))
     while k > 1:
         loads = [0.0] * k
@@ -209,6 +213,15 @@ class Runner:
             )
         log.info("%d intra-op threads, %d stream(s)", self.threads, self.streams)
 
+    def set_full_width_rows(self, rows: float | None, max_batch: int) -> None:
+        """Where the model switches from full width with masks to one product per expert (`MoNE.full_width_
+        pays`): `rows` when given, else measured here, on the inference thread with its intra-op threads."""
+        if rows is None:
+            batches = [b for b in (1, 2, 4, 8, 16, 32, 64) if b <= max(max_batch, 1)]
+            rows = self.model.calibrate_full_width(batches)
+        self.model.full_width_rows = rows
+        log.info("full width with masks below %.0f token rows saved per extra expert group", rows)
+
     def close(self) -> None:
         if self._pool is not None:
             self._pool.shutdown(wait=True)
@@ -219,7 +232,10 @@ class Runner:
         if self._pool is None or len(capacities) < 2:  # no stream threads: one stream, or closed
             return [list(range(len(capacities)))]
         costs = [gflops(self.cfg, c, frames) for c in capacities]
-        return split_batch(costs, self.streams, self.min_stream_gflops)
+        # Whether splitting pays is judged on the dense work: what streams save is per-operation overhead,
+        # and a lower capacity has as many operations (more, with more token groups), not fewer.
+        work = len(capacities) * gflops(self.cfg, 1.0, frames)
+        return split_batch(costs, self.streams, self.min_stream_gflops, work=work)
 
     def run(
         self, xs: list[Tensor], capacities: list[float], top_ks: list[int], routing: list[bool]
@@ -334,6 +350,7 @@ class Runner:
             "path": str(ck.path) if ck.path else None,
             "sha256": ck.sha256,
             "meta": ck.meta,
+            "full_width_rows": self.model.full_width_rows,
         }
 
 
@@ -344,6 +361,8 @@ def warm_up_and_calibrate(
     sample), plus one mixed batch per kind so that the cost of an extra token split is identifiable."""
     s, cfg = settings, runner.cfg
     runner.setup_threads(s.threads)
+    if s.full_width_rows is not None or s.calibrate:
+        runner.set_full_width_rows(s.full_width_rows, s.max_batch_size)
     for frames in kinds:
         if s.warmup_iters:
             runner.time_batch(frames, 1, 1.0, s.warmup_iters)
@@ -357,6 +376,7 @@ def warm_up_and_calibrate(
             for c in s.calibration_capacities:
                 seconds = runner.time_batch(frames, b, c, s.calibration_repeats)
                 latency.observe(frames, 1, b * gflops(cfg, c, frames), seconds, calibration=True)
+                latency.observe_uniform(frames, b, c, seconds)
         b = sizes[-1]
         if b > 1:
             caps = [cfg.min_capacity, 1.0] * (b // 2) + [1.0] * (b % 2)

@@ -15,7 +15,12 @@ decided here when a batch forms (serving.md section 4):
   batch.  Planning each batch against its own deadline alone lets a long batch eat the next one's time,
   and the misses come in runs (the rule of Clipper and Nexus: batch duration <= SLO / 2).
 * Predicted batch times come from `LatencyModel`, which already plans against the slow end (90th
-  percentile) of what similar recent batches took; `LATENCY_SAFETY` adds 20 % on top.
+  percentile) of what similar recent batches took, and never below what start-up measured for that batch
+  size and capacity; `LATENCY_SAFETY` adds 20 % on top.
+* A level chosen for a `latency_ms` item or lowered by `degrade` is raised to the largest capacity that
+  start-up measured no slower (`LatencyModel.no_slower_capacity`): on a small model at a small batch every
+  capacity costs about the same, and a lower one would only lose accuracy.  Pinned budgets are served as
+  asked.
 """
 
 from __future__ import annotations
@@ -103,24 +108,34 @@ class BatchPlanner:
         for it in fixed:
             assert it.level is not None
             if it.budget.type == "default" and it.level.capacity > cap + 1e-12:
-                it.level = self.planner.level_of(max(cap, self.planner.cfg.min_capacity), frames)
-                it.degraded = True
+                lowered = self.planner.level_of(max(cap, self.planner.cfg.min_capacity), frames)
+                level = self.no_slower(lowered, frames, len(items), ceiling=it.level.capacity)
+                it.degraded = level.capacity < it.level.capacity - 1e-12
+                it.level = level
         if not flexible or self._fit_latency(fixed, flexible, frames, cap):
             return items, []
         # Pinned work must not push latency-budgeted requests past their budget: run those alone first.
         if fixed and self._fit_latency([], flexible, frames, cap):
             return flexible, fixed
-        floor = self.planner.floor(frames)
+        floor = self.no_slower(self.planner.floor(frames), frames, len(items))
         now = time.monotonic()
         predicted = self._predict(fixed, [floor] * len(flexible), frames)
         for it in flexible:
             it.level, it.planned_ms = floor, (now - it.arrival + predicted) * 1e3
         return items, []
 
+    def no_slower(self, level: Level, frames: int, batch: int, ceiling: float = 1.0) -> Level:
+        """`level`, or the level of the largest capacity up to `ceiling` measured no slower at this batch
+        size (`LatencyModel.no_slower_capacity`)."""
+        capacity = min(self.latency.no_slower_capacity(frames, batch, level.capacity), ceiling)
+        return level if capacity <= level.capacity + 1e-12 else self.planner.level_of(capacity, frames)
+
     def _predict(self, fixed: list[WorkItem], levels: list[Level], frames: int) -> float:
         all_levels = [it.level for it in fixed if it.level is not None] + levels
         groups = len({lv.counts for lv in all_levels})
-        return self.latency.predict(frames, groups, sum(lv.gflops for lv in all_levels))
+        capacity = max(lv.capacity for lv in all_levels)
+        gflops = sum(lv.gflops for lv in all_levels)
+        return self.latency.predict_uniform(frames, groups, gflops, len(all_levels), capacity)
 
     def _fit_latency(self, fixed: list[WorkItem], flexible: list[WorkItem], frames: int, cap: float) -> bool:
         """Give the latency-budgeted items the largest level whose predicted batch time fits the tightest."""
@@ -148,6 +163,7 @@ class BatchPlanner:
         if level is None:
             return False
         predicted = self._predict(fixed, [level] * len(flexible), frames)
+        level = self.no_slower(level, frames, len(fixed) + len(flexible))
         for it in flexible:
             it.level, it.planned_ms = level, (now - it.arrival + predicted) * 1e3
             it.degraded = cap < 1.0 and level.capacity >= cap - 1e-3

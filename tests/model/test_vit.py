@@ -1,12 +1,14 @@
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 from model import MoNE, MoNEConfig, gflops, vit
-from model.capacity import expert_counts
+from model.capacity import expert_counts, realised_capacity
 from model.flops import count_flops
 from model.routing import expert_preferred_routing
 from model.vit import Layout
@@ -14,24 +16,30 @@ from tests.model.conftest import make_net
 from tests.model.reference import reference_forward
 
 CAPS = [1.0, 0.9, 0.6, 0.5, 0.3, 0.25, 0.2, 0.125]
+# How an inference forward runs a multi-expert split: one product per expert, or full width with masks.
+WAYS = {"split": 0.0, "full_width": math.inf}
 
 
 def images(n: int = 3, seed: int = 1, size: int = 28, chans: int = 1) -> torch.Tensor:
     return torch.randn(n, chans, size, size, generator=torch.Generator().manual_seed(seed))
 
 
+@pytest.mark.parametrize("way", WAYS)
 @pytest.mark.parametrize("capacity", CAPS)
-def test_grouped_forward_equals_masked_reference(net: MoNE, capacity: float) -> None:
+def test_grouped_forward_equals_masked_reference(net: MoNE, capacity: float, way: str) -> None:
     x = images()
+    net.full_width_rows = WAYS[way]
     with torch.no_grad():
         out = net(x, capacity)
         ref = reference_forward(net, x, capacity)
     torch.testing.assert_close(out.logits, ref, atol=2e-5, rtol=1e-4)
 
 
+@pytest.mark.parametrize("way", WAYS)
 @pytest.mark.parametrize("capacity", [1.0, 0.5, 0.2])
-def test_grouped_forward_equals_reference_for_clips(capacity: float) -> None:
+def test_grouped_forward_equals_reference_for_clips(capacity: float, way: str) -> None:
     net = make_net(temporal_depth=2, num_frames=4)
+    net.full_width_rows = WAYS[way]
     x = torch.randn(2, 4, 1, 28, 28, generator=torch.Generator().manual_seed(3))
     with torch.no_grad():
         torch.testing.assert_close(
@@ -39,15 +47,18 @@ def test_grouped_forward_equals_reference_for_clips(capacity: float) -> None:
         )
 
 
+@pytest.mark.parametrize("way", WAYS)
 @pytest.mark.parametrize("frames_per_chunk", [1, 2])
 @pytest.mark.parametrize("capacity", [1.0, 0.5, 0.2])
 def test_inference_in_chunks_of_frames_equals_reference(
-    net: MoNE, capacity: float, frames_per_chunk: int, monkeypatch: pytest.MonkeyPatch
+    net: MoNE, capacity: float, frames_per_chunk: int, way: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     """Inference runs each block a few frames at a time (the last chunk shorter); the chunks must add up
     to the whole, images and clips alike."""
     cfg = net.cfg
     monkeypatch.setattr(vit, "CHUNK_BYTES", frames_per_chunk * 4 * cfg.num_tokens * cfg.mlp_ratio * cfg.dim)
+    monkeypatch.setattr(vit, "FULL_WIDTH_ROWS", WAYS[way])
+    net.full_width_rows = WAYS[way]
     x = images(5)
     with torch.no_grad():
         torch.testing.assert_close(
@@ -194,7 +205,9 @@ def test_clip_frames_are_routed_separately() -> None:
 @pytest.mark.parametrize("capacity", [1.0, 0.75, 0.5, 0.25, 0.125])
 @pytest.mark.parametrize("frames", [0, 8])
 def test_analytic_flops_match_counter(capacity: float, frames: int) -> None:
+    """What the split forward executes is the analytic count (full width executes dense products)."""
     net = make_net()
+    net.full_width_rows = 0.0
     x = torch.randn(1, 1, 28, 28) if frames == 0 else torch.randn(1, frames, 1, 28, 28)
     with torch.no_grad():
         counted = count_flops(lambda: net(x, capacity))
@@ -323,3 +336,30 @@ def test_variants_build(variant: str) -> None:
     with torch.no_grad():
         assert net(x, 0.5).logits.shape == (1, cfg.num_classes)
     assert cfg.expert_dims == tuple(cfg.dim // 2**k for k in (3, 2, 1, 0))
+
+
+def test_full_width_pays_below_the_threshold_only(net: MoNE) -> None:
+    counts = expert_counts(0.5, 49)  # four groups
+    saved_per_group = (1.0 - realised_capacity(counts)) * 49 / 3
+    net.full_width_rows = 4.5 * saved_per_group
+    assert net.full_width_pays(4, counts)
+    assert not net.full_width_pays(5, counts)
+    assert not net.full_width_pays(1, expert_counts(1.0, 49))  # one group: nothing to merge
+    assert not net.full_width_pays(1, expert_counts(0.125, 49))
+
+
+def test_calibrate_full_width_sets_a_threshold_within_the_measured_sizes(net: MoNE) -> None:
+    counts = expert_counts(0.5, 49)
+    saved_per_frame = (1.0 - realised_capacity(counts)) * 49 / 3
+    rows = net.calibrate_full_width(batches=(1, 2, 4), repeats=1)
+    assert net.full_width_rows == rows
+    assert 0.5 * saved_per_frame <= rows <= 2.0 * 4 * saved_per_frame
+
+
+@pytest.mark.parametrize("capacity", [1.0, 0.125])
+def test_routing_of_a_single_expert_split_sends_every_token_there(capacity: float) -> None:
+    probs = torch.rand(3, 49, 4, generator=torch.Generator().manual_seed(1)).softmax(-1)
+    counts = expert_counts(capacity, 49)
+    experts = expert_preferred_routing(probs, counts)
+    assert experts.dtype == torch.long
+    assert torch.equal(experts, torch.full((3, 49), counts.index(49)))

@@ -222,3 +222,94 @@ def test_latency_batches_leave_room_for_the_next_under_a_stream(planner: Planner
     bp.plan(later, depth=2)
     assert later[0].level is not None
     assert later[0].level.capacity == 1.0
+
+
+def _flat_small_batches() -> LatencyModel:
+    """Start-up measurements of a model bound by per-operation overhead at batch 1 (every capacity takes
+    about 4 ms, the lowest ones slightly more) and by FLOPs at batch 32."""
+    lm = LatencyModel()
+    measured = {
+        1: {0.125: 0.0040, 0.25: 0.0042, 0.5: 0.0041, 1.0: 0.0040},
+        32: {0.125: 0.020, 0.25: 0.030, 0.5: 0.045, 1.0: 0.080},
+    }
+    for b, row in measured.items():
+        for c, t in row.items():
+            lm.observe(1, 1, b * gflops(CFG, c), t, calibration=True)
+            lm.observe_uniform(1, b, c, t)
+    return lm
+
+
+def test_no_lower_capacity_where_a_higher_one_was_measured_no_slower() -> None:
+    lm = _flat_small_batches()
+    assert lm.no_slower_capacity(1, 1, 0.25) == 1.0  # 1.0 took 4.0 ms against 4.2 ms
+    assert lm.no_slower_capacity(1, 1, 0.3) == 1.0  # between measured capacities: judged by 0.25
+    assert lm.no_slower_capacity(1, 2, 0.125) == 1.0  # nearest measured size: 1
+    assert lm.no_slower_capacity(1, 32, 0.25) == 0.25  # at 32 each lower capacity is faster
+    assert lm.no_slower_capacity(1, 24, 0.5) == 0.5
+    assert LatencyModel().no_slower_capacity(1, 1, 0.25) == 0.25  # nothing measured: as planned
+
+
+def test_predictions_are_never_below_what_was_measured() -> None:
+    lm = _flat_small_batches()
+    for c in (0.125, 0.25, 0.5):
+        g = gflops(CFG, c)
+        assert lm.predict_uniform(1, 1, g, 1, c) >= 0.0040
+        # The line through every measurement puts batch 1 far below its measured time at low capacities.
+    assert lm.predict(1, 1, gflops(CFG, 0.125)) < 0.0040
+    assert lm.predict_uniform(1, 1, 32 * gflops(CFG, 0.25), 32, 0.25) >= 0.030
+
+
+def test_latency_budgets_and_degrade_never_pick_a_capacity_measured_no_faster(planner: Planner) -> None:
+    import time
+
+    from server.config import Settings
+    from server.scheduling import BatchPlanner
+
+    lm = _flat_small_batches()
+    # A lone latency request whose budget fits no level by the measurements: served at the highest capacity
+    # measured as fast as the floor, not at the floor.
+    bp = BatchPlanner(planner, lm, Settings())
+    tight = _latency_items(1, 1.0, time.monotonic())
+    bp.plan(tight, depth=1)
+    assert tight[0].level is not None
+    assert tight[0].level.capacity == 1.0
+
+    # A budget that the fitted line lets a low capacity meet: the measured 1.0 is no slower, so 1.0.
+    roomy = _latency_items(1, 30.0, time.monotonic())
+    bp.plan(roomy, depth=1)
+    assert roomy[0].level is not None
+    assert roomy[0].level.capacity == 1.0
+
+    # Degrade: a full queue lowers unbudgeted requests to the floor only where that is faster.
+    s = Settings(overload_policy="degrade", max_queue_size=100, degrade_start=0.5, degrade_floor=0.25)
+    bp = BatchPlanner(planner, lm, s)
+    lone = _default_items(1)
+    bp.plan(lone, depth=100)
+    assert lone[0].level is not None
+    assert (lone[0].level.capacity, lone[0].degraded) == (1.0, False)
+    full = _default_items(32)
+    bp.plan(full, depth=100)
+    assert full[0].level is not None
+    assert (full[0].level.capacity, full[0].degraded) == (0.25, True)
+
+
+def _default_items(n: int) -> list:
+    import asyncio
+    import time
+
+    from server.batcher import WorkItem
+
+    planner = Planner(CFG)
+    loop = asyncio.new_event_loop()
+    now = time.monotonic()
+    try:
+        items = [
+            WorkItem(torch.zeros(1, 1, 28, 28), parse_budget(None, None, None, 1.0, CFG.min_capacity), now,
+                     now + 30, future=loop.create_future())
+            for _ in range(n)
+        ]  # fmt: skip
+    finally:
+        loop.close()
+    for it in items:
+        it.level = planner.level_of(1.0, 1)
+    return items

@@ -207,3 +207,18 @@ def test_warm_up_reaches_every_stream(checkpoint_dir: Path) -> None:
     finally:
         r.close()
     assert runner(checkpoint_dir, streams=1).smallest_split(1, 32) == 0
+
+
+def test_whether_to_split_is_judged_on_dense_work() -> None:
+    """A low capacity has as many operations as a high one: it is split as often, balanced by GFLOPs."""
+    assert split_batch([0.1] * 8, streams=2, min_gflops=0.5) == [list(range(8))]
+    pieces = split_batch([0.1] * 8, streams=2, min_gflops=0.5, work=8 * 0.4)
+    assert sorted(len(p) for p in pieces) == [4, 4]
+
+
+def test_the_runner_splits_every_capacity_alike(pair: tuple[Runner, Runner]) -> None:
+    _, split = pair
+    split.min_stream_gflops = 6 * gflops(CFG, 1.0, 1)
+    for c in (1.0, 0.5, 0.25, 0.125):
+        assert len(split.split(1, [c] * 12)) == 2, c
+        assert len(split.split(1, [c] * 11)) == 1, c
