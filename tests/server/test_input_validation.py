@@ -171,10 +171,12 @@ async def test_every_budget_kind_with_the_models_floor(
     assert r.status_code == 200, r.text
     assert r.json()["served"]["gflops"] == pytest.approx(floor_gflops)
     _error(await classify(gflops=str(floor_gflops / 2)), "invalid_budget", "below the model's floor")
-    # latency_ms: an impossible budget is served at the floor (and counted missed), never below it.
+    # latency_ms: an impossible budget is served (at the floor, or at a capacity measured no slower), never
+    # below the floor, and counted missed.
     r = await classify(latency_ms="0.001")
     assert r.status_code == 200, r.text
-    assert r.json()["served"]["realised_capacity"] == pytest.approx(floor_realised)
+    assert r.json()["served"]["realised_capacity"] >= floor_realised - 1e-9
+    assert len(r.json()["served"]["expert_counts"]) == E
     assert r.json()["served"]["deadline_met"] is False
     # default: the server's default capacity.
     r = await classify()
