@@ -9,7 +9,7 @@ PY := $(VENV)/bin/python
 SERVE_STAMP := $(VENV)/.installed-serve
 STAMP := $(VENV)/.installed
 
-.PHONY: setup system serve test lint format typecheck pytest bench clean
+.PHONY: setup system serve test lint format typecheck pytest bench proto clean
 
 # Serving: the package and its runtime dependencies only.
 $(SERVE_STAMP): pyproject.toml
@@ -46,6 +46,9 @@ pytest: setup
 	$(PY) -m pytest $(PYTEST_ARGS)
 
 test: lint typecheck pytest
+
+proto: $(STAMP)  # regenerate server/proto's stubs after editing inference.proto (they are committed)
+	$(PY) scripts/gen_proto.py
 
 bench: setup
 	$(PY) -m bench.model_speed

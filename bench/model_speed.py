@@ -88,6 +88,7 @@ def peak_activation_mb(variant: str, batch: int, which: str) -> float:
 
 def run(variant: str, batch: int, repeats: int) -> list[dict[str, object]]:
     net = build(variant)
+    net.calibrate_full_width()  # as the server does at start-up
     cfg = net.cfg
     x = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size)
     plain, fused = PlainViT(net), FusedViT(net)

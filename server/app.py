@@ -10,6 +10,7 @@ import sys
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
@@ -20,6 +21,7 @@ from starlette.requests import ClientDisconnect
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from server import __version__, oip, routes
+from server.access import RequestIdMiddleware, configure_access_log, record_of
 from server.auth import AuthMiddleware
 from server.config import Settings, get_settings
 from server.decode_pool import DecodePool
@@ -44,6 +46,11 @@ from server.limits import BodyLimitMiddleware
 from server.metrics import Metrics, MetricsMiddleware
 from server.runner import Runner, load_model, resolve_device
 
+if TYPE_CHECKING:
+    from opentelemetry.sdk.trace import TracerProvider
+
+    from server.grpc_api import GrpcServer
+
 log = logging.getLogger("mone.app")
 NOT_REJECTIONS = (ClientGoneError.code, InternalError.code)
 WEB_DIR = Path(__file__).resolve().parent.parent / "clients" / "web"
@@ -64,10 +71,21 @@ def error_response(
     return JSONResponse(body, status_code=status)
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """Build the app; the model is loaded by the lifespan, so importing this module is cheap."""
+def create_app(settings: Settings | None = None, tracer_provider: TracerProvider | None = None) -> FastAPI:
+    """Build the app; the model is loaded by the lifespan, so importing this module is cheap.  Requests are
+    traced to `tracer_provider` when given, else as `otel_exporter` says (server/tracing.py)."""
     settings = settings or get_settings()
     metrics = Metrics()
+    owned = None
+    if tracer_provider is None and settings.otel_exporter != "none":
+        from server.tracing import provider_from_settings
+
+        tracer_provider = owned = provider_from_settings(settings)
+    tracing = None
+    if tracer_provider is not None:
+        from server.tracing import Tracing
+
+        tracing = Tracing(tracer_provider)
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
@@ -79,6 +97,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         clips: DecodePool | None = None
         watchdog: Watchdog | None = None
         engine: Engine | None = None
+        grpc_server: GrpcServer | None = None
         try:  # a start-up that fails part-way undoes what it had started, as a stop does
             health = start_health_listener(settings)
             app.state.health = health
@@ -93,6 +112,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if clips is not None:
                 await asyncio.to_thread(clips.wait_ready)
             await engine.start()
+            if settings.grpc_port:
+                from server.grpc_api import GrpcServer  # grpc is loaded only when it serves
+
+                grpc_server = GrpcServer(app, settings)
+                await grpc_server.start()
+                app.state.grpc = grpc_server
+                log.info("gRPC (Open Inference Protocol) on %s:%d", settings.host, grpc_server.port)
             if health is not None:
                 health.state.ready = lambda: engine.ready
                 health.state.stuck = engine.stuck
@@ -101,6 +127,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             log.info("ready: %s (%s) on %s", settings.model_name, checkpoint.config.variant, device)
             yield
         finally:
+            if grpc_server is not None:  # refuses new calls, lets the running ones finish
+                await grpc_server.stop(float(settings.timeout_graceful_shutdown))
             if engine is not None:
                 await engine.stop(drain_s=float(settings.timeout_graceful_shutdown))
             if watchdog is not None:
@@ -110,6 +138,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             if clips is not None:
                 await asyncio.to_thread(clips.close)
             sys.setswitchinterval(switch_interval)
+            if owned is not None and tracing is not None:
+                tracing.shutdown()  # exports the spans still buffered
 
     app = FastAPI(
         title="mone-serve",
@@ -122,6 +152,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.state.settings = settings
     app.state.metrics = metrics
+    app.state.tracing = tracing
     app.include_router(routes.router)
     app.include_router(routes.v1)
     app.include_router(oip.router)
@@ -136,9 +167,21 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.add_middleware(
             AuthMiddleware, api_key=key, metrics=metrics, metrics_public=settings.metrics_public
         )
+    app.add_middleware(RequestIdMiddleware, error_body=_internal_error, tracing=tracing)
+    configure_access_log(settings.access_log)
     known = [*routes.router.routes, *routes.v1.routes, *oip.router.routes, *oip.models.routes]
     app.add_middleware(MetricsMiddleware, metrics=metrics, routes=known)
     return app
+
+
+def _internal_error(message: str, path: str) -> JSONResponse:
+    return error_response(InternalError.code, message, path=path)
+
+
+def _note_error(scope: Scope, code: str) -> None:
+    record = record_of(scope)
+    if record is not None:
+        record.error = code
 
 
 def start_health_listener(settings: Settings) -> HealthListener | None:
@@ -215,6 +258,7 @@ class ShedMiddleware:
                             break
                 except ServeError as too_large:  # the body limit cut it off: that answer comes first
                     refusal = too_large
+                _note_error(scope, refusal.code)
                 await serve_error_response(refusal, scope["path"], self.metrics)(scope, receive, send)
                 return
         await self.app(scope, receive, send)
@@ -223,16 +267,19 @@ class ShedMiddleware:
 def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     @app.exception_handler(ServeError)
     async def serve_error(request: Request, exc: ServeError) -> JSONResponse:
+        _note_error(request.scope, exc.code)
         return serve_error_response(exc, request.url.path, metrics)
 
     @app.exception_handler(ClientDisconnect)
     async def client_gone(request: Request, exc: ClientDisconnect) -> JSONResponse:
         # The client left while sending its body: nobody reads this answer, but it is a 499, not a 500.
+        _note_error(request.scope, ClientGoneError.code)
         return error_response(ClientGoneError.code, "client disconnected", path=request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
         metrics.reject("bad_input")
+        _note_error(request.scope, "validation_error")
         errors = [{"field": ".".join(map(str, e["loc"])), "message": e["msg"]} for e in exc.errors()]
         message = "request does not match the schema"
         return error_response("validation_error", message, {"errors": errors}, request.url.path)
@@ -240,6 +287,7 @@ def _add_error_handlers(app: FastAPI, metrics: Metrics) -> None:
     @app.exception_handler(StarletteHTTPException)
     async def http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
+        _note_error(request.scope, code)
         response = error_response(code, str(exc.detail), path=request.url.path)
         response.status_code = exc.status_code
         return response

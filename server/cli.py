@@ -109,6 +109,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         port=settings.port,
         workers=settings.workers,
         log_level=settings.log_level,
+        access_log=not settings.access_log,  # ours has the request id and what was served
         limit_concurrency=settings.limit_concurrency,
         timeout_keep_alive=settings.timeout_keep_alive,
         timeout_graceful_shutdown=settings.timeout_graceful_shutdown,

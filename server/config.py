@@ -43,6 +43,27 @@ class Settings(BaseSettings):
         description="port of a probe listener (/healthz, /readyz) on its own thread, off the main event "
         "loop, bound to the same host; 0 turns it off (the container image sets 8001)",
     )
+    grpc_port: int = Field(
+        default=0,
+        ge=0,
+        le=65535,
+        description="port of the Open Inference Protocol's gRPC API (inference.GRPCInferenceService), bound "
+        "to the same host; 0 turns it off (the container image sets 8081, KServe's gRPC port)",
+    )
+    access_log: bool = Field(
+        default=True,
+        description="one JSON line per request on stderr (logger mone.access): request id, route, status, "
+        "input kind, budget asked, capacity and GFLOPs served, decode/queue/compute ms; replaces uvicorn's",
+    )
+    otel_exporter: Literal["none", "otlp", "console"] = Field(
+        default="none",
+        description="OpenTelemetry traces (spans for decode, queue, batch and forward): none (off), otlp "
+        "(OTLP over HTTP to OTEL_EXPORTER_OTLP_ENDPOINT; pip install 'mone-serve[tracing]'), "
+        "console (stdout)",
+    )
+    otel_sample_ratio: float = Field(
+        default=1.0, ge=0.0, le=1.0, description="share of traces kept when the caller has not decided"
+    )
     health_stale_s: float = Field(
         default=10.0,
         gt=0.0,
@@ -162,9 +183,9 @@ class Settings(BaseSettings):
     full_width_rows: float | None = Field(
         default=None,
         ge=0.0,
-        description="token rows saved per extra expert group below which a token split runs at full width "
-        "with masks instead of one product per expert (model/vit.py, MoNE.full_width_pays); default: "
-        "measured at start-up (with calibrate; else the model's default)",
+        description="what one more matrix product per projection costs the model, in token rows of "
+        "full-width work: it decides which experts run as one product with masks (model/vit.py, "
+        "MoNE.plan_runs); default: measured at start-up (with calibrate; else the model's default)",
     )
 
     # -- input limits (reliability.md section 6) ---------------------------------------------------------
@@ -252,6 +273,8 @@ class Settings(BaseSettings):
             raise ValueError("degrade_floor cannot exceed default_capacity")
         if self.health_port and self.health_port == self.port:
             raise ValueError("health_port must differ from port")
+        if self.grpc_port and self.grpc_port in (self.port, self.health_port):
+            raise ValueError("grpc_port must differ from port and health_port")
         loopback = self.host in ("127.0.0.1", "localhost", "::1")
         if not loopback and self.api_key is None and not self.allow_unauthenticated:
             raise ValueError(

@@ -136,6 +136,11 @@ class InferResult:
     degraded: bool
     planned_ms: float | None
     deadline_met: bool | None
+    # When it was queued, taken into a batch, and when that batch's forward started and ended (monotonic):
+    # what tracing draws its spans from.
+    enqueued: float = 0.0
+    dequeued: float = 0.0
+    forward: tuple[float, float] = (0.0, 0.0)
 
 
 @dataclass
@@ -389,20 +394,27 @@ class Engine:
         args = ([it.x for it in run], [lv.capacity for lv in levels], [it.top_k for it in run])
         groups, gflops = len({lv.counts for lv in levels}), sum(lv.gflops for lv in levels)
         self._batch_predicted_s = self.latency.predict(run[0].frames, groups, gflops)
-        self._batch_started = time.monotonic()
+        started = self._batch_started = time.monotonic()
         try:
             out = await asyncio.get_running_loop().run_in_executor(
                 self._executor, self.runner.run, *args, [it.routing for it in run]
             )
         finally:
             self._batch_started, self._stuck_logged = None, False
+        forward = (started, time.monotonic())
         self.latency.observe(run[0].frames, groups, gflops, out.seconds)
         self.events.batch_done(len(run), out.seconds)
-        task = asyncio.create_task(self._answer(run, out.samples, out.seconds))
+        task = asyncio.create_task(self._answer(run, out.samples, out.seconds, forward))
         self._answering.add(task)
         task.add_done_callback(self._answering.discard)
 
-    async def _answer(self, run: list[WorkItem], samples: list[SampleOutput], seconds: float) -> None:
+    async def _answer(
+        self,
+        run: list[WorkItem],
+        samples: list[SampleOutput],
+        seconds: float,
+        forward: tuple[float, float] = (0.0, 0.0),
+    ) -> None:
         """Hand a batch's results to their requests `ANSWER_SLICE` at a time, letting the event loop poll
         its sockets in between.  Each answer wakes a handler that builds and sends its response; a whole
         batch of them in one iteration held a /healthz behind them (small model, 64 clients: p99 65-80 ms
@@ -411,7 +423,7 @@ class Engine:
             for i, (item, sample) in enumerate(zip(run, samples, strict=True)):
                 if i and i % ANSWER_SLICE == 0:
                     await asyncio.sleep(0)
-                self._succeed(item, sample, seconds, len(run))
+                self._succeed(item, sample, seconds, len(run), forward)
         except Exception as exc:  # no request may be left waiting: fail the ones not answered yet
             log.exception("answering a batch of %d failed", len(run))
             for item in run:
@@ -454,7 +466,14 @@ class Engine:
             if not item.future.done():
                 item.future.set_exception(exc)
 
-    def _succeed(self, item: WorkItem, sample: SampleOutput, seconds: float, size: int) -> None:
+    def _succeed(
+        self,
+        item: WorkItem,
+        sample: SampleOutput,
+        seconds: float,
+        size: int,
+        forward: tuple[float, float] = (0.0, 0.0),
+    ) -> None:
         if item.outcome is not None:  # cancelled meanwhile
             return
         assert item.level is not None
@@ -474,6 +493,9 @@ class Engine:
             degraded=item.degraded,
             planned_ms=item.planned_ms,
             deadline_met=met,
+            enqueued=item.enqueued,
+            dequeued=item.dequeued,
+            forward=forward,
         )
         self._settle(item, "succeeded")
         if not item.future.done():

@@ -11,6 +11,7 @@ from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
 from model import capacity_distribution
+from server.access import record_of
 from server.budget import parse_budget
 from server.deps import (
     EngineDep,
@@ -111,6 +112,9 @@ async def post_classify(request: Request) -> Response:
     budget = parse_budget(
         params.capacity, params.gflops, params.latency_ms, settings.default_capacity, engine.cfg.min_capacity
     )
+    record = record_of(request)
+    if record is not None:
+        record.ask(budget)
     engine.shed_if_full()  # an overloaded server refuses before decoding
     with engine.coming():
         decoded = await decode_payload(data, engine, settings, params.kind, get_clip_decoder(request))
@@ -124,6 +128,8 @@ async def post_classify(request: Request) -> Response:
         deadline_ms=params.deadline_ms,
     )
     result = await cancel_on_disconnect(request, work)
+    if record is not None:
+        record.serve([result], decode_ms, arrival)
     answer = build_response(result, settings.model_name, engine.runner.checkpoint.labels, decode_ms, arrival)
     # Serialised here, once: returned as a model, FastAPI would validate it against `response_model` again
     # (a second pass over every field) before encoding it.

@@ -157,7 +157,7 @@ class InferInputTensor(BaseModel):
     shape: list[int]
     datatype: str
     parameters: Parameters | None = None
-    data: list[Any]
+    data: list[Any] | None = Field(None, description="absent when the values follow as binary data")
 
 
 class InferRequestedOutput(BaseModel):

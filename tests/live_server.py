@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import IO
 
 import httpx
 
@@ -21,8 +22,11 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
-def start_server(checkpoint: Path, *args: str) -> tuple[subprocess.Popen[bytes], str]:
-    """`checkpoint` served by a real uvicorn process; returns it and its base URL once /readyz answers 200."""
+def start_server(
+    checkpoint: Path, *args: str, stderr: IO[bytes] | None = None
+) -> tuple[subprocess.Popen[bytes], str]:
+    """`checkpoint` served by a real uvicorn process; returns it and its base URL once /readyz answers 200.
+    Its stderr (logs, the access log) goes to `stderr` when given, else to the test's."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MONE_", "PROMETHEUS_"))}
     env["PYTHONPATH"] = str(ROOT)
@@ -38,7 +42,7 @@ def start_server(checkpoint: Path, *args: str) -> tuple[subprocess.Popen[bytes],
         "1",
     ]
     cmd += ["--calibration-batch-sizes", "1,2", "--calibration-repeats", "1", "--log-level", "warning", *args]
-    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True)
+    proc = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True, stderr=stderr)
     base = f"http://127.0.0.1:{port}"
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:

@@ -111,8 +111,10 @@ def test_image_config(image: str) -> None:
     assert config["StopSignal"] == "SIGTERM"
     assert "8000/tcp" in config["ExposedPorts"]
     assert "8001/tcp" in config["ExposedPorts"]
+    assert "8081/tcp" in config["ExposedPorts"]
     env = dict(e.split("=", 1) for e in config["Env"])
     assert env["MONE_HEALTH_PORT"] == "8001"  # the HEALTHCHECK asks the probe listener
+    assert env["MONE_GRPC_PORT"] == "8081"
     assert env["MONE_HOST"] == "0.0.0.0"
     assert "MONE_API_KEY" not in env
     assert "MONE_ALLOW_UNAUTHENTICATED" not in env

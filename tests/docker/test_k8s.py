@@ -59,11 +59,13 @@ def test_deployment_probes_ports_and_termination(rendered: dict[str, dict[str, A
     container = container_of(pod["spec"])
     assert container["image"].startswith("registry.example.com/mone-serve:")
     ports = {p["name"]: p for p in container["ports"]}
-    assert set(ports) == {"http", "health"}
-    port, health = ports["http"], ports["health"]
+    assert set(ports) == {"http", "health", "grpc"}
+    port, health, grpc = ports["http"], ports["health"], ports["grpc"]
     env = settings_env(container)
     assert int(env["MONE_PORT"]) == port["containerPort"]
     assert int(env["MONE_HEALTH_PORT"]) == health["containerPort"] != port["containerPort"]
+    assert int(env["MONE_GRPC_PORT"]) == grpc["containerPort"]
+    assert len({p["containerPort"] for p in ports.values()}) == 3
     assert env["MONE_HOST"] == "0.0.0.0"
     assert container["env"][[e["name"] for e in container["env"]].index("MONE_API_KEY")]["valueFrom"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
@@ -72,8 +74,10 @@ def test_deployment_probes_ports_and_termination(rendered: dict[str, dict[str, A
         get = container[probe]["httpGet"]
         assert get["path"] in ("/healthz", "/readyz")  # what the probe listener answers (server/health.py)
         assert get["port"] in (health["name"], health["containerPort"])
-    service = rendered["Service"]
-    assert all(p["targetPort"] in (port["name"], port["containerPort"]) for p in service["spec"]["ports"])
+    service = {p["name"]: p for p in rendered["Service"]["spec"]["ports"]}
+    assert set(service) == {"http", "grpc"}  # not the probe listener
+    assert service["http"]["targetPort"] in (port["name"], port["containerPort"])
+    assert service["grpc"]["targetPort"] in (grpc["name"], grpc["containerPort"])
     drain = int(env["MONE_TIMEOUT_GRACEFUL_SHUTDOWN"])
     pre_stop = int(container["lifecycle"]["preStop"]["exec"]["command"][-1])
     assert pod["spec"]["terminationGracePeriodSeconds"] > drain + pre_stop

@@ -16,8 +16,9 @@ from tests.model.conftest import make_net
 from tests.model.reference import reference_forward
 
 CAPS = [1.0, 0.9, 0.6, 0.5, 0.3, 0.25, 0.2, 0.125]
-# How an inference forward runs a multi-expert split: one product per expert, or full width with masks.
-WAYS = {"split": 0.0, "full_width": math.inf}
+# How an inference forward runs a multi-expert split (`MoNE.plan_runs`): one product per expert, full width
+# with masks, or adjacent experts merged into runs (the cost of a product in rows of work, between the two).
+WAYS = {"split": 0.0, "full_width": math.inf, "runs": 20.0}
 
 
 def images(n: int = 3, seed: int = 1, size: int = 28, chans: int = 1) -> torch.Tensor:
@@ -338,14 +339,36 @@ def test_variants_build(variant: str) -> None:
     assert cfg.expert_dims == tuple(cfg.dim // 2**k for k in (3, 2, 1, 0))
 
 
-def test_full_width_pays_below_the_threshold_only(net: MoNE) -> None:
-    counts = expert_counts(0.5, 49)  # four groups
-    saved_per_group = (1.0 - realised_capacity(counts)) * 49 / 3
-    net.full_width_rows = 4.5 * saved_per_group
-    assert net.full_width_pays(4, counts)
-    assert not net.full_width_pays(5, counts)
-    assert not net.full_width_pays(1, expert_counts(1.0, 49))  # one group: nothing to merge
-    assert not net.full_width_pays(1, expert_counts(0.125, 49))
+def test_plans_take_the_cheapest_runs(net: MoNE) -> None:
+    counts = expert_counts(0.25, 49)  # (25, 16, 7, 1): widths 16, 32, 64, 128
+    assert counts == (25, 16, 7, 1)
+    net.full_width_rows = 0.0
+    assert net.plan_runs(1, counts) == ((3,), (2,), (1,), (0,))  # products cost nothing: one per expert
+    net.full_width_rows = math.inf
+    assert net.plan_runs(1, counts) == ((3, 2, 1, 0),)  # products cost everything: one at full width
+    net.full_width_rows = 20.0
+    # Rows of full-width work, 20 per product: {128, 64} at 128 and {32, 16} at 32 cost 2*20 + 8 + 41/4.
+    assert net.plan_runs(1, counts) == ((3, 2), (1, 0))
+    assert net.plan_runs(64, counts) == ((3,), (2,), (1,), (0,))  # a large batch: FLOPs decide
+    assert net.plan_runs(1, expert_counts(1.0, 49)) == ((3,),)
+    assert net.plan_runs(1, expert_counts(0.125, 49)) == ((0,),)
+
+
+@pytest.mark.parametrize("counts", [(40, 9, 0, 0), (0, 20, 29, 0), (10, 0, 0, 39)])
+def test_runs_of_experts_with_unused_ones_between_equal_the_reference(counts: tuple) -> None:
+    net = make_net(temporal_depth=0)
+    x = images(2)
+    with torch.no_grad():
+        probs = net.router(net.embed(x))
+        experts = expert_preferred_routing(probs, counts)
+        want = reference_forward(net, x, 0.5, experts=experts)
+        for rows in (0.0, 20.0, 1e4, math.inf):
+            net.full_width_rows = rows
+            tok = net.embed(x)
+            pooled, got = net.encode_frames(tok, counts)
+            assert torch.equal(got, experts)
+            logits = net.forward_head(net.fc_norm(pooled))
+            torch.testing.assert_close(logits, want, atol=2e-5, rtol=1e-4)
 
 
 def test_calibrate_full_width_sets_a_threshold_within_the_measured_sizes(net: MoNE) -> None:
