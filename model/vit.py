@@ -340,6 +340,8 @@ def _as_capacities(capacity: float | Sequence[float] | Tensor, batch: int, num_e
             )
     elif isinstance(capacity, numbers.Real):
         values = [capacity] * batch
+    elif getattr(capacity, "ndim", None) == 0 and hasattr(capacity, "item"):  # a 0-d numpy array
+        values = [capacity.item()] * batch
     elif isinstance(capacity, Sequence) or hasattr(capacity, "__array__"):  # a list, tuple or numpy array
         values = list(cast(Sequence[object], capacity))
         if len(values) != batch:

@@ -256,6 +256,7 @@ BAD_CALLS = {
     "capacity b'1'": (images, b"1", "capacity must be a number.*bytes"),
     "capacity None": (images, None, "capacity must be a number.*NoneType"),
     "capacity dict": (images, {"capacity": 0.5}, "capacity must be a number"),
+    "a 0-d string array": (images, np.array("0.5"), "capacity must be a finite number, got str"),
     "capacities with a string": (images, [0.5, "0.5", 1.0], "capacity must be a finite number, got str"),
     "capacities with a bool": (images, [0.5, True, 1.0], "capacity must be a finite number, got bool"),
     "capacities with None": (images, [0.5, None, 1.0], "capacity must be a finite number, got NoneType"),
@@ -282,8 +283,17 @@ def test_bad_input_is_a_clear_value_error(net: MoNE, case: str) -> None:
 
 @pytest.mark.parametrize(
     "capacity",
-    [0.5, 1, np.float32(0.5), np.float64(0.25), [0.5, 1, 0.25], (0.5, 0.5, 0.5), np.array([0.5, 1.0, 0.25])],
-    ids=["float", "int", "np.float32", "np.float64", "list", "tuple", "ndarray"],
+    [
+        0.5,
+        1,
+        np.float32(0.5),
+        np.float64(0.25),
+        np.array(0.5),
+        [0.5, 1, 0.25],
+        (0.5, 0.5, 0.5),
+        np.array([0.5, 1.0, 0.25]),
+    ],
+    ids=["float", "int", "np.float32", "np.float64", "0-d ndarray", "list", "tuple", "ndarray"],
 )
 def test_numbers_of_any_real_type_are_capacities(net: MoNE, capacity: object) -> None:
     """The validation refuses what is not a number, and still takes numbers of other types."""
