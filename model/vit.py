@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 import statistics
 import time
 from collections.abc import Sequence
@@ -321,22 +322,35 @@ class Block(nn.Module):
 
 
 def _as_capacities(capacity: float | Sequence[float] | Tensor, batch: int, num_experts: int) -> list[float]:
+    if capacity is None or isinstance(capacity, str | bytes | bool):
+        raise ValueError(
+            f"capacity must be a number, a sequence of numbers or a tensor, got {type(capacity).__name__} "
+            f"{capacity!r:.40}"
+        )
     if isinstance(capacity, Tensor):
+        if capacity.dtype == torch.bool or capacity.is_complex():
+            raise ValueError(f"capacity tensor must hold real numbers, got dtype {capacity.dtype}")
         if capacity.dim() == 0:
-            values = [float(capacity)] * batch
+            values: list[object] = [capacity.item()] * batch
         elif capacity.shape == (batch,):
-            values = [float(c) for c in capacity.tolist()]
+            values = list(capacity.tolist())
         else:
             raise ValueError(
                 f"capacity tensor must be a scalar or have shape ({batch},), got {capacity.shape}"
             )
-    elif isinstance(capacity, int | float):
-        values = [float(capacity)] * batch
-    else:
-        values = [float(c) for c in capacity]
+    elif isinstance(capacity, numbers.Real):
+        values = [capacity] * batch
+    elif getattr(capacity, "ndim", None) == 0 and hasattr(capacity, "item"):  # a 0-d numpy array
+        values = [capacity.item()] * batch
+    elif isinstance(capacity, Sequence) or hasattr(capacity, "__array__"):  # a list, tuple or numpy array
+        values = list(cast(Sequence[object], capacity))
         if len(values) != batch:
             raise ValueError(f"got {len(values)} capacities for a batch of {batch}")
-    return [check_capacity(c, num_experts) for c in values]
+    else:
+        raise ValueError(
+            f"capacity must be a number, a sequence of numbers or a tensor, got {type(capacity).__name__}"
+        )
+    return [check_capacity(c, num_experts) for c in values]  # type: ignore[arg-type]
 
 
 class MoNE(nn.Module):
@@ -602,6 +616,9 @@ class MoNE(nn.Module):
 
     def forward(self, x: Tensor, capacity: float | Sequence[float] | Tensor = 1.0) -> MoNEOutput:
         cfg = self.cfg
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            kind = f"a tensor of {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must be a floating-point tensor, got {kind}")
         if x.dim() == 4:
             x = x.unsqueeze(1)
         if x.dim() != 5:
@@ -614,9 +631,15 @@ class MoNE(nn.Module):
                 f"expected frames of shape ({cfg.in_chans}, {cfg.img_size}, {cfg.img_size}), "
                 f"got {(C, Hh, Ww)}"
             )
+        if B == 0:
+            raise ValueError("empty batch: x has no samples")
+        if T == 0:
+            raise ValueError("a clip needs at least one frame, got 0")
         if cfg.temporal_depth and cfg.num_frames < T:
             raise ValueError(f"clip has {T} frames, the model takes at most {cfg.num_frames}")
         capacities = _as_capacities(capacity, B, cfg.num_experts)
+        if not torch.isfinite(x).all():
+            raise ValueError("x contains NaN or infinite values")
         features, experts, splits = self.forward_features(x, capacities)
         logits = self.forward_head(features)
         f64 = torch.float64

@@ -153,7 +153,12 @@ def load_model(settings: Settings, device: torch.device) -> Checkpoint:
             "directory, "
             "or start with --random-init for development"
         )
-    return load_checkpoint(path, device=device, expected_sha256=settings.checkpoint_sha256)
+    return load_checkpoint(
+        path,
+        device=device,
+        expected_sha256=settings.checkpoint_sha256,
+        allow_unverified=settings.allow_unverified_checkpoint,
+    )
 
 
 class Runner:

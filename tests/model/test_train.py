@@ -15,14 +15,18 @@ import torch
 from model import gflops, load_checkpoint
 from model.data import FASHION_MNIST_DIR
 from model.train import ADAPTIVE_GRID, TrainConfig, lr_at, parse_args, step_plan, steps_per_epoch, train
+from tests.system import missing
 
-pytestmark = [
-    pytest.mark.model,
-    pytest.mark.skipif(
-        not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file(),
-        reason="Fashion-MNIST missing: apt-get install dataset-fashion-mnist (make setup does it)",
-    ),
-]
+pytestmark = pytest.mark.model
+
+
+@pytest.fixture
+def fashion_mnist() -> Path:
+    """The data set the training runs read; its absence skips them (fails them in CI, tests/system.py)."""
+    if not (FASHION_MNIST_DIR / "train-images-idx3-ubyte.gz").is_file():
+        missing("Fashion-MNIST", "dataset-fashion-mnist")
+    return FASHION_MNIST_DIR
+
 
 SMALL = [
     "--train-limit", "640", "--val-size", "200", "--val-clips", "16", "--batch-size", "64",
@@ -55,6 +59,7 @@ def test_lr_schedule_warms_up_then_decays() -> None:
     assert max(ADAPTIVE_GRID) == 0.95
 
 
+@pytest.mark.usefixtures("fashion_mnist")
 def test_smoke_run_checkpoint_and_resume(tmp_path: Path) -> None:
     out = tmp_path / "run"
     train(parse_args(["--out", str(out), "--epochs", "2", "--adaptive", *SMALL]))
@@ -74,6 +79,7 @@ def test_smoke_run_checkpoint_and_resume(tmp_path: Path) -> None:
     assert load_checkpoint(out / "last").meta["epoch"] == 3
 
 
+@pytest.mark.usefixtures("fashion_mnist")
 def test_fixed_capacity_and_init_from(tmp_path: Path) -> None:
     base = tmp_path / "dense"
     args = ["--epochs", "1", "--max-steps", "4", *SMALL]
@@ -90,6 +96,7 @@ def test_fixed_capacity_and_init_from(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("fashion_mnist")
 def test_ddp_two_processes_gloo(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
@@ -105,6 +112,7 @@ def test_ddp_two_processes_gloo(tmp_path: Path) -> None:
 
 
 @pytest.mark.slow
+@pytest.mark.usefixtures("fashion_mnist")
 def test_default_recipe_script_runs_both_chains(tmp_path: Path) -> None:
     """scripts/train-default.sh (the shipped checkpoint's recipe) runs its five stages, each from the last."""
     runs = tmp_path / "runs"
@@ -158,11 +166,13 @@ def test_clip_share_spreads_clip_steps_evenly() -> None:
     assert step_plan(every, *steps_per_epoch(400, every))[:5] == [False, False, False, False, True]
 
 
+@pytest.mark.usefixtures("fashion_mnist")
 def test_distillation_needs_the_sandwich_schedule(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="sandwich"):
         train(parse_args(["--out", str(tmp_path / "x"), "--adaptive", "--distill", "0.5", *SMALL]))
 
 
+@pytest.mark.usefixtures("fashion_mnist")
 def test_budget_run_with_the_full_recipe(tmp_path: Path) -> None:
     """Sandwich + distillation + augmentation + clip share + EMA: the run stops at its FLOPs budget, logs the
     EMA's validation and saves it beside the trained weights; --resume restores the EMA."""
@@ -209,6 +219,7 @@ def test_budget_run_with_the_full_recipe(tmp_path: Path) -> None:
     assert more[-1]["step"] > last["step"]
 
 
+@pytest.mark.usefixtures("fashion_mnist")
 def test_default_variant_trains(tmp_path: Path) -> None:
     out = tmp_path / "tig"
     args = [
@@ -232,6 +243,7 @@ def test_default_variant_trains(tmp_path: Path) -> None:
     assert epochs_of(out)[-1]["step"] == 1
 
 
+@pytest.mark.usefixtures("fashion_mnist")
 @pytest.mark.slow
 def test_gpu_training_script_runs_tiny_end_to_end(tmp_path: Path) -> None:
     """scripts/train-gpu.sh (the default's GPU recipe) at its tiny scale: both chains at equal FLOPs budgets,
