@@ -2,12 +2,13 @@
 # System packages the project uses beyond PyPI: the Fashion-MNIST data set (training, evaluation tests);
 # for the deployment tests (tests/docker/) podman, buildah and runc (build and run the image), debootstrap
 # (its local base image), Prometheus with promtool, podman-compose, and kubectl (`kubectl kustomize`);
-# Chromium (the web page's browser test drives it headless with Playwright).
+# Chromium (the web page's browser test drives it headless with Playwright); hey, the outside load generator
+# of bench.budget and bench.where.
 # Serving needs none of them: `make test` (and `make setup`) run this script, `make serve` does not.
 # Installs what is missing with apt-get when run as root; otherwise says what to install.  With
 # MONE_REQUIRE_SYSTEM=1 (CI, .ci/run) a package that is still missing afterwards is an error.
 set -euo pipefail
-packages=(dataset-fashion-mnist chromium podman buildah runc debootstrap prometheus podman-compose)
+packages=(dataset-fashion-mnist chromium podman buildah runc debootstrap prometheus podman-compose hey)
 # Debian's kubectl is the kubernetes-client package; keep a kubectl that is already installed another way.
 command -v kubectl >/dev/null || packages+=(kubernetes-client)
 missing=()
