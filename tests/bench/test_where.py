@@ -8,6 +8,7 @@ import shutil
 import pytest
 
 from bench.where import ORDER, main, stage_of, summarise, table
+from tests.system import missing
 
 LOOP = "thread (1): MainThread"
 INFER = "thread (2): mone-infer_0"
@@ -49,7 +50,7 @@ def test_samples_add_up_per_thread_and_stage() -> None:
 @pytest.mark.slow
 def test_a_short_profile_of_a_real_server(capsys: pytest.CaptureFixture[str]) -> None:
     if shutil.which("hey") is None:
-        pytest.fail("hey is not installed (scripts/setup-system.sh installs it)")
+        missing("hey", "hey")
     assert main(["--variant", "Mi/4", "--clients", "4", "--seconds", "2", "--rate", "100"]) == 0
     out = capsys.readouterr().out
     assert re.search(r"\d+\.\d req/s", out)
