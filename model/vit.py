@@ -321,6 +321,16 @@ class Block(nn.Module):
                     x[r, :d].addcmul_(y, scale[r])
 
 
+def _product_cost(full: float, split: float, rows: int, capacity: float, groups: int) -> float:
+    """The fixed cost C of one product, in rows of full-width work, that makes `plan_runs`' cost model
+    reproduce two measured times of the same batch of `rows` token rows: full width, t = a*(C + rows), and
+    one product per expert of `groups`, t = a*(groups*C + capacity*rows)."""
+    denominator = groups * full - split
+    if denominator <= 0:
+        return math.inf
+    return max(0.0, rows * (split - capacity * full) / denominator)
+
+
 def _as_capacities(capacity: float | Sequence[float] | Tensor, batch: int, num_experts: int) -> list[float]:
     if capacity is None or isinstance(capacity, str | bytes | bool):
         raise ValueError(
@@ -463,7 +473,8 @@ class MoNE(nn.Module):
         until the split wins at two sizes in a row, the sizes run out or `budget_s` is spent.  Where the two
         cost the same, an extra product costs what it saves: F*N*(1 - e_c)/(groups - 1) rows of full-width
         work.  The threshold is the geometric mean of that measure at the last size where full width won and
-        the first where the split won.
+        the first where the split won.  Where the split wins from the smallest size on, the cost is solved
+        from the two times at that size instead (`_product_cost`), at most half that measure.
         """
         cfg = self.cfg
         device = next(self.parameters()).device
@@ -476,6 +487,7 @@ class MoNE(nn.Module):
         start = time.perf_counter()
         last_full: int | None = None
         first_split: int | None = None
+        first_times = (0.0, 0.0)
         wins = 0
         try:
             for b in batches:
@@ -490,7 +502,8 @@ class MoNE(nn.Module):
                     times.setdefault(rows, []).append(time.perf_counter() - t0)
                 full, split = (statistics.median(times[r][1:]) for r in (math.inf, 0.0))
                 if split < full:
-                    first_split = b if first_split is None else first_split
+                    if first_split is None:
+                        first_split, first_times = b, (full, split)
                     wins += 1
                 else:
                     last_full, first_split, wins = b, None, 0
@@ -501,7 +514,10 @@ class MoNE(nn.Module):
         if first_split is None:  # full width won at the largest size measured
             rows = 2.0 * saved * (last_full or 1)
         elif last_full is None:  # the split won from the smallest size on
-            rows = 0.5 * saved * first_split
+            solved = _product_cost(
+                *first_times, first_split * cfg.num_tokens, realised_capacity(counts), groups
+            )
+            rows = min(0.5 * saved * first_split, solved)
         else:
             rows = math.sqrt(saved * last_full * saved * first_split)
         self.full_width_rows = rows
