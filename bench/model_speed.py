@@ -30,8 +30,10 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable
+from typing import cast
 
 import torch
+from torch import Tensor
 
 from bench.references import FusedViT, PlainViT
 from model import MoNE, MoNEConfig, gflops
@@ -60,6 +62,16 @@ def synchroniser(device: torch.device) -> Callable[[], None]:
     if device.type == "cuda":
         return functools.partial(torch.cuda.synchronize, device)
     return _no_sync
+
+
+@functools.cache
+def compiled_reference(variant: str, device: torch.device, dtype: torch.dtype) -> Callable[[Tensor], Tensor]:
+    """The `F.linear` + SDPA reference under torch.compile, once per variant, device and dtype, with dynamic
+    batch size (one compilation serves every batch size; on CUDA, mode reduce-overhead records a CUDA graph
+    per batch size)."""
+    plain = PlainViT(build(variant, device, dtype))
+    mode = "reduce-overhead" if device.type == "cuda" else "default"
+    return cast(Callable[[Tensor], Tensor], torch.compile(plain, mode=mode, dynamic=True))
 
 
 def median_times(
@@ -148,7 +160,7 @@ def run(
     plain, fused = PlainViT(net), FusedViT(net).to(device, dtype)
     fns: dict[str, Callable[[], object]] = {"dense_plain": lambda: plain(x), "dense_fused": lambda: fused(x)}
     if compile_dense:
-        compiled = torch.compile(plain, mode="reduce-overhead" if device.type == "cuda" else "default")
+        compiled = compiled_reference(variant, device, dtype)
         fns["dense_compiled"] = lambda: compiled(x)
     for c in CAPACITIES:
         fns[f"mone_{c}"] = functools.partial(net, x, capacity=c)
@@ -218,6 +230,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--repeats", type=int, default=7)
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--json", action="store_true", help="one JSON object per row")
+    parser.add_argument("--markdown", action="store_true", help="a markdown table (memory rows below it)")
     parser.add_argument("--device", default="cpu", help="cpu (default), cuda or cuda:N")
     parser.add_argument("--dtype", choices=list(DTYPES), default="fp32", help="weights and activations")
     parser.add_argument(
@@ -248,7 +261,12 @@ def main(argv: list[str] | None = None) -> None:
         ("speedup", 7),
         ("efficiency", 10),
     ]
-    if not args.json:
+    if args.markdown:
+        cols.append(("reference", 0))
+        where = torch.cuda.get_device_name(device) if device.type == "cuda" else platform.machine()
+        print(f"`bench.model_speed`, {where}, {args.dtype}, torch {torch.__version__}\n")
+        print("| " + " | ".join(name for name, _ in cols) + " |\n|" + "---|" * len(cols))
+    elif not args.json:
         where = torch.cuda.get_device_name(device) if device.type == "cuda" else "CPU"
         print(
             f"# {platform.processor() or platform.machine()}, {args.threads} threads, "
@@ -256,11 +274,16 @@ def main(argv: list[str] | None = None) -> None:
             + ("" if (device.type, args.dtype) == ("cpu", "fp32") else f"; {where}, {args.dtype}")
         )
         print(" ".join(f"{name:>{w}}" for name, w in cols))
+    memory_rows: list[dict[str, object]] = []
     for variant in args.variants:
         for batch in args.batches:
             for row in run(variant, batch, args.repeats, device, dtype, args.compile, args.graphs):
                 if args.json:
                     print(json.dumps(row), flush=True)
+                elif args.markdown and row["model"] == "memory":
+                    memory_rows.append(row)
+                elif args.markdown:
+                    print("| " + " | ".join(str(row[name]) for name, _ in cols) + " |", flush=True)
                 elif row["model"] == "memory":
                     mem = ", ".join(
                         f"{k} {v}" for k, v in row.items() if k not in ("variant", "batch", "model")
@@ -268,6 +291,12 @@ def main(argv: list[str] | None = None) -> None:
                     print(f"{variant:>7} {batch:>5} memory: {mem}", flush=True)
                 else:
                     print(" ".join(f"{row[name]!s:>{w}}" for name, w in cols), flush=True)
+
+    if memory_rows:
+        print()
+        for row in memory_rows:
+            mem = ", ".join(f"{k} {v}" for k, v in row.items() if k not in ("variant", "batch", "model"))
+            print(f"- {row['variant']}, batch {row['batch']}: {mem}")
 
 
 if __name__ == "__main__":
