@@ -1,12 +1,13 @@
 #!/usr/bin/env bash
 # Every GPU measurement of mone-serve in one run; tables, logs and a summary in one output folder.
 #
-#   scripts/gpu-bench.sh [OUT]                 # on a CUDA machine (about 8 minutes on one H100-class GPU)
+#   scripts/gpu-bench.sh [OUT]                 # on a CUDA machine; at most BUDGET_S (480) seconds
 #   scripts/gpu-bench.sh --tiny [OUT]          # the same steps end to end on the CPU: small shapes, short runs
 #   STEPS="serve-s16 budget-s16" scripts/gpu-bench.sh [OUT]     # only these steps (e.g. to rerun one)
 #
-# Steps, most important first; each runs under its own time limit, and one that fails or runs out of time is
-# recorded in the summary and the next one starts:
+# Steps, most important first; each runs under its own time limit, cut to what is left of BUDGET_S (a step
+# with under 30 s left does not start), and one that fails or runs out of time is recorded in the summary and
+# the next one starts:
 #   speed-bf16      bench.model_speed, S/16 and B/16 at 224 px, bf16, batches 1 8 64 256, capacities
 #                   1.0/0.75/0.5/0.25, eager and captured (CUDA graphs); dense references: F.linear + SDPA,
 #                   nn.TransformerEncoder, and F.linear + SDPA under torch.compile; peak GPU memory
@@ -34,6 +35,7 @@ OUT=${1:-artifacts/gpu-bench-$(date -u +%Y%m%d-%H%M%S)}
 PY=${PYTHON:-.venv/bin/python}
 [[ -x "$PY" ]] || PY=python3
 mkdir -p "$OUT"
+DEADLINE=$((SECONDS + ${BUDGET_S:-480}))
 export PYTHONPATH="$PWD${PYTHONPATH:+:$PYTHONPATH}"
 SUMMARY="$OUT/summary.md"
 
@@ -64,16 +66,18 @@ if [[ $TINY == 1 ]]; then
     SKIP=" serve-s16 "
     BUDGET_ARGS=(--rounds 1 --seconds 1 --one-seconds 1 --clients 4 --batch 8 --loadgen python)
     BUDGET_S16=(--variant Mi/4 --no-clips)
-    LIMIT=120
+    DEADLINE=$((DEADLINE + 600))  # a loaded CPU is slow; the tiny run has no device time to save
+    LIMITS=(120 120 120 120 120 120)
 else
     SPEED_ARGS=(--device cuda --variants S/16 B/16 --batches 1 8 64 256 --repeats 5 --graphs)
     SPEED_BF16=(--dtype bf16 --compile)
-    SERVE_ARGS=(--seconds 5 --concurrency 1,64,256 --rounds 3 --round-batches 8 --batch 64 --client-procs 4
+    SERVE_ARGS=(--seconds 5 --concurrency 1,64,256 --rounds 2 --round-batches 8 --batch 64 --client-procs 4
         --memory-requests 2000 --memory-requests-large 2000)
     SKIP=""
     BUDGET_ARGS=(--rounds 1 --seconds 4 --one-seconds 2 --clients 64 --batch 64)
     BUDGET_S16=(--variant S/16 --no-clips)
-    LIMIT=240
+    # speed-bf16, serve-s16, budget-s16, serve-shipped, budget-shipped, speed-fp32
+    LIMITS=(180 150 90 120 60 90)
 fi
 DTYPE=(--dtype bf16)
 SERVER_DTYPE=(--server-arg "--inference-dtype bf16")
@@ -85,6 +89,12 @@ step() {
     if [[ -n "${STEPS:-}" && " $STEPS " != *" $name "* ]] || [[ "$SKIP" == *" $name "* ]]; then
         return
     fi
+    local left=$((DEADLINE - SECONDS))
+    if ((left < 30)); then
+        printf '\n## %s: NOT RUN (BUDGET_S spent; rerun with STEPS="%s")\n' "$name" "$name" >> "$SUMMARY"
+        return
+    fi
+    ((limit > left)) && limit=$left
     echo "== $name: $*" >&2
     local start=$SECONDS rc
     timeout --signal=INT --kill-after=20 "$limit" "$@" > "$OUT/$name.log" 2>&1
@@ -118,11 +128,11 @@ step() {
     echo "== $name: exit $rc after ${took} s" >&2
 }
 
-step speed-bf16 $((LIMIT + 60)) "$PY" -m bench.model_speed "${SPEED_ARGS[@]}" "${SPEED_BF16[@]}" --markdown
-step serve-s16 "$LIMIT" "$PY" -m bench.serve --models s16 "${SERVE_ARGS[@]}" "${DTYPE[@]}"
-step budget-s16 "$LIMIT" "$PY" -m bench.budget "${BUDGET_S16[@]}" "${BUDGET_ARGS[@]}" "${SERVER_DTYPE[@]}"
-step serve-shipped "$LIMIT" "$PY" -m bench.serve --models shipped "${SERVE_ARGS[@]}" "${DTYPE[@]}"
-step budget-shipped "$LIMIT" "$PY" -m bench.budget "${BUDGET_ARGS[@]}" "${SERVER_DTYPE[@]}"
-step speed-fp32 "$LIMIT" "$PY" -m bench.model_speed "${SPEED_ARGS[@]}" --dtype fp32 --markdown
+step speed-bf16 "${LIMITS[0]}" "$PY" -m bench.model_speed "${SPEED_ARGS[@]}" "${SPEED_BF16[@]}" --markdown
+step serve-s16 "${LIMITS[1]}" "$PY" -m bench.serve --models s16 "${SERVE_ARGS[@]}" "${DTYPE[@]}"
+step budget-s16 "${LIMITS[2]}" "$PY" -m bench.budget "${BUDGET_S16[@]}" "${BUDGET_ARGS[@]}" "${SERVER_DTYPE[@]}"
+step serve-shipped "${LIMITS[3]}" "$PY" -m bench.serve --models shipped "${SERVE_ARGS[@]}" "${DTYPE[@]}"
+step budget-shipped "${LIMITS[4]}" "$PY" -m bench.budget "${BUDGET_ARGS[@]}" "${SERVER_DTYPE[@]}"
+step speed-fp32 "${LIMITS[5]}" "$PY" -m bench.model_speed "${SPEED_ARGS[@]}" --dtype fp32 --markdown
 
 echo "tables and logs in $OUT (summary: $SUMMARY)" >&2
