@@ -8,6 +8,8 @@
 # Steps, most important first; each runs under its own time limit, cut to what is left of BUDGET_S (a step
 # with under 30 s left does not start), and one that fails or runs out of time is recorded in the summary and
 # the next one starts:
+#   tests-cuda      the GPU paths' own tests on the device (captured forwards against eager, bf16 / fp16
+#                   against fp32 on the CPU); they skip in --tiny mode
 #   speed-bf16      bench.model_speed, S/16 and B/16 at 224 px, bf16, batches 1 8 64 256, capacities
 #                   1.0/0.75/0.5/0.25, eager and captured (CUDA graphs); dense references: F.linear + SDPA,
 #                   nn.TransformerEncoder, and F.linear + SDPA under torch.compile; peak GPU memory
@@ -67,7 +69,7 @@ if [[ $TINY == 1 ]]; then
     BUDGET_ARGS=(--rounds 1 --seconds 1 --one-seconds 1 --clients 4 --batch 8 --loadgen python)
     BUDGET_S16=(--variant Mi/4 --no-clips)
     DEADLINE=$((DEADLINE + 600))  # a loaded CPU is slow; the tiny run has no device time to save
-    LIMITS=(120 120 120 120 120 120)
+    LIMITS=(120 120 120 120 120 120 120)
 else
     SPEED_ARGS=(--device cuda --variants S/16 B/16 --batches 1 8 64 256 --repeats 5 --graphs)
     SPEED_BF16=(--dtype bf16 --compile)
@@ -76,8 +78,8 @@ else
     SKIP=""
     BUDGET_ARGS=(--rounds 1 --seconds 4 --one-seconds 2 --clients 64 --batch 64)
     BUDGET_S16=(--variant S/16 --no-clips)
-    # speed-bf16, serve-s16, budget-s16, serve-shipped, budget-shipped, speed-fp32
-    LIMITS=(180 150 90 120 60 90)
+    # tests-cuda, speed-bf16, serve-s16, budget-s16, serve-shipped, budget-shipped, speed-fp32
+    LIMITS=(60 180 150 90 120 60 90)
 fi
 DTYPE=(--dtype bf16)
 SERVER_DTYPE=(--server-arg "--inference-dtype bf16")
@@ -101,11 +103,12 @@ step() {
     rc=$?
     local took=$((SECONDS - start))
     # The tables and result lines: markdown rows, headings and bullets (bench.serve, bench.budget and
-    # model_speed --markdown print them), and the last lines of the log when the step failed.
+    # model_speed --markdown print them), pytest's outcomes, and the last lines of the log when it failed.
     # bench.serve streams its rows, then prints them again under a "## bench.serve" heading: keep the latter.
     local from
     from=$(grep -n '^## bench\.' "$OUT/$name.log" | tail -n 1 | cut -d: -f1)
-    tail -n +"${from:-1}" "$OUT/$name.log" | grep -E '^(\||#|- |`bench|cost monotone)' > "$OUT/$name.md"
+    tail -n +"${from:-1}" "$OUT/$name.log" | grep -E '^(\||#|- |`bench|cost monotone|SKIPPED |FAILED |ERROR |[0-9]+ (passed|failed|skipped))' \
+        > "$OUT/$name.md"
     {
         echo
         if [[ $rc == 0 ]]; then
@@ -128,11 +131,13 @@ step() {
     echo "== $name: exit $rc after ${took} s" >&2
 }
 
-step speed-bf16 "${LIMITS[0]}" "$PY" -m bench.model_speed "${SPEED_ARGS[@]}" "${SPEED_BF16[@]}" --markdown
-step serve-s16 "${LIMITS[1]}" "$PY" -m bench.serve --models s16 "${SERVE_ARGS[@]}" "${DTYPE[@]}"
-step budget-s16 "${LIMITS[2]}" "$PY" -m bench.budget "${BUDGET_S16[@]}" "${BUDGET_ARGS[@]}" "${SERVER_DTYPE[@]}"
-step serve-shipped "${LIMITS[3]}" "$PY" -m bench.serve --models shipped "${SERVE_ARGS[@]}" "${DTYPE[@]}"
-step budget-shipped "${LIMITS[4]}" "$PY" -m bench.budget "${BUDGET_ARGS[@]}" "${SERVER_DTYPE[@]}"
-step speed-fp32 "${LIMITS[5]}" "$PY" -m bench.model_speed "${SPEED_ARGS[@]}" --dtype fp32 --markdown
+step tests-cuda "${LIMITS[0]}" "$PY" -m pytest -q -p no:cacheprovider -rs tests/server/test_cuda.py \
+    tests/bench/test_model_speed.py::test_cuda_rows_with_graphs_and_peak_memory
+step speed-bf16 "${LIMITS[1]}" "$PY" -m bench.model_speed "${SPEED_ARGS[@]}" "${SPEED_BF16[@]}" --markdown
+step serve-s16 "${LIMITS[2]}" "$PY" -m bench.serve --models s16 "${SERVE_ARGS[@]}" "${DTYPE[@]}"
+step budget-s16 "${LIMITS[3]}" "$PY" -m bench.budget "${BUDGET_S16[@]}" "${BUDGET_ARGS[@]}" "${SERVER_DTYPE[@]}"
+step serve-shipped "${LIMITS[4]}" "$PY" -m bench.serve --models shipped "${SERVE_ARGS[@]}" "${DTYPE[@]}"
+step budget-shipped "${LIMITS[5]}" "$PY" -m bench.budget "${BUDGET_ARGS[@]}" "${SERVER_DTYPE[@]}"
+step speed-fp32 "${LIMITS[6]}" "$PY" -m bench.model_speed "${SPEED_ARGS[@]}" --dtype fp32 --markdown
 
 echo "tables and logs in $OUT (summary: $SUMMARY)" >&2

@@ -34,7 +34,7 @@ def test_tiny_mode_runs_every_step(tmp_path: Path) -> None:
     )
     assert out.returncode == 0, out.stderr[-3000:]
     summary = (tmp_path / "summary.md").read_text()
-    for step in ("speed-bf16", "budget-s16", "serve-shipped", "budget-shipped", "speed-fp32"):
+    for step in ("tests-cuda", "speed-bf16", "budget-s16", "serve-shipped", "budget-shipped", "speed-fp32"):
         assert re.search(rf"^## {step}: done in \d+ s", summary, re.M), (step, summary[-3000:])
         assert (tmp_path / f"{step}.log").exists()
     speed = (tmp_path / "speed-bf16.md").read_text()
