@@ -127,16 +127,22 @@ def test_cast_model_casts_inputs_once_registered() -> None:
 
 
 @pytest.mark.anyio
-async def test_metadata_reports_the_dtype(checkpoint_dir: Path) -> None:
+async def test_metadata_reports_the_dtype_and_bf16_serves(checkpoint_dir: Path) -> None:
     import httpx
 
+    from tests.server.conftest import png
+
+    image = png(fashion_images(1)[0])
     for dtype in ("bf16", "fp32"):
         app = create_app(fast_settings(checkpoint_dir, inference_dtype=dtype))
         async with app.router.lifespan_context(app):
             transport = httpx.ASGITransport(app=app)
             async with httpx.AsyncClient(transport=transport, base_url="http://test") as client:
                 info = (await client.get("/v1/models/mone")).json()
-                r = await client.post("/v1/classify", params={"capacity": 0.5}, content=b"", headers={})
+                r = await client.post(
+                    "/v1/classify", files={"file": ("x.png", image, "image/png")}, data={"capacity": "0.5"}
+                )
         assert info["checkpoint"]["dtype"] == dtype
         assert info["checkpoint"]["cuda_graphs"] is False
-        assert r.status_code in (400, 415)  # an empty body is refused, the model is up
+        assert r.status_code == 200, r.text
+        assert r.json()["served"]["capacity"] == pytest.approx(0.5, abs=0.02)
