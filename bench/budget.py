@@ -216,7 +216,8 @@ def main(argv: list[str] | None = None) -> int:
         inputs = make_inputs(cfg, tmp)
         if args.no_clips:
             inputs.pop("clip", None)
-        server = bs.start_mone(ckpt, args, *[a for extra in args.server_arg for a in extra.split()])
+        extra = [a for arg in args.server_arg for a in arg.split()]
+        server = bs.start_mone(ckpt, args, *extra, log=tmp / "server.log")
         cells: dict[tuple[str, float, str], Cell] = {}
         try:
             for inp in inputs.values():  # warm-up: every shape once

@@ -155,6 +155,7 @@ def run(
     graphs: bool = False,
 ) -> list[dict[str, object]]:
     net = build(variant, device, dtype)
+    net.calibrate_full_width()  # as the server does at start-up
     cfg = net.cfg
     x = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, device=device, dtype=dtype)
     plain, fused = PlainViT(net), FusedViT(net).to(device, dtype)

@@ -107,16 +107,25 @@ class Server:
     """A server subprocess in its own process group (LitServe's workers outlive a plain SIGTERM)."""
 
     def __init__(
-        self, cmd: list[str], health: str, base: str, health_port: int = 0, env: dict[str, str] | None = None
+        self,
+        cmd: list[str],
+        health: str,
+        base: str,
+        health_port: int = 0,
+        env: dict[str, str] | None = None,
+        log: Path | None = None,
     ) -> None:
         self.health_port = health_port
         env = {**os.environ, **(env or {}), "PYTHONPATH": str(ROOT)}
-        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True)
+        # With `log`, the server's output (its access log: a line per request) goes there, not to ours.
+        out = open(log, "ab") if log is not None else None  # noqa: SIM115 - lives as long as the process
+        self.proc = subprocess.Popen(cmd, cwd=ROOT, env=env, start_new_session=True, stdout=out, stderr=out)
         self.base = base
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"{cmd[:4]} exited with {self.proc.returncode}")
+                tail = log.read_text(errors="replace")[-2000:] if log is not None else ""
+                raise RuntimeError(f"{cmd[:4]} exited with {self.proc.returncode}\n{tail}")
             try:
                 if httpx.get(base + health, timeout=1).status_code == 200:
                     return
@@ -153,7 +162,11 @@ class Server:
 
 
 def start_mone(
-    ckpt: Path, args: argparse.Namespace, *extra: str, env: dict[str, str] | None = None
+    ckpt: Path,
+    args: argparse.Namespace,
+    *extra: str,
+    env: dict[str, str] | None = None,
+    log: Path | None = None,
 ) -> Server:
     """mone-serve on `ckpt` with the benchmark's batching settings, `extra` arguments and `env` on top of
     this process's environment."""
@@ -176,7 +189,7 @@ def start_mone(
     if getattr(args, "dtype", "fp32") != "fp32":
         cmd += ["--inference-dtype", args.dtype]
     cmd += extra
-    return Server(cmd, "/readyz", f"http://127.0.0.1:{port}", health_port, env)
+    return Server(cmd, "/readyz", f"http://127.0.0.1:{port}", health_port, env, log)
 
 
 def start_litserve(ckpt: Path, args: argparse.Namespace) -> Server:

@@ -73,7 +73,11 @@ def build_parser() -> argparse.ArgumentParser:
 
 def _add_budget(p: argparse.ArgumentParser) -> None:
     budget = p.add_mutually_exclusive_group()
-    budget.add_argument("--capacity", type=float, help="effective capacity e_c in [1/8, 1]")
+    budget.add_argument(
+        "--capacity",
+        type=float,
+        help="effective capacity e_c in [min_capacity, 1] (1/8 for 4 experts; see `mone models`)",
+    )
     budget.add_argument("--gflops", type=float, help="GFLOPs per sample")
     budget.add_argument("--latency-ms", type=float, help="server-side latency budget")
 

@@ -9,6 +9,7 @@ increasing (its derivative is the variance of w under c), so bisection finds mu 
 from __future__ import annotations
 
 import math
+import numbers
 from functools import lru_cache
 
 
@@ -20,8 +21,8 @@ def expert_weights(num_experts: int) -> tuple[float, ...]:
 def check_capacity(e_c: float, num_experts: int = 4) -> float:
     """Return e_c as a float, or raise ValueError if it is outside [1/2**(E-1), 1]."""
     lo = 1.0 / float(2 ** (num_experts - 1))
-    if isinstance(e_c, bool) or not isinstance(e_c, int | float) or not math.isfinite(e_c):
-        raise ValueError(f"capacity must be a finite number, got {e_c!r}")
+    if isinstance(e_c, bool) or not isinstance(e_c, numbers.Real) or not math.isfinite(e_c):
+        raise ValueError(f"capacity must be a finite number, got {type(e_c).__name__} {e_c!r:.40}")
     if not lo - 1e-9 <= e_c <= 1.0 + 1e-9:
         raise ValueError(f"capacity {e_c!r} is outside [{lo:g}, 1]")
     return min(max(float(e_c), lo), 1.0)

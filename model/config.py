@@ -2,7 +2,9 @@
 
 Variants are strings "<width>/<patch>" decoded from `VARIANTS` (big_vision style).  Widths, depths and heads
 for Ti/S/B/L are those of the ViT paper (Dosovitskiy et al. 2021, Table 1) and DeiT (Touvron et al. 2021)
-for Ti.  "Mi" is our small variant for 28x28 single-channel inputs (Fashion-MNIST and its clips).
+for Ti.  "Mi" is our small variant for 28x28 single-channel inputs (Fashion-MNIST and its clips); "TiG" has
+ViT-Ti's width, depth and heads on the same 28x28 grey inputs ("TiG/2": 196 tokens of 2x2 pixels, about
+ViT-Ti/16's compute at 224 px; docs/model.md says why).
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from typing import Any
 # name: (dim, depth, heads, defaults for the input)
 VARIANTS: dict[str, dict[str, Any]] = {
     "Mi": {"dim": 128, "depth": 6, "heads": 4, "img_size": 28, "in_chans": 1, "temporal_depth": 1},
+    "TiG": {"dim": 192, "depth": 12, "heads": 3, "img_size": 28, "in_chans": 1, "temporal_depth": 1},
     "Ti": {"dim": 192, "depth": 12, "heads": 3},
     "S": {"dim": 384, "depth": 12, "heads": 6},
     "B": {"dim": 768, "depth": 12, "heads": 12},

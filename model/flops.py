@@ -5,7 +5,8 @@ transformer, head), with a multiply-add as 2 FLOPs: the convention of `torch.uti
 GELU, softmax and adds are linear in the token count and left out, as every ViT FLOPs table does.
 
 Per frame and spatial layer (mone-paper.md section 3.2): sum_j k_j * 2 * d_j * (3D + D + 2 * mlp_ratio * D)
-for the sliced projections, plus 4 * N^2 * D for attention, which always runs at full width.
+for the sliced projections, plus 4 * N^2 * D for attention, which always runs at full width.  The temporal
+layers of a one-frame input (an image) compute only V and the out-projection, as inference runs them.
 """
 
 from __future__ import annotations
@@ -35,7 +36,10 @@ def spatial_frame_flops(cfg: MoNEConfig, counts: Sequence[int]) -> int:
 def clip_tail_flops(cfg: MoNEConfig, frames: int) -> int:
     D = cfg.dim
     hidden = cfg.mlp_ratio * D
-    per_layer = 2 * frames * D * (4 * D + 2 * hidden) + 4 * frames * frames * D
+    if frames == 1:  # attention over a single key returns its value: only V and the out-projection run
+        per_layer = 2 * D * (2 * D + 2 * hidden)
+    else:
+        per_layer = 2 * frames * D * (4 * D + 2 * hidden) + 4 * frames * frames * D
     return cfg.temporal_depth * per_layer + 2 * D * cfg.num_classes
 
 

@@ -2,14 +2,17 @@
 
 MoNE adds no parameters to a ViT beyond the router (and alpha), so a pretrained ViT is a MoNE whose router is
 untrained: at capacity 1.0 it reproduces the ViT exactly, and nested fine-tuning (mone-train --init-from)
-teaches the smaller experts and the router.  Supported timm layout: `global_pool='avg'`,
+teaches the smaller experts and the router; `mone-train --from-timm FILE` does both from the command line
+(`read_timm_weights` reads the file).  Supported timm layout: `global_pool='avg'`,
 `class_token=False`, no register tokens, no layer scale, no q/k norm, `fc_norm` after pooling.
 """
 
 from __future__ import annotations
 
+import os
 import re
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -95,14 +98,53 @@ def mone_state_dict_from_timm(state: Mapping[str, Tensor], cfg: MoNEConfig) -> d
     return out
 
 
-def from_timm_state_dict(state: Mapping[str, Tensor], heads: int, seed: int = 0, **overrides: Any) -> MoNE:
-    """A MoNE holding the timm weights, with a freshly initialised router (seeded) and alpha = 0."""
+def read_timm_weights(path: str | os.PathLike[str]) -> dict[str, Tensor]:
+    """A timm state dict from a file: safetensors, or a torch file (.pt/.pth/.bin) read with
+    weights_only=True; a torch file may wrap the weights as {"state_dict": ...}, {"model": ...} or
+    {"state_dict_ema": ...}, and a "module." prefix (DDP) is dropped."""
+    p = Path(path)
+    if not p.is_file():
+        raise ValueError(f"{p}: no such file")
+    if p.suffix == ".safetensors":
+        from safetensors.torch import load_file
+
+        raw: Any = load_file(str(p))
+    else:
+        try:
+            raw = torch.load(p, map_location="cpu", weights_only=True)
+        except Exception as exc:  # a pickle with objects, or not a torch file at all
+            raise ValueError(f"{p}: not a torch state dict readable with weights_only=True ({exc})") from exc
+        for key in ("state_dict", "model", "state_dict_ema"):
+            if isinstance(raw, dict) and isinstance(raw.get(key), dict):
+                raw = raw[key]
+                break
+    if not isinstance(raw, dict) or not all(isinstance(v, Tensor) for v in raw.values()):
+        raise ValueError(f"{p}: expected a mapping of parameter names to tensors")
+    return {k.removeprefix("module."): v for k, v in raw.items()}
+
+
+def from_timm_state_dict(
+    state: Mapping[str, Tensor], heads: int, seed: int = 0, num_classes: int | None = None, **overrides: Any
+) -> MoNE:
+    """A MoNE holding the timm weights, with a freshly initialised router (seeded) and alpha = 0.
+
+    With `num_classes` other than the checkpoint's, the classifier is new (zero-initialised, as for
+    fine-tuning) and everything else comes from the checkpoint.
+    """
+    new_head = num_classes is not None and num_classes != int(state["head.weight"].shape[0])
+    if new_head:
+        overrides["num_classes"] = num_classes
     cfg = config_from_timm_state_dict(state, heads, **overrides)
     torch.manual_seed(seed)
     net = MoNE(cfg)
     mapped = mone_state_dict_from_timm(state, cfg)
-    missing, unexpected = net.load_state_dict(mapped, strict=False)
     allowed_missing = {"router.proj.weight", "router.proj.bias", "alpha"}
+    if new_head:
+        mapped = {k: v for k, v in mapped.items() if not k.startswith("head.")}
+        allowed_missing |= {"head.weight", "head.bias"}
+    if cfg.temporal_depth:
+        allowed_missing |= {k for k in net.state_dict() if k.startswith(("temporal_", "temporal_blocks."))}
+    missing, unexpected = net.load_state_dict(mapped, strict=False)
     if set(missing) - allowed_missing or unexpected:
         raise ValueError(
             f"timm weights do not fit: missing {sorted(set(missing) - allowed_missing)}, "

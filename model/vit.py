@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import numbers
 import statistics
 import time
 from collections.abc import Sequence
@@ -77,9 +78,10 @@ class Mlp(nn.Module):
 # holds every frame.
 CHUNK_BYTES = 16 << 20
 
-# Default of `MoNE.full_width_rows` (CPU): below this many token rows of FLOPs saved per extra expert group,
-# a multi-group split runs at full width with masks.  `calibrate_full_width` measures it per model/device.
-FULL_WIDTH_ROWS = 256.0
+# Default of `MoNE.full_width_rows` (CPU): what one more product costs, in token rows of full-width work
+# (`MoNE.plan_runs`); measured on 2 vCPUs it is 15-90 for Mi/4 and under 16 for S/16, whose rows cost more.
+# `calibrate_full_width` measures it per model and device.
+FULL_WIDTH_ROWS = 32.0
 
 
 @dataclass(frozen=True)
@@ -87,12 +89,17 @@ class Layout:
     """How the tokens of F frames sit in one (F*N, D) matrix: grouped by expert, largest expert first,
     frame-major inside a group.  Each group is a contiguous block of rows for every layer's matrix products.
 
+    At inference a group may hold the tokens of several adjacent experts (`MoNE.plan_runs`): it runs at the
+    largest of their widths, and `masks` zero what lies beyond each token's own width.
+
     Attributes:
         frames: F.
         ks: tokens per frame of each group.
         dims: width d_j of each group.
         to_frames: (F*N,) rows that put the matrix in frame order for attention; None if already so.
         to_groups: the inverse of `to_frames`.
+        masks: per group, None or (F*k, d) ones in the first d_j features of each token's own expert.
+        scaled_masks: per group, None or the MLP multiplier times the mask.
     """
 
     frames: int
@@ -100,6 +107,8 @@ class Layout:
     dims: tuple[int, ...]
     to_frames: Tensor | None = None
     to_groups: Tensor | None = None
+    masks: tuple[Tensor | None, ...] | None = None
+    scaled_masks: tuple[Tensor | None, ...] | None = None
 
     def segments(self) -> list[tuple[int, int, int]]:
         """(first row, end row, width) of each group."""
@@ -262,6 +271,8 @@ class Block(nn.Module):
         N = sum(ks)
         starts = [s for s, _, _ in layout.segments()]
         offsets = list(itertools.accumulate(ks, initial=0))[:-1]  # first token of each group in a frame
+        masks = layout.masks or (None,) * len(ks)
+        scaled = layout.scaled_masks or (None,) * len(ks)
         single = len(ks) == 1
         step = frames if x.device.type != "cpu" else max(1, min(frames, CHUNK_BYTES // (4 * N * hidden)))
         qkv_buf = x.new_empty(step, N, 3 * D)
@@ -270,52 +281,76 @@ class Block(nn.Module):
         for f0 in range(0, frames, step):
             n = min(step, frames - f0)
             rows = [slice(s + f0 * k, s + (f0 + n) * k) for s, k in zip(starts, ks, strict=True)]
+            mrows = [slice(f0 * k, (f0 + n) * k) for k in ks]  # the same rows within a group's mask
             # One LayerNorm call when the chunk is every row; else one per group.
             whole = n1(x) if n == frames else None
             qkv = qkv_buf[:n]
-            for r, k, o, d in zip(rows, ks, offsets, dims, strict=True):
-                h = whole[r] if whole is not None else n1(x[r])
+            for r, k, o, d, m, mr in zip(rows, ks, offsets, dims, masks, mrows, strict=True):
+                h = (whole[r] if whole is not None else n1(x[r]))[:, :d]
+                if m is not None:
+                    h = h * m[mr]
                 if n == 1 or mm_buf is None:  # the group's rows are contiguous in the buffer
-                    torch.addmm(b, h[:, :d], w[:, :d].t(), out=qkv.view(n * N, 3 * D)[o * n : (o + k) * n])
+                    torch.addmm(b, h, w[:, :d].t(), out=qkv.view(n * N, 3 * D)[o * n : (o + k) * n])
                 else:
-                    t = torch.mm(h[:, :d], w[:, :d].t(), out=mm_buf[: n * k])
+                    t = torch.mm(h, w[:, :d].t(), out=mm_buf[: n * k])
                     torch.add(t.view(n, k, 3 * D), b, out=qkv[:, o : o + k])
             q, k_, v = qkv.view(n, N, 3, H, D // H).unbind(2)  # (n, N, H, h) each
             a = F.scaled_dot_product_attention(q.transpose(1, 2), k_.transpose(1, 2), v.transpose(1, 2))
             a = a.transpose(1, 2).reshape(n, N, D)
-            for r, k, o, d in zip(rows, ks, offsets, dims, strict=True):
-                x[r, :d].addmm_(a[:, o : o + k].reshape(n * k, D), w_o[:d].t()).add_(b_o[:d])
+            for r, k, o, d, m, mr in zip(rows, ks, offsets, dims, masks, mrows, strict=True):
+                if m is None:
+                    x[r, :d].addmm_(a[:, o : o + k].reshape(n * k, D), w_o[:d].t()).add_(b_o[:d])
+                else:
+                    y = torch.addmm(b_o[:d], a[:, o : o + k].reshape(n * k, D), w_o[:d].t())
+                    x[r, :d].addcmul_(y, m[mr])
             whole = n2(x) if n == frames else None
             u = u_buf[: n * N]
-            for r, k, o, d in zip(rows, ks, offsets, dims, strict=True):
-                h = whole[r] if whole is not None else n2(x[r])
-                torch.addmm(b1, h[:, :d], w1[:, :d].t(), out=u[o * n : (o + k) * n])
+            for r, k, o, d, m, mr in zip(rows, ks, offsets, dims, masks, mrows, strict=True):
+                h = (whole[r] if whole is not None else n2(x[r]))[:, :d]
+                if m is not None:
+                    h = h * m[mr]
+                torch.addmm(b1, h, w1[:, :d].t(), out=u[o * n : (o + k) * n])
             torch.ops.aten.gelu_(u)
-            for r, k, o, d in zip(rows, ks, offsets, dims, strict=True):
+            for r, k, o, d, sm, mr in zip(rows, ks, offsets, dims, scaled, mrows, strict=True):
                 y = torch.addmm(b2[:d], u[o * n : (o + k) * n], w2[:d].t())
-                if scale is None:
+                if sm is not None:
+                    x[r, :d].addcmul_(y, sm[mr])
+                elif scale is None:
                     x[r, :d].add_(y)
                 else:
                     x[r, :d].addcmul_(y, scale[r])
 
 
 def _as_capacities(capacity: float | Sequence[float] | Tensor, batch: int, num_experts: int) -> list[float]:
+    if capacity is None or isinstance(capacity, str | bytes | bool):
+        raise ValueError(
+            f"capacity must be a number, a sequence of numbers or a tensor, got {type(capacity).__name__} "
+            f"{capacity!r:.40}"
+        )
     if isinstance(capacity, Tensor):
+        if capacity.dtype == torch.bool or capacity.is_complex():
+            raise ValueError(f"capacity tensor must hold real numbers, got dtype {capacity.dtype}")
         if capacity.dim() == 0:
-            values = [float(capacity)] * batch
+            values: list[object] = [capacity.item()] * batch
         elif capacity.shape == (batch,):
-            values = [float(c) for c in capacity.tolist()]
+            values = list(capacity.tolist())
         else:
             raise ValueError(
                 f"capacity tensor must be a scalar or have shape ({batch},), got {capacity.shape}"
             )
-    elif isinstance(capacity, int | float):
-        values = [float(capacity)] * batch
-    else:
-        values = [float(c) for c in capacity]
+    elif isinstance(capacity, numbers.Real):
+        values = [capacity] * batch
+    elif getattr(capacity, "ndim", None) == 0 and hasattr(capacity, "item"):  # a 0-d numpy array
+        values = [capacity.item()] * batch
+    elif isinstance(capacity, Sequence) or hasattr(capacity, "__array__"):  # a list, tuple or numpy array
+        values = list(cast(Sequence[object], capacity))
         if len(values) != batch:
             raise ValueError(f"got {len(values)} capacities for a batch of {batch}")
-    return [check_capacity(c, num_experts) for c in values]
+    else:
+        raise ValueError(
+            f"capacity must be a number, a sequence of numbers or a tensor, got {type(capacity).__name__}"
+        )
+    return [check_capacity(c, num_experts) for c in values]  # type: ignore[arg-type]
 
 
 class MoNE(nn.Module):
@@ -347,6 +382,7 @@ class MoNE(nn.Module):
             self.temporal_norm = nn.LayerNorm(D, eps=1e-6)
         self.head = nn.Linear(D, cfg.num_classes)
         self.full_width_rows = FULL_WIDTH_ROWS
+        self._plans: dict[tuple[int, tuple[int, ...], float], tuple[tuple[int, ...], ...]] = {}
         self.reset_parameters()
 
     def reset_parameters(self) -> None:
@@ -372,20 +408,45 @@ class MoNE(nn.Module):
         a = self.alpha
         return a + (a.clamp(0.0, 1.0 - 1e-6) - a).detach()
 
-    def full_width_pays(self, frames: int, counts: tuple[int, ...]) -> bool:
-        """Whether `frames` frames split as `counts` run faster at full width with masks
-        (`Block.forward_full_width_`) than as one matrix product per expert.
+    def plan_runs(self, frames: int, counts: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        """How an inference forward runs `frames` frames split as `counts`: the experts in use, largest
+        first, cut into runs of adjacent experts; each run is one matrix product per projection at its
+        largest width, with masks for the tokens of its smaller experts.  One run of every expert is the
+        whole layer at full width (`Block.forward_full_width_`).
 
-        Per layer, the split saves (1 - e_c) of the projections' FLOPs over F*N token rows and costs a few
-        operations per extra expert group.  It pays once F*N*(1 - e_c)/(groups - 1) reaches
-        `full_width_rows`, which depends on the device and the model's width: `calibrate_full_width`
-        measures it, and a GPU, where every operation is a kernel launch, needs far more rows than a CPU.
+        Per layer, a run costs a product whose FLOPs grow with its token rows times its width, plus a fixed
+        cost per product: `full_width_rows`, counted in token rows of full-width work, which depends on the
+        device and the model (`calibrate_full_width`).  The cheapest cut under that cost is taken: a small
+        batch of a small model runs in one or two products, a large batch in one per expert.
         """
-        groups = sum(1 for k in counts if k > 0)
-        if groups < 2:
-            return False
-        saved = 1.0 - realised_capacity(counts)
-        return frames * sum(counts) * saved / (groups - 1) < self.full_width_rows
+        key = (frames, counts, self.full_width_rows)
+        plan = self._plans.get(key)
+        if plan is None:
+            plan = self._cheapest_runs(frames, counts)
+            if len(self._plans) > 4096:
+                self._plans.clear()
+            self._plans[key] = plan
+        return plan
+
+    def _cheapest_runs(self, frames: int, counts: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+        used = [j for j in range(len(counts) - 1, -1, -1) if counts[j] > 0]  # largest expert first
+        dims, D, C = self.cfg.expert_dims, self.cfg.dim, self.full_width_rows
+        best: tuple[float, int, tuple[tuple[int, ...], ...]] | None = None
+        for cuts in itertools.product((False, True), repeat=len(used) - 1):
+            runs, run = [], [used[0]]
+            for j, cut in zip(used[1:], cuts, strict=True):
+                if cut:
+                    runs.append(tuple(run))
+                    run = []
+                run.append(j)
+            runs.append(tuple(run))
+            work = sum(frames * sum(counts[j] for j in r) * dims[r[0]] / D for r in runs)
+            cost = (len(runs) * C if len(runs) > 1 or not math.isinf(C) else 0.0) + work
+            candidate = (cost, len(runs), tuple(runs))
+            if best is None or candidate[:2] < best[:2]:
+                best = candidate
+        assert best is not None
+        return best[2]
 
     @torch.inference_mode()
     def calibrate_full_width(
@@ -399,9 +460,10 @@ class MoNE(nn.Module):
         `full_width_rows` to it and return it.
 
         Both ways are timed on random images at `capacity` (every expert in use) for growing batch sizes,
-        until the split wins at two sizes in a row, the sizes run out or `budget_s` is spent.  The threshold
-        is the geometric mean of the `full_width_pays` measure at the last size where full width won and the
-        first where the split won.
+        until the split wins at two sizes in a row, the sizes run out or `budget_s` is spent.  Where the two
+        cost the same, an extra product costs what it saves: F*N*(1 - e_c)/(groups - 1) rows of full-width
+        work.  The threshold is the geometric mean of that measure at the last size where full width won and
+        the first where the split won.
         """
         cfg = self.cfg
         device = next(self.parameters()).device
@@ -466,34 +528,53 @@ class MoNE(nn.Module):
         experts = expert_preferred_routing(probs, counts)
         alpha = self.mlp_alpha()
         scale = (alpha * probs.gather(-1, experts.unsqueeze(-1)) + 1.0).view(F_ * N, 1)  # prob of own expert
-        groups = [j for j in range(E - 1, -1, -1) if counts[j] > 0]  # largest expert first
-        ks = tuple(counts[j] for j in groups)
-        dims = tuple(self.cfg.expert_dims[j] for j in groups)
+        runs: tuple[tuple[int, ...], ...]
+        if torch.is_grad_enabled():  # training: one product per expert, no masks
+            runs = tuple((j,) for j in range(E - 1, -1, -1) if counts[j] > 0)
+        else:
+            runs = self.plan_runs(F_, counts)
+        ks = tuple(sum(counts[j] for j in r) for r in runs)
+        dims = tuple(self.cfg.expert_dims[r[0]] for r in runs)
         x = x.reshape(F_ * N, D)
-        if not torch.is_grad_enabled() and (dims == (D,) or self.full_width_pays(F_, counts)):
+        widths = None
+        if any(len(r) > 1 for r in runs):
+            widths = torch.tensor(self.cfg.expert_dims, device=x.device)[experts].view(F_ * N, 1)
+        if len(runs) == 1 and dims == (D,) and not torch.is_grad_enabled():  # full width, frame order
             mask = None
-            if dims != (D,):
-                widths = torch.tensor(self.cfg.expert_dims, device=x.device)[experts].view(F_ * N, 1)
+            if widths is not None:
                 mask = (torch.arange(D, device=x.device) < widths).to(x.dtype)  # (F*N, D)
                 scale = scale * mask
             for blk in self.blocks:
                 cast(Block, blk).forward_full_width_(x, F_, mask, scale)
             return x.view(F_, N, D).mean(dim=1), experts
-        if len(groups) == 1:
-            layout = Layout(F_, ks, dims)
-        else:
-            # Permute once: each expert's tokens become one block of rows for every layer.
-            perm = torch.argsort(experts, dim=1, descending=True, stable=True)  # (F, N), largest expert first
+        to_frames = to_groups = None
+        if len(runs) > 1:
+            # Permute once: each run's tokens become one block of rows for every layer, frame-major.
+            run_of = torch.empty(E, dtype=torch.long, device=x.device)
+            for i, r in enumerate(runs):
+                run_of[list(r)] = i
+            perm = torch.argsort(run_of[experts], dim=1, stable=True)  # (F, N), first run (largest) first
             flat = perm + N * torch.arange(F_, device=x.device).unsqueeze(1)
             starts = [sum(ks[:g]) for g in range(len(ks))]
             rows = torch.cat([flat[:, s : s + k].reshape(-1) for s, k in zip(starts, ks, strict=True)])
             x, scale = x.index_select(0, rows), scale.index_select(0, rows)
-            to_frames = to_groups = None
+            if widths is not None:
+                widths = widths.index_select(0, rows)
             if F_ > 1:
                 to_frames = torch.argsort(rows // N, stable=True)
                 to_groups = torch.empty_like(to_frames)
                 to_groups[to_frames] = torch.arange(len(rows), device=x.device)
-            layout = Layout(F_, ks, dims, to_frames, to_groups)
+        masks: tuple[Tensor | None, ...] | None = None
+        scaled: tuple[Tensor | None, ...] | None = None
+        if widths is not None:  # some run holds several experts: masks for their narrower tokens
+            mask_list: list[Tensor | None] = []
+            scaled_list: list[Tensor | None] = []
+            for r, (lo, hi, d) in zip(runs, Layout(F_, ks, dims).segments(), strict=True):
+                m = None if len(r) == 1 else (torch.arange(d, device=x.device) < widths[lo:hi]).to(x.dtype)
+                mask_list.append(m)  # (F*k, d)
+                scaled_list.append(None if m is None else scale[lo:hi] * m)
+            masks, scaled = tuple(mask_list), tuple(scaled_list)
+        layout = Layout(F_, ks, dims, to_frames, to_groups, masks, scaled)
         for blk in self.blocks:
             x = cast(Block, blk).forward_nested(x, layout, scale)
         if layout.to_frames is not None:
@@ -535,6 +616,9 @@ class MoNE(nn.Module):
 
     def forward(self, x: Tensor, capacity: float | Sequence[float] | Tensor = 1.0) -> MoNEOutput:
         cfg = self.cfg
+        if not isinstance(x, Tensor) or not x.is_floating_point():
+            kind = f"a tensor of {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
+            raise ValueError(f"x must be a floating-point tensor, got {kind}")
         if x.dim() == 4:
             x = x.unsqueeze(1)
         if x.dim() != 5:
@@ -547,9 +631,15 @@ class MoNE(nn.Module):
                 f"expected frames of shape ({cfg.in_chans}, {cfg.img_size}, {cfg.img_size}), "
                 f"got {(C, Hh, Ww)}"
             )
+        if B == 0:
+            raise ValueError("empty batch: x has no samples")
+        if T == 0:
+            raise ValueError("a clip needs at least one frame, got 0")
         if cfg.temporal_depth and cfg.num_frames < T:
             raise ValueError(f"clip has {T} frames, the model takes at most {cfg.num_frames}")
         capacities = _as_capacities(capacity, B, cfg.num_experts)
+        if not torch.isfinite(x).all():
+            raise ValueError("x contains NaN or infinite values")
         features, experts, splits = self.forward_features(x, capacities)
         logits = self.forward_head(features)
         f64 = torch.float64

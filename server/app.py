@@ -121,6 +121,7 @@ def create_app(settings: Settings | None = None, tracer_provider: TracerProvider
                 log.info("gRPC (Open Inference Protocol) on %s:%d", settings.host, grpc_server.port)
             if health is not None:
                 health.state.ready = lambda: engine.ready
+                health.state.stuck = engine.stuck
                 watchdog = Watchdog(health.state, on_lag=metrics.loop_lag.set)
                 watchdog.start()  # armed once ready: a blocking model load is not a stall
             log.info("ready: %s (%s) on %s", settings.model_name, checkpoint.config.variant, device)
@@ -212,13 +213,20 @@ def serve_error_response(exc: ServeError, path: str, metrics: Metrics) -> JSONRe
     return response
 
 
+# uvicorn reads up to 64 KiB of a body before it stops reading the socket (its flow-control high-water mark).
+EARLY_REFUSAL_KEEP_ALIVE_BYTES = 64 * 1024
+
+
 class ShedMiddleware:
     """Answers an inference request 429 (queue full) or 503 (not ready) before its body is parsed.
 
     Under overload most requests are refused; parsing their multipart or JSON bodies first would spend the
-    CPU that the admitted ones need.  The body is still received and dropped, chunk by chunk, so that the
-    connection stays usable (closing it with unread data would reset it, and the client could lose the
-    answer).  Inside the key check and the body limit: 401 and 413 come first.
+    CPU that the admitted ones need, and receiving a large upload first would keep the client waiting.  A
+    request that declares its Content-Length is answered from its headers, before its body is read; above
+    `EARLY_REFUSAL_KEEP_ALIVE_BYTES` the answer also closes the connection (the client stops uploading),
+    below it the connection stays usable (uvicorn's parser skips the unread body).  A chunked body has no
+    length to judge by: it is received and dropped, chunk by chunk.  Inside the key check and the body
+    limit: 401 and 413 come first.
     """
 
     def __init__(self, app: ASGIApp, metrics: Metrics) -> None:
@@ -233,9 +241,18 @@ class ShedMiddleware:
                     raise NotReadyError("the model is not ready")
                 engine.shed_if_full()
             except ServeError as exc:
+                length = dict(scope["headers"]).get(b"content-length")
+                if length is not None and length.isdigit():
+                    # Declared: answer from the headers, before any of the body is read.  A large body
+                    # closes the connection, so that the client stops sending it.
+                    response = serve_error_response(exc, scope["path"], self.metrics)
+                    if int(length) > EARLY_REFUSAL_KEEP_ALIVE_BYTES:
+                        response.headers["connection"] = "close"
+                    await response(scope, receive, send)
+                    return
                 refusal = exc
                 try:
-                    while True:  # drop the body
+                    while True:  # chunked: drop the body
                         message = await receive()
                         if message["type"] != "http.request" or not message.get("more_body", False):
                             break

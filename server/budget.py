@@ -18,7 +18,7 @@ from model import MoNEConfig, capacity_distribution, expert_counts, realised_cap
 from server.errors import InvalidBudgetError
 
 BudgetType = Literal["default", "capacity", "gflops", "latency_ms"]
-GRID_STEPS = 896  # e_c grid step (1 - 1/8) / 896 = 1/1024
+GRID_STEPS = 896  # e_c grid step (1 - min_capacity) / 896: 1/1024 for 4 experts
 
 
 @dataclass(frozen=True)
@@ -49,9 +49,11 @@ def parse_budget(
     gflops: float | None,
     latency_ms: float | None,
     default_capacity: float,
-    min_capacity: float = 0.125,
+    min_capacity: float,
 ) -> Budget:
-    """Validate the (at most one) budget a request carries; errors are InvalidBudgetError (422)."""
+    """Validate the (at most one) budget a request carries; errors are InvalidBudgetError (422).
+
+    `min_capacity` is the model's lowest capacity (`MoNEConfig.min_capacity`, 1/2**(E-1) for E experts)."""
     given = {
         k: v
         for k, v in (("capacity", capacity), ("gflops", gflops), ("latency_ms", latency_ms))
@@ -66,7 +68,9 @@ def parse_budget(
         raise InvalidBudgetError(f"{name} must be a finite number, got {value!r}")
     if name == "capacity" and not min_capacity - 1e-9 <= value <= 1.0 + 1e-9:
         raise InvalidBudgetError(
-            f"capacity {value:g} is outside [{min_capacity:g}, 1]", min=min_capacity, max=1.0
+            f"capacity {value:g} is outside [{min_capacity:g}, 1], the capacities this model serves",
+            min=min_capacity,
+            max=1.0,
         )
     if name != "capacity" and value <= 0:
         raise InvalidBudgetError(f"{name} must be positive, got {value:g}")

@@ -69,12 +69,35 @@ class Settings(BaseSettings):
         gt=0.0,
         description="the probe listener's /healthz answers 503 once the main event loop's heartbeat is older",
     )
+    stuck_batch_factor: float = Field(
+        default=10.0,
+        gt=1.0,
+        description="/healthz answers 503 (stuck) once an inference batch has run this many times its "
+        "predicted time, and at least stuck_batch_min_s",
+    )
+    stuck_batch_min_s: float = Field(
+        default=10.0, gt=0.0, description="a batch is never stuck before it has run this long"
+    )
+    stuck_batch_ceiling_s: float = Field(
+        default=120.0,
+        ge=0.0,
+        description="a batch running this long is stuck whatever its prediction (0: no ceiling)",
+    )
 
     # -- model -------------------------------------------------------------------------------------------
     checkpoint: Path = Field(
         default=DEFAULT_CHECKPOINT, description="checkpoint directory (safetensors + JSON)"
     )
-    checkpoint_sha256: str | None = Field(default=None, description="pin the weights to this digest")
+    checkpoint_sha256: str | None = Field(
+        default=None,
+        description="pin the checkpoint to this digest (the sha256 in its config.json and in GET /v1/models, "
+        "which covers config, labels, profile and weights)",
+    )
+    allow_unverified_checkpoint: bool = Field(
+        default=False,
+        description="development only: load a checkpoint whose digests are missing or do not match "
+        "(a pinned checkpoint_sha256 is still enforced)",
+    )
     random_init: bool = Field(default=False, description="development: serve a randomly initialised model")
     random_variant: str = Field(default="Mi/4", description="variant for --random-init")
     random_classes: int = Field(default=10, ge=1, description="classes for --random-init")
@@ -132,7 +155,11 @@ class Settings(BaseSettings):
 
     # -- budgets -----------------------------------------------------------------------------------------
     default_capacity: float = Field(
-        default=1.0, ge=0.125, le=1.0, description="e_c when a request gives no budget"
+        default=1.0,
+        gt=0.0,
+        le=1.0,
+        description="e_c when a request gives no budget (at least the model's lowest capacity, 1/2**(E-1) "
+        "for E experts)",
     )
     default_top_k: int = Field(default=5, ge=1)
 
@@ -150,22 +177,28 @@ class Settings(BaseSettings):
         default=0.25, ge=0.0, lt=1.0, description="queue fill at which degrading begins"
     )
     degrade_floor: float = Field(
-        default=0.25, ge=0.125, le=1.0, description="lowest e_c that degrading serves"
+        default=0.25,
+        gt=0.0,
+        le=1.0,
+        description="lowest e_c that degrading serves (raised to the model's lowest capacity when below it)",
     )
     request_timeout_s: float = Field(default=30.0, gt=0.0, description="hard deadline; 504 when it expires")
 
     # -- latency model -----------------------------------------------------------------------------------
     calibrate: bool = Field(default=True, description="measure the latency model at start-up")
     calibration_batch_sizes: list[int] = Field(default_factory=lambda: [1, 8, 32])
-    calibration_capacities: list[float] = Field(default_factory=lambda: [0.125, 0.25, 0.5, 1.0])
+    calibration_capacities: list[float] = Field(
+        default_factory=lambda: [0.125, 0.25, 0.5, 1.0],
+        description="e_c measured at start-up; each is raised to the model's lowest capacity when below it",
+    )
     calibration_repeats: int = Field(default=2, ge=1, le=20)
     warmup_iters: int = Field(default=2, ge=0, le=100)
     full_width_rows: float | None = Field(
         default=None,
         ge=0.0,
-        description="token rows saved per extra expert group below which a token split runs at full width "
-        "with masks instead of one product per expert (model/vit.py, MoNE.full_width_pays); default: "
-        "measured at start-up (with calibrate; else the model's default)",
+        description="what one more matrix product per projection costs the model, in token rows of "
+        "full-width work: it decides which experts run as one product with masks (model/vit.py, "
+        "MoNE.plan_runs); default: measured at start-up (with calibrate; else the model's default)",
     )
 
     # -- input limits (reliability.md section 6) ---------------------------------------------------------
@@ -227,8 +260,8 @@ class Settings(BaseSettings):
     @field_validator("calibration_capacities")
     @classmethod
     def _capacities(cls, v: list[float]) -> list[float]:
-        if not v or any(not 0.125 <= c <= 1.0 for c in v):
-            raise ValueError("calibration_capacities must lie in [0.125, 1]")
+        if not v or any(not 0.0 < c <= 1.0 for c in v):
+            raise ValueError("calibration_capacities must lie in (0, 1]")
         return sorted(set(v))
 
     @field_validator("api_key")

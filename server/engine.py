@@ -20,6 +20,7 @@ from typing import Protocol
 
 from torch import Tensor
 
+from model import MoNEConfig
 from server.batcher import Batcher, WorkItem
 from server.budget import Budget, Level, Planner
 from server.config import Settings
@@ -104,6 +105,22 @@ class SafeEvents:
         self._call("settled", outcome, reason)
 
 
+def fit_settings(settings: Settings, cfg: MoNEConfig) -> Settings:
+    """The settings for this model: capacities below its lowest one (1/2**(E-1) for E experts) raised to it
+    for calibration and degrading; a default capacity below it is refused, naming both."""
+    lo = cfg.min_capacity
+    if settings.default_capacity < lo - 1e-9:
+        raise ValueError(
+            f"default_capacity {settings.default_capacity:g} is below the model's lowest capacity {lo:g} "
+            f"({cfg.num_experts} experts)"
+        )
+    calibration = sorted({max(c, lo) for c in settings.calibration_capacities})
+    degrade_floor = max(settings.degrade_floor, lo)
+    if calibration == settings.calibration_capacities and degrade_floor == settings.degrade_floor:
+        return settings
+    return settings.model_copy(update={"calibration_capacities": calibration, "degrade_floor": degrade_floor})
+
+
 @dataclass
 class InferResult:
     """One served sample and its account."""
@@ -150,11 +167,11 @@ class Engine:
     def __init__(self, runner: Runner, settings: Settings, events: EngineEvents | None = None) -> None:
         self.runner = runner
         self.cfg = runner.cfg
-        self.settings = settings
+        self.settings = fit_settings(settings, runner.cfg)
         self.events: EngineEvents = SafeEvents(events or NullEvents())
         self.planner = Planner(self.cfg)
         self.latency = LatencyModel()
-        self.scheduler = BatchPlanner(self.planner, self.latency, settings)
+        self.scheduler = BatchPlanner(self.planner, self.latency, self.settings)
         self.decode_budget = PixelBudget(settings.max_decode_pixels, settings.request_timeout_s)
         self.stats = Stats()
         self.ready = False
@@ -169,6 +186,10 @@ class Engine:
         )
         self._task: asyncio.Task[None] | None = None
         self._answering: set[asyncio.Task[None]] = set()
+        # The batch on the inference thread: when it started and its predicted seconds (liveness, `stuck`).
+        self._batch_started: float | None = None
+        self._batch_predicted_s = 0.0
+        self._stuck_logged = False
 
     @property
     def kinds(self) -> dict[str, int]:
@@ -272,6 +293,32 @@ class Engine:
         self.events.load(self.queue_depth, self.stats.inflight)
         return item
 
+    def stuck(self) -> dict[str, float] | None:
+        """How long the running batch has gone past its limit, when it has (else None): it has run
+        `stuck_batch_factor` times its predicted time and at least `stuck_batch_min_s`, or
+        `stuck_batch_ceiling_s`.  A hung forward cannot be interrupted, so liveness fails and the
+        orchestrator restarts the process.  Read from any thread."""
+        started, predicted = self._batch_started, self._batch_predicted_s
+        if started is None:
+            return None
+        s = self.settings
+        running = time.monotonic() - started
+        limit = max(s.stuck_batch_factor * predicted, s.stuck_batch_min_s)
+        if s.stuck_batch_ceiling_s:
+            limit = min(limit, s.stuck_batch_ceiling_s)
+        if running <= limit:
+            return None
+        if not self._stuck_logged:
+            self._stuck_logged = True
+            log.error(
+                "an inference batch has run %.1f s (predicted %.3f s): liveness fails", running, predicted
+            )
+        return {
+            "batch_running_s": round(running, 3),
+            "predicted_s": round(predicted, 4),
+            "limit_s": round(limit, 3),
+        }
+
     def shed_if_full(self) -> None:
         """Raise 503/429 now when a new request could not be admitted, so that routes can refuse it before
         paying for its decoding."""
@@ -345,12 +392,16 @@ class Engine:
         self.events.load(self.queue_depth, self.stats.inflight)
         levels = [it.level for it in run if it.level is not None]
         args = ([it.x for it in run], [lv.capacity for lv in levels], [it.top_k for it in run])
-        started = time.monotonic()
-        out = await asyncio.get_running_loop().run_in_executor(
-            self._executor, self.runner.run, *args, [it.routing for it in run]
-        )
-        forward = (started, time.monotonic())
         groups, gflops = len({lv.counts for lv in levels}), sum(lv.gflops for lv in levels)
+        self._batch_predicted_s = self.latency.predict(run[0].frames, groups, gflops)
+        started = self._batch_started = time.monotonic()
+        try:
+            out = await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.runner.run, *args, [it.routing for it in run]
+            )
+        finally:
+            self._batch_started, self._stuck_logged = None, False
+        forward = (started, time.monotonic())
         self.latency.observe(run[0].frames, groups, gflops, out.seconds)
         self.events.batch_done(len(run), out.seconds)
         task = asyncio.create_task(self._answer(run, out.samples, out.seconds, forward))

@@ -89,8 +89,9 @@ class InferenceService:
 
     # -- the RPCs ------------------------------------------------------------------------------------------
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> Any:
+        live = self.engine.stuck() is None  # not live while an inference batch is stuck, as /healthz
         return await self._call(
-            "ServerLive", context, False, lambda _: _done(pb.ServerLiveResponse(live=True))
+            "ServerLive", context, False, lambda _: _done(pb.ServerLiveResponse(live=live))
         )
 
     async def ServerReady(self, request: pb.ServerReadyRequest, context: grpc.aio.ServicerContext) -> Any:

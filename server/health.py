@@ -6,8 +6,10 @@ restart a server that is only busy.  `health_port` starts a second, tiny HTTP li
 with its own asyncio loop.  It answers
 
 * `GET /healthz`: 200 while the main loop's heartbeat is fresh, 503 once it is older than
-  `health_stale_s` (a deadlocked or blocked loop fails liveness; a busy one does not).  Before the model is
-  ready the heartbeat is not yet armed and the answer is 200 `starting`: gate liveness with a startup probe.
+  `health_stale_s` (a deadlocked or blocked loop fails liveness; a busy one does not), and 503 `stuck`
+  while an inference batch runs far past its predicted time (`Engine.stuck`; a hung forward).  Before the
+  model is ready the heartbeat is not yet armed and the answer is 200 `starting`: gate liveness with a
+  startup probe.
 * `GET /readyz`: the main app's readiness, 200 when the engine is ready and the server is not draining
   (SIGTERM/SIGINT received), else 503.
 
@@ -45,6 +47,7 @@ class HealthState:
         self.heartbeat: float | None = None  # None: not armed yet (starting)
         self.lag_s = 0.0
         self.ready: Callable[[], bool] = lambda: False
+        self.stuck: Callable[[], dict[str, float] | None] = lambda: None  # the engine's, once it runs
         self.draining = False
 
     def beat(self, lag_s: float = 0.0) -> None:
@@ -58,6 +61,12 @@ class HealthState:
         body: dict[str, object] = {"heartbeat_age_s": round(age, 3), "loop_lag_s": round(self.lag_s, 3)}
         if age > self.stale_s:
             return 503, {"status": "stalled", **body}
+        try:
+            stuck = self.stuck()
+        except Exception:  # the engine mid-teardown: not a stuck batch
+            stuck = None
+        if stuck is not None:
+            return 503, {"status": "stuck", **body, **stuck}
         return 200, {"status": "ok", **body}
 
     def readiness(self) -> tuple[int, dict[str, object]]:

@@ -7,7 +7,7 @@ from typing import Any
 from server.engine import Engine
 from server.schemas import KindCost, ModelInfo, ProfileRow
 
-PROFILE_CAPACITIES = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)
+PROFILE_CAPACITIES = (0.125, 0.25, 0.375, 0.5, 0.625, 0.75, 0.875, 1.0)  # and the model's lowest capacity
 
 
 def _accuracy_at(evaluation: dict[str, Any] | None, capacity: float, key: str) -> float | None:
@@ -22,9 +22,10 @@ def _accuracy_at(evaluation: dict[str, Any] | None, capacity: float, key: str) -
 def profile(engine: Engine) -> list[ProfileRow]:
     """One row per capacity: token split, GFLOPs and predicted batch latency per input kind, accuracy."""
     evaluation = engine.runner.checkpoint.profile
-    capacities = set(PROFILE_CAPACITIES)
+    lo = engine.cfg.min_capacity
+    capacities = {c for c in PROFILE_CAPACITIES if c >= lo} | {lo}
     if evaluation:
-        capacities |= {float(c) for c in evaluation.get("capacities", []) if 0.125 <= float(c) <= 1.0}
+        capacities |= {float(c) for c in evaluation.get("capacities", []) if lo <= float(c) <= 1.0}
     b = engine.settings.max_batch_size
     rows = []
     for c in sorted(capacities):

@@ -71,9 +71,12 @@ async def get_server_metadata() -> ServerMetadata:
 
 
 @router.get("/health/live", response_model=LiveResponse)
-async def get_live() -> LiveResponse:
-    """Liveness."""
-    return LiveResponse(live=True)
+async def get_live(request: Request, response: Response) -> LiveResponse:
+    """Liveness (503 while an inference batch is stuck, as /healthz)."""
+    engine: Engine | None = getattr(request.app.state, "engine", None)
+    live = engine is None or engine.stuck() is None
+    response.status_code = 200 if live else 503
+    return LiveResponse(live=live)
 
 
 @router.get("/health/ready", response_model=ReadyResponse)
@@ -232,8 +235,12 @@ async def serve(
             p = {**params, **tensor.parameters}
             samples = await _input_samples(tensor, p, engine, settings, clips)
             jobs += [(x, p) for x in samples]
+    if not jobs:
+        raise InvalidParamsError("the request holds no samples (an empty batch)")
     decode_ms = (time.monotonic() - arrival) * 1e3
-    planned = [(x, _budget(p, settings.default_capacity), _options(p)) for x, p in jobs]
+    planned = [
+        (x, _budget(p, settings.default_capacity, engine.cfg.min_capacity), _options(p)) for x, p in jobs
+    ]
     if record is not None and planned:
         record.ask(planned[0][1])
     work = [engine.infer(x, budget, arrival=arrival, **options) for x, budget, options in planned]
@@ -267,8 +274,11 @@ def _pixels(name: str, x: Tensor, engine: Engine) -> list[Tensor]:
         raise BadInputError(
             f"input {name!r}: FP32 shape must be [B, {frame}] or [B, T, {frame}], got {shape}"
         )
+    if shape[0] < 1 or (len(shape) == 5 and shape[1] < 1):
+        what = "an empty batch (B = 0)" if shape[0] < 1 else "clips of zero frames (T = 0)"
+        raise InvalidParamsError(f"input {name!r}: shape {shape} is {what}")
     if not torch.isfinite(x).all():
-        raise BadInputError(f"input {name!r}: data contains NaN or infinity")
+        raise InvalidParamsError(f"input {name!r}: data contains NaN or infinity")
     x = x if x.dim() == 5 else x.unsqueeze(1)  # (B, T, C, H, W)
     return list(x.unbind(0))
 
@@ -285,12 +295,13 @@ def _number(params: Parameters, key: str) -> float | None:
         raise InvalidParamsError(f"parameter {key} must be a number, got {v!r}") from None
 
 
-def _budget(params: Parameters, default_capacity: float) -> Budget:
+def _budget(params: Parameters, default_capacity: float, min_capacity: float) -> Budget:
     return parse_budget(
         _number(params, "capacity"),
         _number(params, "gflops"),
         _number(params, "latency_ms"),
         default_capacity,
+        min_capacity,
     )
 
 

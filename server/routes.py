@@ -6,6 +6,7 @@ import time
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request, Response
+from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
 
@@ -24,7 +25,7 @@ from server.deps import (
     get_settings,
     require_key,
 )
-from server.engine import InferResult
+from server.engine import Engine, InferResult
 from server.errors import BadInputError, InvalidParamsError, NotReadyError, TooLargeError
 from server.metadata import model_metadata
 from server.schemas import (
@@ -61,9 +62,14 @@ CLASSIFY_BODY: dict[str, Any] = {
 }
 
 
-@router.get("/healthz")
-async def get_health() -> dict[str, str]:
-    """Liveness: answers without touching the model."""
+@router.get("/healthz", response_model=None)
+async def get_health(request: Request) -> dict[str, object] | JSONResponse:
+    """Liveness: answers without touching the model; 503 `stuck` while an inference batch runs far past its
+    predicted time (a hung forward, which only a restart ends)."""
+    engine: Engine | None = getattr(request.app.state, "engine", None)
+    stuck = engine.stuck() if engine is not None else None
+    if stuck is not None:
+        return JSONResponse({"status": "stuck", **stuck}, status_code=503)
     return {"status": "ok"}
 
 
@@ -103,7 +109,9 @@ async def post_classify(request: Request) -> Response:
     engine, settings = await get_engine(request), await get_settings(request)
     data, fields = await _read_input(request, settings.max_body_bytes)
     params = _parse_params(fields, settings.default_top_k)
-    budget = parse_budget(params.capacity, params.gflops, params.latency_ms, settings.default_capacity)
+    budget = parse_budget(
+        params.capacity, params.gflops, params.latency_ms, settings.default_capacity, engine.cfg.min_capacity
+    )
     record = record_of(request)
     if record is not None:
         record.ask(budget)

@@ -155,7 +155,12 @@ def load_model(settings: Settings, device: torch.device) -> Checkpoint:
             "directory, "
             "or start with --random-init for development"
         )
-    return load_checkpoint(path, device=device, expected_sha256=settings.checkpoint_sha256)
+    return load_checkpoint(
+        path,
+        device=device,
+        expected_sha256=settings.checkpoint_sha256,
+        allow_unverified=settings.allow_unverified_checkpoint,
+    )
 
 
 class Runner:
@@ -227,12 +232,12 @@ class Runner:
             )
         log.info("%d intra-op threads, %d stream(s)", self.threads, self.streams)
 
-    def set_full_width_rows(self, rows: float | None, max_batch: int) -> None:
-        """Where the model switches from full width with masks to one product per expert (`MoNE.full_width_
-        pays`): `rows` when given, else measured here, on the inference thread with its intra-op threads."""
+    def set_full_width_rows(self, rows: float | None, max_batch: int, repeats: int = 2) -> None:
+        """What one more matrix product costs the model, in rows of full-width work (`MoNE.plan_runs`):
+        `rows` when given, else measured here, on the inference thread with its intra-op threads."""
         if rows is None:
             batches = [b for b in (1, 2, 4, 8, 16, 32, 64) if b <= max(max_batch, 1)]
-            rows = self.model.calibrate_full_width(batches)
+            rows = self.model.calibrate_full_width(batches, repeats=repeats, budget_s=3.0)
         self.model.full_width_rows = rows
         log.info("full width with masks below %.0f token rows saved per extra expert group", rows)
 
@@ -395,7 +400,7 @@ def warm_up_and_calibrate(
     s, cfg = settings, runner.cfg
     runner.setup_threads(s.threads)
     if s.full_width_rows is not None or s.calibrate:
-        runner.set_full_width_rows(s.full_width_rows, s.max_batch_size)
+        runner.set_full_width_rows(s.full_width_rows, s.max_batch_size, s.calibration_repeats)
     for frames in kinds:
         if s.warmup_iters:
             runner.time_batch(frames, 1, 1.0, s.warmup_iters)

@@ -27,7 +27,9 @@ class ClassifyParams(BaseModel):
 
     model_config = ConfigDict(extra="forbid")
 
-    capacity: float | None = Field(None, description="effective capacity e_c in [1/8, 1]")
+    capacity: float | None = Field(
+        None, description="effective capacity e_c in [1/2**(E-1), 1] for E experts (1/8 for 4)"
+    )
     gflops: float | None = Field(None, description="GFLOPs budget per sample for this input", gt=0)
     latency_ms: float | None = Field(
         None, description="server-side latency budget (soft: served at the floor)", gt=0

@@ -50,6 +50,7 @@ async function loadModel() {
     state.experts = m.config.num_experts || 4;
     const slider = $("capacity");
     slider.min = m.budgets.min_capacity;
+    $("capacity-min").textContent = `1/${Math.round(1 / m.budgets.min_capacity)} (cheapest)`;
     $("model").textContent =
       `${m.name} · ${m.variant} · ${m.device} · ${m.labels.length} classes · ${state.experts} nested experts`;
     drawLegend();

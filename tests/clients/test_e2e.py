@@ -57,8 +57,17 @@ def test_budgets(client: MoneClient) -> None:
     assert dense.gflops == pytest.approx(dense.dense_gflops)
     fitted = client.classify(picture(), gflops=0.06)
     assert fitted.gflops <= 0.06
+    # A generous latency budget is met; an impossible one is served (at the floor, or at a capacity measured
+    # no slower) and reported missed.
     timed = client.classify(picture(), latency_ms=200)
-    assert timed.deadline_met is not None
+    assert timed.deadline_met is True
+    assert timed.timing.total_ms < 200
+    hopeless = client.classify(picture(), latency_ms=0.001)
+    assert hopeless.deadline_met is False
+    assert hopeless.native is not None
+    assert hopeless.native.served.realised_capacity >= 0.125
+    assert hopeless.native.served.planned_ms is not None
+    assert hopeless.native.served.planned_ms > 0.001
 
 
 def test_oip_matches_native(client: MoneClient, server_url: str) -> None:

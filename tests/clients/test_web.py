@@ -17,6 +17,7 @@ import pytest
 from PIL import Image
 
 from tests.clients.conftest import ROOT
+from tests.system import missing
 
 pytestmark = pytest.mark.slow
 sync_api = pytest.importorskip("playwright.sync_api")
@@ -37,7 +38,7 @@ ARTIFACTS = ROOT / "artifacts"
 @pytest.fixture(scope="module")
 def page(server_url: str) -> Iterator[sync_api.Page]:
     if not Path(CHROMIUM).exists():
-        pytest.skip("chromium is not installed (scripts/setup-system.sh installs it)")
+        missing("Chromium", "chromium")
     with sync_api.sync_playwright() as p:
         browser = p.chromium.launch(executable_path=CHROMIUM, args=ARGS)
         page = browser.new_page(viewport={"width": 1100, "height": 820})

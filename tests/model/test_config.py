@@ -36,3 +36,12 @@ def test_bad_values_raise_naming_the_value(variant: str, overrides: dict[str, ob
 def test_dict_round_trip() -> None:
     cfg = MoNEConfig.from_variant("Mi/4", num_classes=7)
     assert MoNEConfig.from_dict(cfg.to_dict()) == cfg
+
+
+def test_default_variant_tig2() -> None:
+    cfg = MoNEConfig.from_variant("TiG/2", num_classes=10)
+    assert (cfg.img_size, cfg.in_chans, cfg.patch_size, cfg.num_tokens) == (28, 1, 2, 196)
+    assert (cfg.dim, cfg.depth, cfg.heads, cfg.num_experts, cfg.temporal_depth) == (192, 12, 3, 4, 1)
+    assert cfg.expert_dims == (24, 48, 96, 192)
+    assert cfg.mean == (0.5,)
+    assert MoNEConfig.from_dict(cfg.to_dict()) == cfg

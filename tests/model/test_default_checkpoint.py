@@ -9,6 +9,7 @@ import pytest
 from model import gflops, load_checkpoint
 from model.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_fashion_mnist
 from model.evaluate import accuracy_of, mone_fn
+from tests.system import missing
 
 pytestmark = pytest.mark.model
 ROOT = Path(__file__).resolve().parents[2]
@@ -31,8 +32,9 @@ def test_default_checkpoint_loads_with_profile() -> None:
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(not FASHION_MNIST_DIR.is_dir(), reason="apt-get install dataset-fashion-mnist")
 def test_profile_accuracy_reproduces_on_the_test_set() -> None:
+    if not FASHION_MNIST_DIR.is_dir():
+        missing("Fashion-MNIST", "dataset-fashion-mnist")
     ck = load_checkpoint(DEFAULT)
     test = load_fashion_mnist("test")
     profile = dict(zip(ck.profile["capacities"], ck.profile["accuracy"], strict=True))  # type: ignore[index]

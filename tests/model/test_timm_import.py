@@ -5,12 +5,14 @@ The real-timm comparison (timm needs a torch/torchvision pair of its own) is `sc
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.timm_import import from_timm, from_timm_state_dict
+from model.timm_import import from_timm, from_timm_state_dict, read_timm_weights
 
 
 class _Attention(nn.Module):
@@ -110,3 +112,41 @@ def test_missing_fc_norm_is_explained(timm_like: TimmLikeViT) -> None:
     state = {k: v for k, v in timm_like.state_dict().items() if not k.startswith("fc_norm")}
     with pytest.raises(ValueError, match="global_pool='avg'"):
         from_timm_state_dict(state, heads=4)
+
+
+def test_weights_files_in_timm_layout_are_read(timm_like: TimmLikeViT, tmp_path: Path) -> None:
+    from safetensors.torch import save_file
+
+    state = {k: v.contiguous() for k, v in timm_like.state_dict().items()}
+    save_file(state, str(tmp_path / "vit.safetensors"))
+    torch.save({"state_dict": {"module." + k: v for k, v in state.items()}, "epoch": 3}, tmp_path / "vit.pth")
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        ref = timm_like(x)
+    for name in ("vit.safetensors", "vit.pth"):
+        read = read_timm_weights(tmp_path / name)
+        assert set(read) == set(state)
+        net = from_timm_state_dict(read, heads=4)
+        with torch.no_grad():
+            assert (net(x, 1.0).logits - ref).abs().max().item() <= 1e-4, name
+
+
+def test_pickled_objects_and_missing_files_are_refused(tmp_path: Path) -> None:
+    torch.save({"model": nn.Linear(2, 2)}, tmp_path / "module.pt")  # a pickled module, not a state dict
+    with pytest.raises(ValueError, match="weights_only"):
+        read_timm_weights(tmp_path / "module.pt")
+    with pytest.raises(ValueError, match="no such file"):
+        read_timm_weights(tmp_path / "absent.safetensors")
+
+
+def test_other_class_count_gets_a_new_head(timm_like: TimmLikeViT) -> None:
+    state = timm_like.state_dict()
+    net = from_timm_state_dict(state, heads=4, num_classes=3)
+    assert net.cfg.num_classes == 3
+    assert net.head.weight.shape == (3, 64)
+    assert net.head.weight.abs().sum().item() == 0.0  # zero-initialised, as for fine-tuning
+    for i in range(3):
+        assert torch.equal(net.blocks[i].mlp.fc1.weight, state[f"blocks.{i}.mlp.fc1.weight"])
+    assert torch.equal(net.pos_embed, state["pos_embed"])
+    same = from_timm_state_dict(state, heads=4, num_classes=7)  # the checkpoint's own count keeps its head
+    assert torch.equal(same.head.weight, state["head.weight"])

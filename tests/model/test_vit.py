@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
@@ -15,8 +16,9 @@ from tests.model.conftest import make_net
 from tests.model.reference import reference_forward
 
 CAPS = [1.0, 0.9, 0.6, 0.5, 0.3, 0.25, 0.2, 0.125]
-# How an inference forward runs a multi-expert split: one product per expert, or full width with masks.
-WAYS = {"split": 0.0, "full_width": math.inf}
+# How an inference forward runs a multi-expert split (`MoNE.plan_runs`): one product per expert, full width
+# with masks, or adjacent experts merged into runs (the cost of a product in rows of work, between the two).
+WAYS = {"split": 0.0, "full_width": math.inf, "runs": 20.0}
 
 
 def images(n: int = 3, seed: int = 1, size: int = 28, chans: int = 1) -> torch.Tensor:
@@ -143,11 +145,52 @@ def test_mixed_capacity_batch_equals_each_alone(net: MoNE) -> None:
             assert batched.gflops[i] == alone.gflops[0]
 
 
-def test_one_frame_clip_equals_image(net: MoNE) -> None:
+def test_routing_with_underflowed_probabilities_keeps_every_count() -> None:
+    """Router logits this far apart underflow to probability 0 in float32.  A token a larger expert took
+    must not tie with those zeros (the -inf masking): each token goes to one expert, each expert gets
+    exactly its count, and the larger expert keeps its pick, wherever that token sits."""
+    N = 3
+    logits = torch.full((N, N, 3), -200.0)
+    logits[..., 0] = 0.0
+    for f in range(N):
+        logits[f, f, 2] = 200.0  # frame f: the largest expert wants token f; nobody wants expert 1
+    probs = logits.softmax(-1)
+    assert (probs[..., 1] == 0).all()  # expert 1's candidates all tie at 0
+    counts = (0, 2, 1)
+    experts = expert_preferred_routing(probs, counts)
+    for f in range(N):
+        assert experts[f, f] == 2, experts[f]
+        assert tuple(torch.bincount(experts[f], minlength=3).tolist()) == counts, experts[f]
+    # The same on frames where most probabilities underflow.
+    g = torch.Generator().manual_seed(0)
+    probs = (torch.randn(6, 49, 4, generator=g) * 300).softmax(-1)
+    assert (probs == 0).float().mean() > 0.5
+    counts4 = expert_counts(0.4, 49)
+    experts = expert_preferred_routing(probs, counts4)
+    for f in range(6):
+        assert tuple(torch.bincount(experts[f], minlength=4).tolist()) == counts4
+
+
+def test_an_image_is_a_one_frame_clip_through_the_same_weights() -> None:
+    """An image is a one-frame clip: it matches the independent reference of a one-frame clip, the temporal
+    transformer acts on it, and a clip's frames are encoded exactly as images are, each on its own."""
+    net = make_net(temporal_depth=1, num_frames=4)
     x = images()
     with torch.no_grad():
-        a, b = net(x, 0.4), net(x.unsqueeze(1), 0.4)
-    assert torch.equal(a.logits, b.logits)
+        image = net(x, 0.4).logits
+        torch.testing.assert_close(image, reference_forward(net, x.unsqueeze(1), 0.4), atol=2e-5, rtol=1e-4)
+        net.temporal_blocks[0].mlp.fc2.bias.add_(
+            torch.randn(net.cfg.dim, generator=torch.Generator().manual_seed(6))
+        )
+        assert not torch.allclose(net(x, 0.4).logits, image, atol=1e-3)
+    # Without a temporal transformer a clip's logits are the head of its frames' mean image features.
+    flat = make_net(temporal_depth=0, num_frames=4)
+    clip = torch.randn(2, 4, 1, 28, 28, generator=torch.Generator().manual_seed(5))
+    with torch.no_grad():
+        whole = flat(clip, 0.4).logits
+        for b in range(2):
+            frames, _, _ = flat.forward_features(clip[b].unsqueeze(1), [0.4] * 4)  # 4 one-frame clips
+            torch.testing.assert_close(whole[b], flat.forward_head(frames.mean(0)), atol=1e-5, rtol=1e-5)
 
 
 def test_clip_frames_are_routed_separately() -> None:
@@ -171,8 +214,10 @@ def test_analytic_flops_match_counter(capacity: float, frames: int) -> None:
         counted = count_flops(lambda: net(x, capacity))
         out = net(x, capacity)
     analytic = gflops(net.cfg, capacity, max(frames, 1)) * 1e9
-    assert out.gflops[0].item() == pytest.approx(analytic / 1e9)
-    assert counted == pytest.approx(analytic, rel=0.01)
+    # Equal, not close: the analytic count is exact (up to float rounding of the sum).
+    assert counted == round(analytic)
+    # What the forward reports is what the counter measured.
+    assert round(out.gflops[0].item() * 1e9) == counted
 
 
 def test_flops_shrink_with_capacity() -> None:
@@ -190,6 +235,75 @@ def test_capacity_validation(net: MoNE) -> None:
         net(images(), torch.tensor([0.5, 0.5]))
     with pytest.raises(ValueError, match="frames of shape"):
         net(torch.randn(1, 3, 28, 28), 0.5)
+
+
+def _nan_pixels() -> torch.Tensor:
+    x = images()
+    x[1, 0, 5, 7] = float("nan")
+    return x
+
+
+def _inf_clip() -> torch.Tensor:
+    x = torch.randn(2, 3, 1, 28, 28)
+    x[0, 2, 0, 0, 0] = float("inf")
+    return x
+
+
+BAD_CALLS = {
+    "capacity True": (images, True, "capacity must be a number"),
+    "capacity False": (images, False, "capacity must be a number"),
+    "capacity '0.5'": (images, "0.5", "capacity must be a number.*str '0.5'"),
+    "capacity b'1'": (images, b"1", "capacity must be a number.*bytes"),
+    "capacity None": (images, None, "capacity must be a number.*NoneType"),
+    "capacity dict": (images, {"capacity": 0.5}, "capacity must be a number"),
+    "a 0-d string array": (images, np.array("0.5"), "capacity must be a finite number, got str"),
+    "capacities with a string": (images, [0.5, "0.5", 1.0], "capacity must be a finite number, got str"),
+    "capacities with a bool": (images, [0.5, True, 1.0], "capacity must be a finite number, got bool"),
+    "capacities with None": (images, [0.5, None, 1.0], "capacity must be a finite number, got NoneType"),
+    "capacity NaN": (images, float("nan"), "capacity must be a finite number"),
+    "bool tensor": (images, torch.tensor([True, True, False]), "dtype torch.bool"),
+    "NaN tensor": (images, torch.tensor([0.5, float("nan"), 1.0]), "finite number"),
+    "capacity below the floor": (images, 0.1, r"outside \[0.125, 1\]"),
+    "empty batch": (lambda: torch.zeros(0, 1, 28, 28), 0.5, "empty batch"),
+    "empty batch of clips": (lambda: torch.zeros(0, 4, 1, 28, 28), 0.5, "empty batch"),
+    "zero frames": (lambda: torch.zeros(2, 0, 1, 28, 28), 0.5, "at least one frame"),
+    "NaN pixels": (_nan_pixels, 0.5, "NaN or infinite"),
+    "infinite pixels in a clip": (_inf_clip, 0.5, "NaN or infinite"),
+    "integer pixels": (lambda: torch.zeros(1, 1, 28, 28, dtype=torch.uint8), 0.5, "floating-point tensor"),
+    "a list for x": (lambda: [[0.0] * 28] * 28, 0.5, "floating-point tensor, got list"),
+}
+
+
+@pytest.mark.parametrize("case", list(BAD_CALLS))
+def test_bad_input_is_a_clear_value_error(net: MoNE, case: str) -> None:
+    make_x, capacity, says = BAD_CALLS[case]
+    with torch.no_grad(), pytest.raises(ValueError, match=says):
+        net(make_x(), capacity)
+
+
+@pytest.mark.parametrize(
+    "capacity",
+    [
+        0.5,
+        1,
+        np.float32(0.5),
+        np.float64(0.25),
+        np.array(0.5),
+        [0.5, 1, 0.25],
+        (0.5, 0.5, 0.5),
+        np.array([0.5, 1.0, 0.25]),
+    ],
+    ids=["float", "int", "np.float32", "np.float64", "0-d ndarray", "list", "tuple", "ndarray"],
+)
+def test_numbers_of_any_real_type_are_capacities(net: MoNE, capacity: object) -> None:
+    """The validation refuses what is not a number, and still takes numbers of other types."""
+    x = images()
+    expected = [float(c) for c in np.broadcast_to(np.asarray(capacity, dtype=np.float64), (3,))]
+    with torch.no_grad():
+        out = net(x, capacity)  # type: ignore[arg-type]
+        ref = net(x, torch.tensor(expected))
+    assert out.requested.tolist() == expected
+    assert torch.equal(out.logits, ref.logits)
 
 
 def test_gradients_reach_router_and_alpha() -> None:
@@ -235,14 +349,36 @@ def test_variants_build(variant: str) -> None:
     assert cfg.expert_dims == tuple(cfg.dim // 2**k for k in (3, 2, 1, 0))
 
 
-def test_full_width_pays_below_the_threshold_only(net: MoNE) -> None:
-    counts = expert_counts(0.5, 49)  # four groups
-    saved_per_group = (1.0 - realised_capacity(counts)) * 49 / 3
-    net.full_width_rows = 4.5 * saved_per_group
-    assert net.full_width_pays(4, counts)
-    assert not net.full_width_pays(5, counts)
-    assert not net.full_width_pays(1, expert_counts(1.0, 49))  # one group: nothing to merge
-    assert not net.full_width_pays(1, expert_counts(0.125, 49))
+def test_plans_take_the_cheapest_runs(net: MoNE) -> None:
+    counts = expert_counts(0.25, 49)  # (25, 16, 7, 1): widths 16, 32, 64, 128
+    assert counts == (25, 16, 7, 1)
+    net.full_width_rows = 0.0
+    assert net.plan_runs(1, counts) == ((3,), (2,), (1,), (0,))  # products cost nothing: one per expert
+    net.full_width_rows = math.inf
+    assert net.plan_runs(1, counts) == ((3, 2, 1, 0),)  # products cost everything: one at full width
+    net.full_width_rows = 20.0
+    # Rows of full-width work, 20 per product: {128, 64} at 128 and {32, 16} at 32 cost 2*20 + 8 + 41/4.
+    assert net.plan_runs(1, counts) == ((3, 2), (1, 0))
+    assert net.plan_runs(64, counts) == ((3,), (2,), (1,), (0,))  # a large batch: FLOPs decide
+    assert net.plan_runs(1, expert_counts(1.0, 49)) == ((3,),)
+    assert net.plan_runs(1, expert_counts(0.125, 49)) == ((0,),)
+
+
+@pytest.mark.parametrize("counts", [(40, 9, 0, 0), (0, 20, 29, 0), (10, 0, 0, 39)])
+def test_runs_of_experts_with_unused_ones_between_equal_the_reference(counts: tuple) -> None:
+    net = make_net(temporal_depth=0)
+    x = images(2)
+    with torch.no_grad():
+        probs = net.router(net.embed(x))
+        experts = expert_preferred_routing(probs, counts)
+        want = reference_forward(net, x, 0.5, experts=experts)
+        for rows in (0.0, 20.0, 1e4, math.inf):
+            net.full_width_rows = rows
+            tok = net.embed(x)
+            pooled, got = net.encode_frames(tok, counts)
+            assert torch.equal(got, experts)
+            logits = net.forward_head(net.fc_norm(pooled))
+            torch.testing.assert_close(logits, want, atol=2e-5, rtol=1e-4)
 
 
 def test_calibrate_full_width_sets_a_threshold_within_the_measured_sizes(net: MoNE) -> None:

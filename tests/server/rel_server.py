@@ -4,6 +4,7 @@ REL_SLOW_MS=<ms> makes every forward sleep that long first (the model stub of re
 21 and 23: it keeps batches in flight long enough to be interrupted).  REL_FAIL_ONCE=1 makes the first
 forward after warm-up raise, as a CUDA out-of-memory error would.  REL_BLOCK_ROUTE=1 adds
 `GET /rel/block?seconds=<s>`, which blocks the event loop that long (a stuck loop, reliability.md row 24).
+REL_HANG_FILE=<path> makes every forward hang while that file exists (a stuck inference thread).
 """
 
 from __future__ import annotations
@@ -20,9 +21,13 @@ def _patch() -> None:
     slow = float(os.environ.get("REL_SLOW_MS", "0")) / 1e3
     run = runner.Runner.run
 
+    hang = os.environ.get("REL_HANG_FILE")
+
     def slowed(self: runner.Runner, *args: Any) -> Any:
         if slow:
             time.sleep(slow)
+        while hang and os.path.exists(hang):  # a hung forward, for as long as the test keeps the file
+            time.sleep(0.01)
         return run(self, *args)
 
     runner.Runner.run = slowed  # type: ignore[method-assign]

@@ -4,6 +4,7 @@ log, and the pickle's side effect never happens."""
 from __future__ import annotations
 
 import builtins
+import hashlib
 import json
 import os
 import pickle
@@ -14,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from model.checkpoint import checkpoint_digest
 from tests.server.rel_load import ROOT, free_port
 
 pytestmark = pytest.mark.slow
@@ -58,11 +60,10 @@ def _bad_checkpoints(good: Path, tmp: Path, marker: Path) -> dict[str, tuple[Pat
     shutil.copytree(good, d)
     (d / "model.safetensors").write_bytes(payload)
     doc = json.loads((d / "config.json").read_text())
-    import hashlib
-
-    doc["sha256"] = hashlib.sha256(payload).hexdigest()
+    doc["weights_sha256"] = hashlib.sha256(payload).hexdigest()
+    doc["sha256"] = checkpoint_digest(doc)
     (d / "config.json").write_text(json.dumps(doc))
-    out["pickle_as_safetensors"] = (d, [], "model.safetensors")
+    out["pickle_as_safetensors"] = (d, [], "not a readable safetensors file")
 
     # 2. A bare pickle (.pt) given as the checkpoint.
     d = tmp / "bare_pickle"
@@ -76,14 +77,44 @@ def _bad_checkpoints(good: Path, tmp: Path, marker: Path) -> dict[str, tuple[Pat
     data = bytearray((d / "model.safetensors").read_bytes())
     data[-1] ^= 0xFF
     (d / "model.safetensors").write_bytes(bytes(data))
-    out["hash_mismatch"] = (d, [], "does not match")
+    out["hash_mismatch"] = (d, [], "the weights do not match")
+
+    # 3b. The same, with the digest deleted from config.json so that nothing would be checked.
+    d = tmp / "tampered_without_digest"
+    shutil.copytree(tmp / "tampered", d)
+    doc = json.loads((d / "config.json").read_text())
+    del doc["sha256"]
+    (d / "config.json").write_text(json.dumps(doc))
+    out["digest_deleted"] = (d, [], "sha256 is missing or blank")
+
+    # 3c. Untouched weights under other labels.
+    d = tmp / "relabelled"
+    shutil.copytree(good, d)
+    doc = json.loads((d / "config.json").read_text())
+    doc["labels"] = list(reversed(doc["labels"]))
+    (d / "config.json").write_text(json.dumps(doc))
+    out["labels_swapped"] = (d, [], "config, labels, profile or meta were changed")
 
     # 4. Untouched weights, but the operator pinned another digest.
-    out["pinned_digest_mismatch"] = (good, ["--checkpoint-sha256", "0" * 64], "does not match")
+    out["pinned_digest_mismatch"] = (good, ["--checkpoint-sha256", "0" * 64], "does not match the pinned")
+    # 5. The development opt-out does not lift a pin.
+    out["pinned_unverified"] = (
+        good,
+        ["--checkpoint-sha256", "0" * 64, "--allow-unverified-checkpoint"],
+        "does not match the pinned",
+    )
     return out
 
 
-CASES = ["pickle_as_safetensors", "bare_pickle_file", "hash_mismatch", "pinned_digest_mismatch"]
+CASES = [
+    "pickle_as_safetensors",
+    "bare_pickle_file",
+    "hash_mismatch",
+    "digest_deleted",
+    "labels_swapped",
+    "pinned_digest_mismatch",
+    "pinned_unverified",
+]
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -4,6 +4,7 @@ Every one gets a 4xx or a closed connection, never a 5xx; memory stays flat; oth
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import random
 import socket
@@ -287,13 +288,17 @@ def test_rel_multipart_abuse_is_refused_fast(server: Server) -> None:
         "no_boundary": (b"--x\r\n\r\n", "multipart/form-data"),
     }
     health: list[float] = []
+    answers: list[int | str] = []  # status codes, or the error a probe got; asserted below
     stop = threading.Event()
 
     def probe() -> None:
         with httpx.Client(base_url=server.base, timeout=5) as c:
             while not stop.is_set():
                 t0 = time.monotonic()
-                c.get("/healthz")
+                try:
+                    answers.append(c.get("/healthz").status_code)
+                except httpx.HTTPError as exc:
+                    answers.append(type(exc).__name__)
                 health.append(time.monotonic() - t0)
                 time.sleep(0.01)
 
@@ -312,6 +317,8 @@ def test_rel_multipart_abuse_is_refused_fast(server: Server) -> None:
     finally:
         stop.set()
         prober.join()
+    assert answers
+    assert set(answers) == {200}, collections.Counter(answers)
     assert max(health) < 0.5, f"event loop blocked: /healthz took {max(health) * 1e3:.0f} ms"
     healthy(server)
     figures("multipart_abuse", results=out, health_max_ms=round(max(health) * 1e3, 1))
