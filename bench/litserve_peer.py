@@ -14,18 +14,21 @@ from fastapi import Request
 from PIL import Image
 
 from model import load_checkpoint
+from server.precision import cast_model, resolve_dtype
 from server.preprocess import pil_to_tensor
 
 
 class MoNEAPI(ls.LitAPI):  # type: ignore[misc]
-    def __init__(self, checkpoint: str, **kwargs: Any) -> None:
+    def __init__(self, checkpoint: str, dtype: str = "fp32", **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.checkpoint = checkpoint
+        self.dtype = dtype
 
     def setup(self, device: str) -> None:
         self.ck = load_checkpoint(self.checkpoint, device=device)
-        self.model = self.ck.model
         self.torch_device = torch.device(device)
+        # The same weights in the same dtype as mone-serve's (server/precision.py).
+        self.model = cast_model(self.ck.model, resolve_dtype(self.dtype, self.torch_device))
 
     def decode_request(self, request: Request) -> torch.Tensor:
         # LitServe reads this annotation: `Request` makes it parse the multipart form for us.
@@ -38,7 +41,7 @@ class MoNEAPI(ls.LitAPI):  # type: ignore[misc]
 
     def predict(self, x: torch.Tensor) -> list[dict[str, Any]]:
         with torch.inference_mode():
-            probs = self.model(x.to(self.torch_device), capacity=1.0).logits.softmax(-1)
+            probs = self.model(x.to(self.torch_device), capacity=1.0).logits.float().softmax(-1)
             top = probs.topk(min(5, probs.shape[-1]), dim=-1)
         values, indices = top.values.cpu().tolist(), top.indices.cpu().tolist()
         return [
@@ -60,9 +63,13 @@ def main() -> None:
     p.add_argument("--max-batch-size", type=int, default=32)
     p.add_argument("--batch-timeout-ms", type=float, default=5.0)
     p.add_argument("--accelerator", default="auto")
+    p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     args = p.parse_args()
     api = MoNEAPI(
-        args.checkpoint, max_batch_size=args.max_batch_size, batch_timeout=args.batch_timeout_ms / 1e3
+        args.checkpoint,
+        dtype=args.dtype,
+        max_batch_size=args.max_batch_size,
+        batch_timeout=args.batch_timeout_ms / 1e3,
     )
     server = ls.LitServer(api, accelerator=args.accelerator, workers_per_device=1, timeout=60)
     server.run(

@@ -44,6 +44,7 @@ from PIL import Image
 
 from model import MoNE, MoNEConfig, load_checkpoint, save_checkpoint
 from model.checkpoint import read_checkpoint_info
+from server.precision import DTYPES, cast_model, resolve_dtype
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "checkpoints" / "default"
@@ -184,7 +185,10 @@ def start_mone(
     cmd += ["--max-batch-size", str(args.batch), "--max-batch-wait-ms", str(args.wait_ms)]
     health_port = free_port()
     cmd += ["--max-queue-size", str(args.queue), "--limit-concurrency", "4096"]
-    cmd += ["--health-port", str(health_port), "--release-memory-idle-s", str(RELEASE_IDLE_S), *extra]
+    cmd += ["--health-port", str(health_port), "--release-memory-idle-s", str(RELEASE_IDLE_S)]
+    if getattr(args, "dtype", "fp32") != "fp32":
+        cmd += ["--inference-dtype", args.dtype]
+    cmd += extra
     return Server(cmd, "/readyz", f"http://127.0.0.1:{port}", health_port, env, log)
 
 
@@ -192,6 +196,7 @@ def start_litserve(ckpt: Path, args: argparse.Namespace) -> Server:
     port = free_port()
     cmd = [sys.executable, "-m", "bench.litserve_peer", "--checkpoint", str(ckpt), "--port", str(port)]
     cmd += ["--max-batch-size", str(args.batch), "--batch-timeout-ms", str(args.wait_ms)]
+    cmd += ["--dtype", getattr(args, "dtype", "fp32")]
     return Server(cmd, "/health", f"http://127.0.0.1:{port}")
 
 
@@ -532,11 +537,13 @@ def random_checkpoint(variant: str, tmp: Path, **overrides: Any) -> Path:
     return save_checkpoint(tmp / variant.replace("/", "_"), net, meta={"random_init": True})
 
 
-def model_times(ckpt: Path, batch: int, repeats: int = 3) -> dict[float, float]:
+def model_times(ckpt: Path, batch: int, repeats: int = 3, dtype: str = "fp32") -> dict[float, float]:
     """Median seconds of one full batch at capacities 1.0 and 0.5, the model alone (no server)."""
-    ck = load_checkpoint(ckpt, device="cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    ck = load_checkpoint(ckpt, device=device)
+    cast_model(ck.model, resolve_dtype(dtype, device))
     c = ck.config
-    x = torch.randn(batch, c.in_chans, c.img_size, c.img_size, device=next(ck.model.parameters()).device)
+    x = torch.randn(batch, c.in_chans, c.img_size, c.img_size, device=device)
     times = {}
     with torch.inference_mode():
         for capacity in (1.0, 0.5, 1.0, 0.5):  # first pass of each warms up
@@ -575,7 +582,7 @@ def bench_model(name: str, ckpt: Path, cfg: MoNEConfig, args: argparse.Namespace
         print(run.row(), flush=True)
 
     # The model alone first, while nothing else runs: the capacity 0.5 speed-up and the length of the rounds.
-    alone = model_times(ckpt, args.batch)
+    alone = model_times(ckpt, args.batch, dtype=getattr(args, "dtype", "fp32"))
     round_s = round_seconds(secs, args.round_batches, alone[1.0])
     with contextlib.ExitStack() as servers:
         peer = start_litserve(ckpt, args)
@@ -728,6 +735,9 @@ def main() -> None:
     p.add_argument("--memory-requests-large", type=int, default=10_000, help="memory check, 224 px model")
     p.add_argument("--client-procs", type=int, default=1, help="client processes generating the load")
     p.add_argument("--write", action="store_true", help="append the tables to bench/RESULTS.md")
+    p.add_argument(
+        "--dtype", choices=list(DTYPES), default="fp32", help="both servers' inference dtype (bf16: on a GPU)"
+    )
     args = p.parse_args()
     if args.quick:
         args.models, args.seconds, args.concurrency, args.memory_requests = "shipped", 3.0, "1,16", 500
@@ -737,7 +747,9 @@ def main() -> None:
     lines.append(
         f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, cuda={torch.cuda.is_available()}; "
     )
-    lines.append(f"batch {args.batch}, wait {args.wait_ms} ms, {args.seconds:g} s per run")
+    if torch.cuda.is_available():
+        lines[-1] += f"GPU {torch.cuda.get_device_name()}; "
+    lines.append(f"batch {args.batch}, wait {args.wait_ms} ms, {args.seconds:g} s per run, {args.dtype}")
     with tempfile.TemporaryDirectory() as tmp:
         for model in args.models.split(","):
             if model == "shipped":

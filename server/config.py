@@ -104,6 +104,19 @@ class Settings(BaseSettings):
     model_name: str = Field(default="mone", pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
     device: str = Field(default="auto", description="auto (CUDA when present, else CPU), cpu, cuda, cuda:N")
     threads: int | None = Field(default=None, ge=1, description="torch intra-op threads (default: torch's)")
+    inference_dtype: Literal["fp32", "bf16", "fp16"] = Field(
+        default="fp32",
+        description="dtype of the model's weights and activations: fp32; bf16 (CPU or CUDA); fp16 (CUDA "
+        "only); the logits stay within the dtype's tolerance of fp32 (server/precision.py)",
+    )
+    cuda_graphs: bool = Field(
+        default=True,
+        description="on a CUDA device, capture the forward as CUDA graphs per batch size (padded to a power "
+        "of two or max_batch_size), frames and token split, and replay them; ignored on the CPU",
+    )
+    cuda_graphs_max: int = Field(
+        default=64, ge=1, le=4096, description="captured graphs kept at once (least recently used dropped)"
+    )
     inference_streams: int = Field(
         default=0,
         ge=0,
@@ -271,6 +284,8 @@ class Settings(BaseSettings):
             raise ValueError("max_image_bytes cannot exceed max_body_bytes")
         if self.degrade_floor > self.default_capacity:
             raise ValueError("degrade_floor cannot exceed default_capacity")
+        if self.inference_dtype == "fp16" and self.device in ("cpu", "mps"):
+            raise ValueError("inference_dtype fp16 needs a CUDA device; use bf16 or fp32")
         if self.health_port and self.health_port == self.port:
             raise ValueError("health_port must differ from port")
         if self.grpc_port and self.grpc_port in (self.port, self.health_port):

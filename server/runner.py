@@ -30,8 +30,10 @@ import torch
 from torch import Tensor
 
 from model import Checkpoint, MoNE, MoNEConfig, gflops, load_checkpoint, save_checkpoint
+from server.capture import CapturedForward, CudaGraphs, accounting, capture_sizes
 from server.config import Settings
 from server.latency import LatencyModel
+from server.precision import cast_model, dtype_name, resolve_dtype
 from server.priority import current_thread_nice, set_thread_priority
 
 log = logging.getLogger("mone.runner")
@@ -169,6 +171,9 @@ class Runner:
         device: where inputs go.
         streams: sub-batches run side by side on the CPU (0: auto; see `resolve_streams`).
         min_stream_gflops: least work of a sub-batch.
+        dtype: the inference dtype (server/precision.py); fp32 leaves the model as loaded.
+        cuda_graphs: on a CUDA device, capture the forward per batch size, frames and token split
+            (server/capture.py), up to `max_graphs` graphs of batches up to `max_batch`.
     """
 
     def __init__(
@@ -178,9 +183,14 @@ class Runner:
         *,
         streams: int = 1,
         min_stream_gflops: float = 0.0,
+        dtype: str = "fp32",
+        cuda_graphs: bool = False,
+        max_batch: int = 32,
+        max_graphs: int = 64,
     ) -> None:
         self.checkpoint = checkpoint
-        self.model = checkpoint.model.to(device).eval()
+        self.dtype = resolve_dtype(dtype, device)
+        self.model = cast_model(checkpoint.model.to(device).eval(), self.dtype)
         self.cfg = checkpoint.config
         self.device = device
         self.min_stream_gflops = min_stream_gflops
@@ -188,6 +198,11 @@ class Runner:
         self.streams = 1
         self._streams_setting = streams
         self._pool: ThreadPoolExecutor | None = None
+        self.graphs: CapturedForward | None = None
+        if cuda_graphs and device.type == "cuda":
+            self.graphs = CapturedForward(
+                self.model, CudaGraphs(device), capture_sizes(max_batch), max_graphs=max_graphs
+            )
 
     @classmethod
     def from_settings(cls, checkpoint: Checkpoint, device: torch.device, settings: Settings) -> Runner:
@@ -196,6 +211,10 @@ class Runner:
             device,
             streams=settings.inference_streams,
             min_stream_gflops=settings.stream_min_gflops,
+            dtype=settings.inference_dtype,
+            cuda_graphs=settings.cuda_graphs,
+            max_batch=settings.max_batch_size,
+            max_graphs=settings.cuda_graphs_max,
         )
 
     def setup_threads(self, threads: int | None) -> None:
@@ -249,6 +268,8 @@ class Runner:
             parts = [self._forward(xs, capacities, self.threads, k, want_experts)]
         else:
             parts = self._forward_split(xs, capacities, pieces, k, want_experts)
+        if self.device.type == "cuda":  # the outputs are on the host already; the clock waits for the device
+            torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
         located = {i: (p, j) for p, piece in enumerate(pieces) for j, i in enumerate(piece)}
         samples = []
@@ -309,19 +330,34 @@ class Runner:
         if threads is not None:
             _use_threads(threads)
         with torch.inference_mode():
-            x = torch.stack(xs).to(self.device, non_blocking=True)
-            out = self.model(x, capacity=capacities)
-            logits = out.logits.float()
+            x = self._to_device(xs)
+            if self.graphs is not None:
+                logits, expert_map, splits = self.graphs(x, capacities)
+                capacity, counts, gf = accounting(self.cfg, splits, int(x.shape[1]))
+            else:
+                out = self.model(x, capacity=capacities)
+                logits, expert_map = out.logits, out.experts
+                capacity, counts, gf = out.capacity, out.expert_counts, out.gflops
+            logits = logits.float()
             top = logits.softmax(dim=-1).topk(k, dim=-1)
             return _Part(
                 logits=logits.cpu(),
                 top_p=top.values.cpu(),
                 top_i=top.indices.cpu(),
-                capacity=out.capacity,
-                counts=out.expert_counts,
-                gflops=out.gflops,
-                experts=out.experts.cpu() if experts else None,
+                capacity=capacity,
+                counts=counts,
+                gflops=gf,
+                experts=expert_map.cpu() if experts else None,
             )
+
+    def _to_device(self, xs: list[Tensor]) -> Tensor:
+        """The batch on the model's device; on CUDA stacked into pinned (page-locked) host memory first, so
+        that the copy is asynchronous and the host goes on queueing the forward behind it."""
+        if self.device.type != "cuda":
+            return torch.stack(xs).to(self.device, non_blocking=True)
+        host = torch.empty((len(xs), *xs[0].shape), dtype=xs[0].dtype, pin_memory=True)
+        torch.stack(xs, out=host)
+        return host.to(self.device, non_blocking=True)
 
     def smallest_split(self, frames: int, max_batch: int) -> int:
         """The smallest batch at capacity 1.0, up to `max_batch`, that runs on every stream; 0 if none."""
@@ -351,6 +387,8 @@ class Runner:
             "sha256": ck.sha256,
             "meta": ck.meta,
             "full_width_rows": self.model.full_width_rows,
+            "dtype": dtype_name(self.dtype),
+            "cuda_graphs": self.graphs is not None,
         }
 
 
@@ -374,12 +412,16 @@ def warm_up_and_calibrate(
         sizes = sorted({min(b, s.max_batch_size) for b in s.calibration_batch_sizes})
         for b in sizes:
             for c in s.calibration_capacities:
+                if runner.graphs is not None:  # capture first: the measurements time replays
+                    runner.time_batch(frames, b, c, 1)
                 seconds = runner.time_batch(frames, b, c, s.calibration_repeats)
                 latency.observe(frames, 1, b * gflops(cfg, c, frames), seconds, calibration=True)
                 latency.observe_uniform(frames, b, c, seconds)
         b = sizes[-1]
         if b > 1:
             caps = [cfg.min_capacity, 1.0] * (b // 2) + [1.0] * (b % 2)
+            if runner.graphs is not None:
+                runner.run([runner.dummy(frames)] * b, caps, [1] * b, [False] * b)
             out = runner.run([runner.dummy(frames)] * b, caps, [1] * b, [False] * b)
             latency.observe(
                 frames, 2, sum(gflops(cfg, c, frames) for c in caps), out.seconds, calibration=True
