@@ -392,6 +392,9 @@ class MoNE(nn.Module):
             self.temporal_norm = nn.LayerNorm(D, eps=1e-6)
         self.head = nn.Linear(D, cfg.num_classes)
         self.full_width_rows = FULL_WIDTH_ROWS
+        # d_j per expert on the model's device: no copy from the host inside a forward (CUDA graphs).
+        self.expert_widths: Tensor
+        self.register_buffer("expert_widths", torch.tensor(cfg.expert_dims), persistent=False)
         self._plans: dict[tuple[int, tuple[int, ...], float], tuple[tuple[int, ...], ...]] = {}
         self.reset_parameters()
 
@@ -554,7 +557,7 @@ class MoNE(nn.Module):
         x = x.reshape(F_ * N, D)
         widths = None
         if any(len(r) > 1 for r in runs):
-            widths = torch.tensor(self.cfg.expert_dims, device=x.device)[experts].view(F_ * N, 1)
+            widths = self.expert_widths[experts].view(F_ * N, 1)
         if len(runs) == 1 and dims == (D,) and not torch.is_grad_enabled():  # full width, frame order
             mask = None
             if widths is not None:
@@ -568,7 +571,7 @@ class MoNE(nn.Module):
             # Permute once: each run's tokens become one block of rows for every layer, frame-major.
             run_of = torch.empty(E, dtype=torch.long, device=x.device)
             for i, r in enumerate(runs):
-                run_of[list(r)] = i
+                run_of[min(r) : max(r) + 1] = i  # an expert inside a run but unused has no tokens
             perm = torch.argsort(run_of[experts], dim=1, stable=True)  # (F, N), first run (largest) first
             flat = perm + N * torch.arange(F_, device=x.device).unsqueeze(1)
             starts = [sum(ks[:g]) for g in range(len(ks))]
