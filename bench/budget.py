@@ -185,10 +185,28 @@ def table(cells: dict[tuple[str, float, str], Cell], kinds: list[str], tolerance
     return "\n".join(lines), monotone
 
 
-def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def add_server_args(p: argparse.ArgumentParser) -> None:
+    """The model and batching options of a benchmark that starts one mone-serve."""
     p.add_argument("--checkpoint", type=Path, default=bs.SHIPPED, help="checkpoint directory to serve")
     p.add_argument("--variant", help="serve a randomly initialised model of this variant instead (e.g. S/16)")
+    p.add_argument("--batch", type=int, default=32, help="mone-serve --max-batch-size")
+    p.add_argument("--wait-ms", type=float, default=5.0, help="mone-serve --max-batch-wait-ms")
+    p.add_argument("--queue", type=int, default=128, help="mone-serve --max-queue-size")
+
+
+def checkpoint_of(args: argparse.Namespace, tmp: Path) -> tuple[Path, MoNEConfig]:
+    """The checkpoint to serve (a random one of `--variant`, written into `tmp`) and its config."""
+    if args.variant:
+        overrides = {"num_classes": 10} if args.variant.startswith("Mi") else {}
+        ckpt = bs.random_checkpoint(args.variant, tmp, **overrides)
+    else:
+        ckpt = args.checkpoint
+    return ckpt, MoNEConfig.from_dict(read_checkpoint_info(ckpt)["config"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_server_args(p)
     p.add_argument("--clients", type=int, default=16, help="concurrent clients of the throughput runs")
     p.add_argument("--seconds", type=float, default=6.0, help="length of each throughput run")
     p.add_argument("--one-seconds", type=float, default=4.0, help="length of each single-client run")
@@ -198,21 +216,13 @@ def main(argv: list[str] | None = None) -> int:
         "--loadgen", choices=["auto", "hey", "python"], default="auto", help="auto: hey when installed"
     )
     p.add_argument("--tolerance", type=float, default=0.03, help="spread allowed by the monotone check")
-    p.add_argument("--batch", type=int, default=32, help="mone-serve --max-batch-size")
-    p.add_argument("--wait-ms", type=float, default=5.0, help="mone-serve --max-batch-wait-ms")
-    p.add_argument("--queue", type=int, default=128, help="mone-serve --max-queue-size")
     p.add_argument("--server-arg", action="append", default=[], help="extra mone-serve argument (repeatable)")
     p.add_argument("--json", action="store_true", help="also print every run as a JSON line")
     args = p.parse_args(argv)
     use_hey = args.loadgen == "hey" or (args.loadgen == "auto" and shutil.which("hey") is not None)
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        if args.variant:
-            overrides = {"num_classes": 10} if args.variant.startswith("Mi") else {}
-            ckpt = bs.random_checkpoint(args.variant, tmp, **overrides)
-        else:
-            ckpt = args.checkpoint
-        cfg = MoNEConfig.from_dict(read_checkpoint_info(ckpt)["config"])
+        ckpt, cfg = checkpoint_of(args, tmp)
         inputs = make_inputs(cfg, tmp)
         if args.no_clips:
             inputs.pop("clip", None)

@@ -35,9 +35,7 @@ import time
 from pathlib import Path
 
 from bench import serve as bs
-from bench.budget import cpu_model, drive_hey, make_inputs
-from model import MoNEConfig
-from model.checkpoint import read_checkpoint_info
+from bench.budget import add_server_args, checkpoint_of, cpu_model, drive_hey, make_inputs
 
 # Innermost match wins; checked in this order for each frame.
 _AT = r"(?:\(|/)"  # py-spy writes a frame as "name (path/file.py:line)", paths relative to sys.path
@@ -105,15 +103,11 @@ def table(samples: dict[str, collections.Counter[str]], rate: int, requests: flo
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", type=Path, default=bs.SHIPPED, help="checkpoint directory to serve")
-    p.add_argument("--variant", help="serve a randomly initialised model of this variant instead (e.g. S/16)")
+    add_server_args(p)
     p.add_argument("--clients", type=int, default=16, help="concurrent clients")
     p.add_argument("--capacity", type=float, default=1.0, help="capacity every request asks for")
     p.add_argument("--seconds", type=float, default=10.0, help="length of the sampled run")
     p.add_argument("--rate", type=int, default=250, help="py-spy samples per second")
-    p.add_argument("--batch", type=int, default=32, help="mone-serve --max-batch-size")
-    p.add_argument("--wait-ms", type=float, default=5.0, help="mone-serve --max-batch-wait-ms")
-    p.add_argument("--queue", type=int, default=128, help="mone-serve --max-queue-size")
     p.add_argument("--raw", type=Path, help="also keep py-spy's raw samples in this file")
     args = p.parse_args(argv)
     pyspy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
@@ -122,12 +116,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     with tempfile.TemporaryDirectory() as tmpdir:
         tmp = Path(tmpdir)
-        if args.variant:
-            overrides = {"num_classes": 10} if args.variant.startswith("Mi") else {}
-            ckpt = bs.random_checkpoint(args.variant, tmp, **overrides)
-        else:
-            ckpt = args.checkpoint
-        cfg = MoNEConfig.from_dict(read_checkpoint_info(ckpt)["config"])
+        ckpt, cfg = checkpoint_of(args, tmp)
         path, content_type, _ = make_inputs(cfg, tmp)["image"]
         server = bs.start_mone(ckpt, args, log=tmp / "server.log")
         try:
