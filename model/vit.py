@@ -8,7 +8,9 @@ frame tokens.  An image is a one-frame clip, so one set of weights serves both.
 
 Fast path: tokens are permuted once after routing so that each expert's tokens form one dense (F*k_j, D)
 matrix; every layer then runs one matrix product per expert on contiguous weight slices (no per-layer
-gather/scatter, no masked multiplies).  Attention needs each frame's tokens together: training permutes the
+gather/scatter).  At inference, where one product per expert costs more than it saves (a few images of a
+small model), adjacent experts share one product with masks for their narrower tokens, up to the whole layer
+at full width (`MoNE.plan_runs`).  Attention needs each frame's tokens together: training permutes the
 Q/K/V rows into frame order and back in every layer (`Block.attention`); inference runs each block a few
 frames at a time and copies the chunk's Q/K/V into a per-frame buffer (`Block._forward_inference_`).
 
@@ -18,6 +20,7 @@ width, k_j tokens of expert j in one frame, d_j width of expert j.
 
 from __future__ import annotations
 
+import dataclasses
 import itertools
 import math
 import numbers
@@ -583,17 +586,15 @@ class MoNE(nn.Module):
                 to_frames = torch.argsort(rows // N, stable=True)
                 to_groups = torch.empty_like(to_frames)
                 to_groups[to_frames] = torch.arange(len(rows), device=x.device)
-        masks: tuple[Tensor | None, ...] | None = None
-        scaled: tuple[Tensor | None, ...] | None = None
+        layout = Layout(F_, ks, dims, to_frames, to_groups)
         if widths is not None:  # some run holds several experts: masks for their narrower tokens
             mask_list: list[Tensor | None] = []
             scaled_list: list[Tensor | None] = []
-            for r, (lo, hi, d) in zip(runs, Layout(F_, ks, dims).segments(), strict=True):
+            for r, (lo, hi, d) in zip(runs, layout.segments(), strict=True):
                 m = None if len(r) == 1 else (torch.arange(d, device=x.device) < widths[lo:hi]).to(x.dtype)
                 mask_list.append(m)  # (F*k, d)
                 scaled_list.append(None if m is None else scale[lo:hi] * m)
-            masks, scaled = tuple(mask_list), tuple(scaled_list)
-        layout = Layout(F_, ks, dims, to_frames, to_groups, masks, scaled)
+            layout = dataclasses.replace(layout, masks=tuple(mask_list), scaled_masks=tuple(scaled_list))
         for blk in self.blocks:
             x = cast(Block, blk).forward_nested(x, layout, scale)
         if layout.to_frames is not None:

@@ -239,7 +239,7 @@ class Runner:
             batches = [b for b in (1, 2, 4, 8, 16, 32, 64) if b <= max(max_batch, 1)]
             rows = self.model.calibrate_full_width(batches, repeats=repeats, budget_s=3.0)
         self.model.full_width_rows = rows
-        log.info("full width with masks below %.0f token rows saved per extra expert group", rows)
+        log.info("one more matrix product costs %.0f token rows of full-width work", rows)
 
     def close(self) -> None:
         if self._pool is not None:
