@@ -47,7 +47,7 @@ pytest: setup
 
 test: lint typecheck pytest
 
-proto: $(STAMP)  # regenerate server/proto's stubs after editing inference.proto (they are committed)
+proto: $(STAMP)  # regenerate server/http/proto's stubs after editing inference.proto (they are committed)
 	$(PY) scripts/gen_proto.py
 
 bench: setup

@@ -35,8 +35,8 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from bench import serve as bs
-from model import MoNEConfig
-from model.checkpoint import read_checkpoint_info
+from mone.model import MoNEConfig
+from mone.model.checkpoint import read_checkpoint_info
 
 
 @dataclass

@@ -33,8 +33,8 @@ from PIL import Image
 
 from bench import serve as bs
 from bench.ab import compute_counters, group_cpu_seconds
-from model import MoNEConfig
-from model.checkpoint import read_checkpoint_info
+from mone.model import MoNEConfig
+from mone.model.checkpoint import read_checkpoint_info
 
 CAPACITIES = (1.0, 0.5, 0.25)
 SAMPLES = bs.ROOT / "clients" / "web" / "samples"

@@ -13,9 +13,9 @@ import torch
 from fastapi import Request
 from PIL import Image
 
-from model import load_checkpoint
-from server.precision import cast_model, resolve_dtype
-from server.preprocess import pil_to_tensor
+from mone.model import load_checkpoint
+from mone.server.core.precision import cast_model, resolve_dtype
+from mone.server.media.preprocess import pil_to_tensor
 
 
 class MoNEAPI(ls.LitAPI):  # type: ignore[misc]
@@ -27,7 +27,7 @@ class MoNEAPI(ls.LitAPI):  # type: ignore[misc]
     def setup(self, device: str) -> None:
         self.ck = load_checkpoint(self.checkpoint, device=device)
         self.torch_device = torch.device(device)
-        # The same weights in the same dtype as mone-serve's (server/precision.py).
+        # The same weights in the same dtype as mone-serve's (server/core/precision.py).
         self.model = cast_model(self.ck.model, resolve_dtype(self.dtype, self.torch_device))
 
     def decode_request(self, request: Request) -> torch.Tensor:

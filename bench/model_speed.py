@@ -12,10 +12,10 @@ weight bytes, and the peak activation memory of one forward (max RSS growth, eac
 CUDA the allocator's peak above what was allocated before the forward).
 
 `--device cuda` times on the GPU (synchronising before each reading of the clock); `--dtype bf16` / `fp16`
-casts the weights and inputs as the server does (server/precision.py); `--compile` adds the `F.linear` +
+casts the weights and inputs as the server does (server/core/precision.py); `--compile` adds the `F.linear` +
 SDPA reference under `torch.compile` (mode reduce-overhead on CUDA: CUDA graphs) as a third dense reference;
 `--graphs` adds the MoNE forward captured per batch and token split as the server runs it on CUDA
-(server/capture.py), rows `mone_graphs`.
+(server/core/capture.py), rows `mone_graphs`.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ import torch
 from torch import Tensor
 
 from bench.references import FusedViT, PlainViT
-from model import MoNE, MoNEConfig, gflops
-from server.capture import CapturedForward, CudaGraphs
-from server.memory import release_free_memory
-from server.precision import DTYPES, cast_model, dtype_name, resolve_dtype
+from mone.model import MoNE, MoNEConfig, gflops
+from mone.server.core.capture import CapturedForward, CudaGraphs
+from mone.server.core.memory import release_free_memory
+from mone.server.core.precision import DTYPES, cast_model, dtype_name, resolve_dtype
 
 CAPACITIES = (1.0, 0.75, 0.5, 0.25)
 

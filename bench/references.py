@@ -13,8 +13,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model import MoNE
-from model.vit import Block
+from mone.model import MoNE
+from mone.model.vit import Block
 
 
 class PlainViT(nn.Module):

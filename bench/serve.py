@@ -42,9 +42,9 @@ import numpy as np
 import torch
 from PIL import Image
 
-from model import MoNE, MoNEConfig, load_checkpoint, save_checkpoint
-from model.checkpoint import read_checkpoint_info
-from server.precision import DTYPES, cast_model, resolve_dtype
+from mone.model import MoNE, MoNEConfig, load_checkpoint, save_checkpoint
+from mone.model.checkpoint import read_checkpoint_info
+from mone.server.core.precision import DTYPES, cast_model, resolve_dtype
 
 ROOT = Path(__file__).resolve().parent.parent
 SHIPPED = ROOT / "checkpoints" / "default"
@@ -641,7 +641,7 @@ def bench_model(name: str, ckpt: Path, cfg: MoNEConfig, args: argparse.Namespace
         # allocator has seen every batch shape); the baseline is the median RSS over that cycle.  Then
         # `memory_requests` more at the same capacities in turn; the final figure is the median over the last
         # cycle.  Each reading is taken at rest, once the server has been idle long enough to hand its free
-        # heap pages back (`release_memory_idle_s`, server/memory.py); the reading taken the moment the
+        # heap pages back (`release_memory_idle_s`, server/core/memory.py); the reading taken the moment the
         # load stops (batch buffers still cached) is kept too, for the peak.
         target = args.memory_requests if cfg.img_size <= 64 else args.memory_requests_large
         mixed = ["1.0", "0.5", "0.25"]

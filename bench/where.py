@@ -9,9 +9,9 @@ in the query string) and samples every thread of the server with py-spy (`--nonb
 never paused; idle threads are not sampled).  Each sample is charged to the innermost stage it is in:
 
     forward    the model (model/), the runner's forward
-    decode     sniffing, decoding and preprocessing the upload (server/decode*.py, preprocess, frames, PIL)
+    decode     sniffing, decoding and preprocessing the upload (server/media/: decode, frames, PIL)
     batching   budgets, batching, scheduling, the latency model, the engine and the runner around the forward
-    metrics    Prometheus (prometheus_client, server/metrics.py) and the access log
+    metrics    Prometheus (prometheus_client, server/http/metrics.py) and the access log
     response   building and serialising answers (pydantic, build_response, json)
     framework  FastAPI / Starlette routing, middleware and request parsing (multipart)
     http       uvicorn, httptools, the asyncio event loop's own work
@@ -41,17 +41,9 @@ from bench.budget import add_server_args, checkpoint_of, cpu_model, drive_hey, m
 _AT = r"(?:\(|/)"  # py-spy writes a frame as "name (path/file.py:line)", paths relative to sys.path
 STAGES: list[tuple[str, re.Pattern[str]]] = [
     ("forward", re.compile(rf"Runner\._forward\b|{_AT}model/|{_AT}torch/")),
-    (
-        "decode",
-        re.compile(
-            rf"{_AT}server/(decode|decode_pool|decode_budget|preprocess|frames|video)\.py|{_AT}(PIL|av)/"
-        ),
-    ),
-    (
-        "batching",
-        re.compile(rf"{_AT}server/(budget|batcher|scheduling|latency|engine|runner)\.py|{_AT}concurrent/"),
-    ),
-    ("metrics", re.compile(rf"{_AT}prometheus_client/|{_AT}server/(metrics|access)\.py|{_AT}logging/")),
+    ("decode", re.compile(rf"{_AT}server/media/|{_AT}(PIL|av)/")),
+    ("batching", re.compile(rf"{_AT}server/core/|{_AT}concurrent/")),
+    ("metrics", re.compile(rf"{_AT}prometheus_client/|{_AT}server/http/(metrics|access)\.py|{_AT}logging/")),
     ("response", re.compile(rf"{_AT}pydantic|build_response|{_AT}json/")),
     ("framework", re.compile(rf"{_AT}(fastapi|starlette|multipart|python_multipart)/")),
     ("http", re.compile(rf"{_AT}(uvicorn|asyncio)/|httptools|selectors\.py")),

@@ -3,8 +3,8 @@
 Importing this package needs pydantic, httpx, numpy and Pillow, never torch or FastAPI.
 """
 
-from clients.client import AsyncMoneClient, MoneClient, RetryPolicy
-from clients.errors import (
+from mone.clients.client import AsyncMoneClient, MoneClient, RetryPolicy
+from mone.clients.errors import (
     BadRequest,
     DeadlineExceeded,
     MoneError,
@@ -16,7 +16,7 @@ from clients.errors import (
     TransportError,
     Unauthorized,
 )
-from clients.schemas import Result
+from mone.clients.schemas import Result
 
 __all__ = [
     "AsyncMoneClient",

@@ -17,9 +17,9 @@ from typing import Any, TextIO
 
 import numpy as np
 
-from clients.client import AsyncMoneClient
-from clients.errors import MoneError
-from clients.media import Input
+from mone.clients.client import AsyncMoneClient
+from mone.clients.errors import MoneError
+from mone.clients.media import Input
 
 BUDGETS = ("capacity", "gflops", "latency_ms")
 MAX_IN_FLIGHT = 1024  # open loop: beyond this the generator, not the server, would be the bottleneck

@@ -20,13 +20,13 @@ from typing import Any
 
 from PIL import Image
 
-from clients import bench
-from clients.client import DEFAULT_URL, AsyncMoneClient, MoneClient, RetryPolicy
-from clients.errors import MoneError
-from clients.media import Input, to_payload
-from clients.plot import COLOURS, Series, line_panels
-from clients.routing import frames_of, render
-from clients.schemas import ModelInfo, Result
+from mone.clients import bench
+from mone.clients.client import DEFAULT_URL, AsyncMoneClient, MoneClient, RetryPolicy
+from mone.clients.errors import MoneError
+from mone.clients.media import Input, to_payload
+from mone.clients.plot import COLOURS, Series, line_panels
+from mone.clients.routing import frames_of, render
+from mone.clients.schemas import ModelInfo, Result
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -19,10 +19,10 @@ from typing import Any
 
 import httpx
 
-from clients.core import DEFAULT_URL, BaseClient, RetryPolicy, classify_options, read_json
-from clients.errors import MoneError
-from clients.media import Input, Kind, to_payload
-from clients.schemas import ModelInfo, ModelList, Result
+from mone.clients.core import DEFAULT_URL, BaseClient, RetryPolicy, classify_options, read_json
+from mone.clients.errors import MoneError
+from mone.clients.media import Input, Kind, to_payload
+from mone.clients.schemas import ModelInfo, ModelList, Result
 
 
 class MoneClient(BaseClient):

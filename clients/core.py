@@ -12,9 +12,9 @@ from typing import Any
 
 import httpx
 
-from clients.errors import Timeout, TransportError, from_response, retry_after
-from clients.media import Kind, Payload
-from clients.schemas import ClassifyResponse, InferResponse, Prediction, Protocol, Result, Timing
+from mone.clients.errors import Timeout, TransportError, from_response, retry_after
+from mone.clients.media import Kind, Payload
+from mone.clients.schemas import ClassifyResponse, InferResponse, Prediction, Protocol, Result, Timing
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 RETRY_STATUSES = frozenset({429, 503})

@@ -13,7 +13,7 @@ from typing import Any
 import numpy as np
 from PIL import Image, ImageDraw
 
-from clients.media import Kind, Payload, as_uint8
+from mone.clients.media import Kind, Payload, as_uint8
 
 # Smallest expert first (viridis stops); a model with more experts than colours reuses the last one.
 PALETTE: list[tuple[int, int, int]] = [

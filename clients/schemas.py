@@ -1,6 +1,6 @@
 """What the client sends and gets back.
 
-The wire models are the server's own: `clients/wire.py` is a link to `server/schemas.py` (which imports
+The wire models are the server's own: `clients/wire.py` is a link to `server/http/schemas.py` (which imports
 nothing but pydantic), so client and server cannot drift apart, and the client distribution (`clients/`
 alone, see clients/pyproject.toml) carries them without torch or FastAPI.  `Result` is the
 protocol-neutral view the client returns: the native API and the Open Inference Protocol both map onto it.
@@ -12,7 +12,7 @@ from typing import Literal
 
 from pydantic import BaseModel, Field
 
-from clients.wire import (
+from mone.clients.wire import (
     ClassifyResponse,
     ErrorBody,
     InferResponse,

@@ -1,1 +1,1 @@
-../server/schemas.py
+../server/http/schemas.py

@@ -1,10 +1,10 @@
 """MoNE: Mixture of Nested Experts vision transformers (images and clips)."""
 
-from model.capacity import capacity_distribution, expert_counts, realised_capacity
-from model.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
-from model.config import VARIANTS, MoNEConfig
-from model.flops import gflops, sample_gflops
-from model.vit import MoNE, MoNEOutput
+from mone.model.capacity import capacity_distribution, expert_counts, realised_capacity
+from mone.model.checkpoint import Checkpoint, CheckpointError, load_checkpoint, save_checkpoint
+from mone.model.config import VARIANTS, MoNEConfig
+from mone.model.flops import gflops, sample_gflops
+from mone.model.vit import MoNE, MoNEOutput
 
 __all__ = [
     "VARIANTS",

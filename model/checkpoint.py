@@ -30,8 +30,8 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from model.config import MoNEConfig
-from model.vit import MoNE
+from mone.model.config import MoNEConfig
+from mone.model.vit import MoNE
 
 FORMAT = "mone-checkpoint/2"
 OLD_FORMATS = ("mone-checkpoint/1",)

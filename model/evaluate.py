@@ -1,11 +1,11 @@
 """`mone-eval`: accuracy vs GFLOPs of a MoNE checkpoint on Fashion-MNIST test images and test clips.
 
-Methods, each over the same 10k test images and the fixed test clips (`model.clips.eval_clips`):
+Methods, each over the same 10k test images and the fixed test clips (`mone.model.clips.eval_clips`):
   * MoNE with its learned router at capacities CAPACITIES (Jain et al., NeurIPS 2024);
   * the same weights with a random router (router probabilities replaced by the softmax of seeded Gaussian
     logits, the paper's router ablation, Fig. 7c);
   * the dense baseline (a second checkpoint, evaluated at capacity 1.0);
-  * ToMe on the dense baseline (Bolya et al., ICLR 2023; `model.tome`) at several merge rates r, which
+  * ToMe on the dense baseline (Bolya et al., ICLR 2023; `mone.model.tome`) at several merge rates r, which
     span the GFLOPs range of the MoNE curve;
   * an ablation (`--ablation NAME=CHECKPOINT ...`): recipe variants side by side, each at a few capacities,
     with its training FLOPs (from the checkpoint) against the first's and what each row gained over the
@@ -31,12 +31,12 @@ import numpy as np
 import torch
 from torch import Tensor
 
-from model.checkpoint import load_checkpoint, save_checkpoint
-from model.clips import TEST_CLIPS, eval_clips
-from model.data import load_fashion_mnist, normalize
-from model.flops import gflops
-from model.tome import tome_forward, tome_gflops
-from model.vit import MoNE
+from mone.model.checkpoint import load_checkpoint, save_checkpoint
+from mone.model.clips import TEST_CLIPS, eval_clips
+from mone.model.data import load_fashion_mnist, normalize
+from mone.model.flops import gflops
+from mone.model.tome import tome_forward, tome_gflops
+from mone.model.vit import MoNE
 
 log = logging.getLogger("mone.eval")
 CAPACITIES = (0.125, 0.2, 0.25, 0.3, 0.4, 0.5, 0.6, 0.75, 0.9, 1.0)

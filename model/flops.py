@@ -17,8 +17,8 @@ from typing import Any
 import torch
 from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
-from model.capacity import expert_counts
-from model.config import MoNEConfig
+from mone.model.capacity import expert_counts
+from mone.model.config import MoNEConfig
 
 
 def spatial_frame_flops(cfg: MoNEConfig, counts: Sequence[int]) -> int:

@@ -21,8 +21,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.config import MoNEConfig
-from model.flops import gflops
+from mone.model.config import MoNEConfig
+from mone.model.flops import gflops
 
 ADAPTIVE_GRID = (0.15, 0.25, 0.35, 0.45, 0.55, 0.65, 0.75, 0.85, 0.95)
 SCHEDULES = ("fixed", "single", "sandwich")

@@ -18,8 +18,8 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from model.config import MoNEConfig
-from model.vit import MoNE
+from mone.model.config import MoNEConfig
+from mone.model.vit import MoNE
 
 _BLOCK_KEYS = (
     "norm1.weight",

@@ -18,9 +18,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model.config import MoNEConfig
-from model.flops import clip_tail_flops
-from model.vit import Block, MoNE
+from mone.model.config import MoNEConfig
+from mone.model.flops import clip_tail_flops
+from mone.model.vit import Block, MoNE
 
 
 def _schedule(r: int | Sequence[int], depth: int) -> list[int]:
@@ -115,7 +115,7 @@ def tome_tokens(cfg: MoNEConfig, r: int | Sequence[int]) -> list[int]:
 
 
 def tome_gflops(cfg: MoNEConfig, r: int | Sequence[int], frames: int = 1) -> float:
-    """Analytic GFLOPs (multiply-add = 2) of one image / clip under ToMe, counted like `model.flops`:
+    """Analytic GFLOPs (multiply-add = 2) of one image / clip under ToMe, counted like `mone.model.flops`:
     projections and MLP at the token count where they run, attention at n^2, plus the matching scores."""
     D, N, E = cfg.dim, cfg.num_tokens, cfg.num_experts
     hidden = cfg.mlp_ratio * D

@@ -1,19 +1,20 @@
 """`mone-train`: train a MoNE ViT (or its dense baseline) on images and clips.
 
 Recipe: AdamW, linear warm-up then cosine decay, label-smoothed soft targets, augmentation (random crop and
-flip; optionally RandAugment-style ops, random erasing and mixup/CutMix, `model.augment`).  A dense baseline
-is the same network at capacity 1.0 (every token on the full expert).  The capacity schedule
-(`model.recipe.CapacitySchedule`) decides which effective capacities a step trains: one fixed capacity, one
+flip; optionally RandAugment-style ops, random erasing and mixup/CutMix, `mone.model.augment`).  A dense
+baseline is the same network at capacity 1.0 (every token on the full expert).  The capacity schedule
+(`mone.model.recipe.CapacitySchedule`) decides which effective capacities a step trains: one fixed capacity,
+one
 drawn per step from {0.15, 0.25, ..., 0.95} plus 1.0 (the paper's adaptive model, Jain et al., NeurIPS 2024,
 Sec. 5; mone-paper.md section 5), or a sandwich of 1.0 and lower capacities whose forwards the 1.0 forward
 teaches by in-place distillation (`--distill`).  An EMA of the weights (`--ema-decay`) is validated and
-saved beside them.  Clip batches (moving Fashion-MNIST items, `model.clips`) are interleaved with image
+saved beside them.  Clip batches (moving Fashion-MNIST items, `mone.model.clips`) are interleaved with image
 batches (`--clip-every` or `--clip-share`) so the temporal transformer and per-frame routing learn.
 
 The run's length is either --epochs or a budget of training FLOPs (`--budget-epochs`, forward + backward =
 3 x the analytic forward FLOPs of every capacity a step runs), so that runs with different schedules can be
 compared at equal training compute; `--max-minutes` bounds the wall clock with the schedule still annealed.
-`--from-timm FILE` starts from a timm ViT's weights (`model.timm_import`).
+`--from-timm FILE` starts from a timm ViT's weights (`mone.model.timm_import`).
 
 Runs on CPU, one CUDA GPU (bf16 autocast) or several through `torchrun` (DDP; gloo on CPU).  Every epoch
 writes `<out>/last/` (a loadable checkpoint), `<out>/ema/` (with an EMA) and `<out>/train_state.pt`
@@ -46,15 +47,15 @@ import torch
 import torch.distributed as dist
 from torch import Tensor, nn
 
-from model.augment import crop_flip, mix, rand_augment, random_erase, soft_targets
-from model.checkpoint import load_checkpoint, save_checkpoint
-from model.clips import make_clips
-from model.config import MoNEConfig
-from model.data import ImageSet, load_clip_folder, load_fashion_mnist, load_image_folder, normalize
-from model.flops import gflops
-from model.recipe import ADAPTIVE_GRID, EMA, SCHEDULES, CapacitySchedule, capacity_loss
-from model.timm_import import config_from_timm_state_dict, from_timm_state_dict, read_timm_weights
-from model.vit import MoNE
+from mone.model.augment import crop_flip, mix, rand_augment, random_erase, soft_targets
+from mone.model.checkpoint import load_checkpoint, save_checkpoint
+from mone.model.clips import make_clips
+from mone.model.config import MoNEConfig
+from mone.model.data import ImageSet, load_clip_folder, load_fashion_mnist, load_image_folder, normalize
+from mone.model.flops import gflops
+from mone.model.recipe import ADAPTIVE_GRID, EMA, SCHEDULES, CapacitySchedule, capacity_loss
+from mone.model.timm_import import config_from_timm_state_dict, from_timm_state_dict, read_timm_weights
+from mone.model.vit import MoNE
 
 try:
     from tqdm import tqdm

@@ -34,10 +34,10 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.capacity import check_capacity, expert_counts, realised_capacity
-from model.config import MoNEConfig
-from model.flops import sample_gflops
-from model.routing import Router, expert_preferred_routing
+from mone.model.capacity import check_capacity, expert_counts, realised_capacity
+from mone.model.config import MoNEConfig
+from mone.model.flops import sample_gflops
+from mone.model.routing import Router, expert_preferred_routing
 
 
 @dataclass

@@ -17,7 +17,7 @@ import timm
 import torch
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-from model.timm_import import from_timm  # noqa: E402
+from mone.model.timm_import import from_timm  # noqa: E402
 
 
 def main() -> int:

@@ -18,7 +18,7 @@ EPOCHS2=${EPOCHS2:-9}
 STAGE1=${STAGE1:-9}
 FT=${FT:-$(python3 -c "print(round(($EPOCHS - $STAGE1) / 0.6119))")}
 FT2=${FT2:-$(python3 -c "print(round($EPOCHS2 / 0.6119))")}
-PY=${PY:-python -m model.train}
+PY=${PY:-python -m mone.model.train}
 EXTRA=${EXTRA:-}
 
 # Recipe shared by every run: batch 256 images or 32 clips of 8 frames (one clip batch after every 6 image

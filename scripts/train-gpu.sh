@@ -54,7 +54,7 @@ EVAL=${EVAL:-1}
 ABLATION=${ABLATION:-0}
 EXTRA=${EXTRA:-}
 DEVICE=${DEVICE:-$($PYTHON -c "import torch; print('cuda' if torch.cuda.is_available() else 'cpu')")}
-TRAIN="$PYTHON -m model.train"
+TRAIN="$PYTHON -m mone.model.train"
 
 mkdir -p "$OUT"
 # The recipe of both chains; only the capacity schedule (and distillation, which needs it) differs.
@@ -107,7 +107,7 @@ fi
 
 if [ "$EVAL" = 1 ]; then
   mkdir -p "$OUT/eval"
-  EVAL_CMD="$PYTHON -m model.evaluate --device $DEVICE $EVAL_SIZE"
+  EVAL_CMD="$PYTHON -m mone.model.evaluate --device $DEVICE $EVAL_SIZE"
   {
     $EVAL_CMD --checkpoint "$OUT/mone/ema" --dense "$OUT/dense/ema" --out "$OUT/eval/results.json" \
       --plot "$OUT/eval/accuracy_vs_gflops.png" --table "$OUT/eval/table.md" \

@@ -1,4 +1,4 @@
-"""`mone-serve` / `python -m server`: the command line mirrors `Settings` field by field.
+"""`mone-serve` / `python -m mone.server`: the command line mirrors `Settings` field by field.
 
 Every `--flag` is also the environment variable MONE_<FLAG>; flags win.  Values are exported to the
 environment so that uvicorn worker processes build the same settings.
@@ -19,7 +19,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from server.config import Settings
+from mone.server.config import Settings
 
 
 def _flag(name: str) -> str:
@@ -99,10 +99,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     # uvicorn re-raises a captured SIGTERM once it has drained; without a handler of our own that would
     # end the process with 143 after a clean shutdown.  (Before uvicorn takes over, it simply exits.)
     signal.signal(signal.SIGTERM, _exit_cleanly)
-    from server.protocol import DeadlineHttpToolsProtocol
+    from mone.server.http.protocol import DeadlineHttpToolsProtocol
 
     uvicorn.run(
-        "server.app:app_factory",
+        "mone.server.http.app:app_factory",
         factory=True,
         http=DeadlineHttpToolsProtocol,
         host=settings.host,

@@ -107,7 +107,7 @@ class Settings(BaseSettings):
     inference_dtype: Literal["fp32", "bf16", "fp16"] = Field(
         default="fp32",
         description="dtype of the model's weights and activations: fp32; bf16 (CPU or CUDA); fp16 (CUDA "
-        "only); the logits stay within the dtype's tolerance of fp32 (server/precision.py)",
+        "only); the logits stay within the dtype's tolerance of fp32 (server/core/precision.py)",
     )
     cuda_graphs: bool = Field(
         default=True,

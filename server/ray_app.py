@@ -1,8 +1,8 @@
 """Ray Serve deployment of the same FastAPI app (serving.md section 7): replicas behind Ray's HTTP proxy,
 autoscaling on ongoing requests.
 
-    serve run docker/ray/serve.yaml                 # a config file (import_path: server.ray_app:app_builder)
-    serve run server.ray_app:app_builder             # defaults: settings from the replicas' MONE_* env
+    serve run docker/ray/serve.yaml             # config file (import_path: mone.server.ray_app:app_builder)
+    serve run mone.server.ray_app:app_builder    # defaults: settings from the replicas' MONE_* env
 
 Each replica builds its own app with `create_app` and runs its lifespan (load, warm-up, calibration, drain
 on shutdown), so budgets, batching and admission behave exactly as in one `mone-serve` process; Ray spreads
@@ -21,8 +21,8 @@ from ray import serve
 from ray.serve import Application
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from server.app import create_app
-from server.config import Settings
+from mone.server.config import Settings
+from mone.server.http.app import create_app
 
 REPLICA_HEADER = "x-mone-replica"
 

@@ -1,4 +1,4 @@
-"""A real mone-serve process (uvicorn via `python -m server`) on a free loopback port, for e2e tests."""
+"""A real mone-serve process (uvicorn via `python -m mone.server`) on a free loopback port, for e2e tests."""
 
 from __future__ import annotations
 

@@ -15,15 +15,15 @@ INFER = "thread (2): mone-infer_0"
 
 
 def test_the_innermost_stage_wins() -> None:
-    route = "post_classify (/srv/server/routes.py:100)"
+    route = "post_classify (/srv/server/http/routes.py:100)"
     assert stage_of(["run (/x/uvicorn/server.py:1)", "app (/x/fastapi/routing.py:2)", route]) == "framework"
-    decode = "decode_image (/srv/server/decode.py:97)"
+    decode = "decode_image (/srv/server/media/decode.py:97)"
     assert (
         stage_of(["run (/x/uvicorn/server.py:1)", route, decode, "load (/x/PIL/ImageFile.py:3)"]) == "decode"
     )
-    assert stage_of(["_loop (server/engine.py:1)", "plan (server/scheduling.py:2)"]) == "batching"
+    assert stage_of(["_loop (server/core/engine.py:1)", "plan (server/core/scheduling.py:2)"]) == "batching"
     assert stage_of(["app (fastapi/routing.py:1)", "Request.form (starlette/requests.py:2)"]) == "framework"
-    assert stage_of(["run (/srv/server/runner.py:9)", "forward (/srv/model/vit.py:4)"]) == "forward"
+    assert stage_of(["run (/srv/server/core/runner.py:9)", "forward (/srv/model/vit.py:4)"]) == "forward"
     assert stage_of(["main (/srv/other.py:1)"]) == "other"
 
 
@@ -31,8 +31,8 @@ def test_samples_add_up_per_thread_and_stage() -> None:
     raw = "\n".join(
         [
             f"{LOOP};run (/x/uvicorn/server.py:1);select (/x/asyncio/base_events.py:2) 30",
-            f"{LOOP};run (/x/uvicorn/server.py:1);decode_image (/srv/server/decode.py:97) 10",
-            f"{INFER};run (/srv/server/runner.py:1);forward (/srv/model/vit.py:2) 60",
+            f"{LOOP};run (/x/uvicorn/server.py:1);decode_image (/srv/server/media/decode.py:97) 10",
+            f"{INFER};run (/srv/server/core/runner.py:1);forward (/srv/model/vit.py:2) 60",
             "garbage",
         ]
     )

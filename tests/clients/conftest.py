@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clients.media import mp4_bytes
+from mone.clients.media import mp4_bytes
 from tests.live_server import free_port, start_server, stop_server  # noqa: F401  (re-exported)
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -33,7 +33,7 @@ LABELS = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "
 def make_checkpoint(path: Path) -> Path:
     import torch
 
-    from model import MoNE, MoNEConfig, save_checkpoint
+    from mone.model import MoNE, MoNEConfig, save_checkpoint
 
     torch.manual_seed(0)
     net = MoNE(MoNEConfig.from_variant("Mi/4", num_classes=10))

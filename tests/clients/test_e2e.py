@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clients import AsyncMoneClient, BadRequest, MoneClient, Unauthorized
-from clients.cli import main
+from mone.clients import AsyncMoneClient, BadRequest, MoneClient, Unauthorized
+from mone.clients.cli import main
 from tests.clients.conftest import ROOT, clip_frames, picture, start_server, stop_server
 
 pytestmark = pytest.mark.slow

@@ -17,8 +17,8 @@ CLIENT_CHECK = """
 import importlib.util, io, json, sys
 import numpy as np
 from PIL import Image
-import clients
-from clients import MoneClient
+import mone.clients as clients
+from mone.clients import MoneClient
 buf = io.BytesIO()
 Image.fromarray(np.load(sys.argv[2])).save(buf, "PNG")
 with MoneClient(sys.argv[1], timeout=30) as client:
@@ -26,9 +26,9 @@ with MoneClient(sys.argv[1], timeout=30) as client:
 print(json.dumps({
     "label": r.label,
     "capacity": r.capacity,
-    "loaded": sorted(m for m in ("torch", "fastapi", "uvicorn", "server", "model") if m in sys.modules),
+    "loaded": sorted(m for m in ("torch", "fastapi", "uvicorn", "mone.server", "mone.model") if m in sys.modules),
     "from": clients.__file__,
-    "installed": sorted(m for m in ("torch", "fastapi", "uvicorn", "server", "model")
+    "installed": sorted(m for m in ("torch", "fastapi", "uvicorn", "mone.server", "mone.model")
                         if importlib.util.find_spec(m) is not None),
 }))
 """
@@ -37,7 +37,7 @@ print(json.dumps({
 def test_the_client_carries_the_servers_wire_models() -> None:
     wire = ROOT / "clients" / "wire.py"
     assert wire.is_symlink()
-    assert wire.resolve() == (ROOT / "server" / "schemas.py").resolve()
+    assert wire.resolve() == (ROOT / "server" / "http" / "schemas.py").resolve()
 
 
 @pytest.mark.slow

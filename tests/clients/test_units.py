@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from clients import (
+from mone.clients import (
     AsyncMoneClient,
     BadRequest,
     MoneClient,
@@ -27,10 +27,10 @@ from clients import (
     Timeout,
     TransportError,
 )
-from clients.bench import Budget, Report, Sample, parse_mix
-from clients.errors import from_response
-from clients.media import is_clip, sniff, to_payload
-from clients.routing import render
+from mone.clients.bench import Budget, Report, Sample, parse_mix
+from mone.clients.errors import from_response
+from mone.clients.media import is_clip, sniff, to_payload
+from mone.clients.routing import render
 from tests.clients.conftest import clip_frames, picture
 
 OK_BODY = {

@@ -88,7 +88,7 @@ def local_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
     env = {**os.environ, **FAST_ENV, "MONE_HOST": "127.0.0.1", "MONE_PORT": str(port)}
     with log.open("wb") as out:
         proc = subprocess.Popen(
-            [sys.executable, "-m", "server"],
+            [sys.executable, "-m", "mone.server"],
             cwd=ROOT,
             env=env,
             stdout=out,

@@ -7,7 +7,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-from server.config import Settings
+from mone.server.config import Settings
 from tests.docker.conftest import DOCKER, ROOT
 
 DOCKERFILE = DOCKER / "Dockerfile"

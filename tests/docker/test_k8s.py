@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import yaml
 
-from server.app import create_app
-from server.config import Settings
+from mone.server.config import Settings
+from mone.server.http.app import create_app
 from tests.docker.conftest import DOCKER
 
 K8S = DOCKER / "k8s"
@@ -72,7 +72,10 @@ def test_deployment_probes_ports_and_termination(rendered: dict[str, dict[str, A
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
     for probe in ("livenessProbe", "readinessProbe", "startupProbe"):
         get = container[probe]["httpGet"]
-        assert get["path"] in ("/healthz", "/readyz")  # what the probe listener answers (server/health.py)
+        assert get["path"] in (
+            "/healthz",
+            "/readyz",
+        )  # what the probe listener answers (server/http/health.py)
         assert get["port"] in (health["name"], health["containerPort"])
     service = {p["name"]: p for p in rendered["Service"]["spec"]["ports"]}
     assert set(service) == {"http", "grpc"}  # not the probe listener

@@ -34,7 +34,7 @@ import httpx
 import pytest
 from PIL import Image
 
-from server.config import Settings
+from mone.server.config import Settings
 from tests.docker import test_image
 from tests.docker.conftest import API_KEY, png_bytes
 from tests.docker.test_image import Container, podman

@@ -15,8 +15,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from ray import serve
 from ray.serve.schema import ServeDeploySchema
 
-from server.config import Settings
-from server.ray_app import REPLICA_HEADER, MoneServe, app_builder
+from mone.server.config import Settings
+from mone.server.ray_app import REPLICA_HEADER, MoneServe, app_builder
 from tests.docker.conftest import DOCKER, FAST_ENV, free_port, png_bytes, wait_http
 
 
@@ -96,7 +96,7 @@ def test_serve_config_file_matches_the_deployment() -> None:
     ServeDeploySchema.model_validate(config)  # what `serve deploy` checks
     (app,) = config["applications"]
     module, _, attr = app["import_path"].partition(":")
-    assert (module, attr) == ("server.ray_app", "app_builder")
+    assert (module, attr) == ("mone.server.ray_app", "app_builder")
     Settings(**app["args"])  # every arg is a valid setting
     (deployment,) = app["deployments"]
     assert deployment["name"] == MoneServe.name

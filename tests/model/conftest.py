@@ -3,7 +3,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import MoNE, MoNEConfig
+from mone.model import MoNE, MoNEConfig
 
 
 def make_net(variant: str = "Mi/4", alpha: float = 0.3, seed: int = 0, **overrides: object) -> MoNE:

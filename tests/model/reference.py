@@ -12,9 +12,9 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from model import MoNE
-from model.capacity import expert_counts
-from model.routing import expert_preferred_routing
+from mone.model import MoNE
+from mone.model.capacity import expert_counts
+from mone.model.routing import expert_preferred_routing
 
 
 def reference_forward(net: MoNE, x: Tensor, capacity: float, experts: Tensor | None = None) -> Tensor:

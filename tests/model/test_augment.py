@@ -5,7 +5,15 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model.augment import RANDAUG_OPS, _apply_op, crop_flip, mix, rand_augment, random_erase, soft_targets
+from mone.model.augment import (
+    RANDAUG_OPS,
+    _apply_op,
+    crop_flip,
+    mix,
+    rand_augment,
+    random_erase,
+    soft_targets,
+)
 
 
 def images(b: int = 16, c: int = 1, size: int = 28, seed: int = 0) -> torch.Tensor:

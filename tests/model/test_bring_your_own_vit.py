@@ -15,8 +15,8 @@ import torch
 from PIL import Image
 from safetensors.torch import save_file
 
-from model import load_checkpoint
-from model.data import normalize
+from mone.model import load_checkpoint
+from mone.model.data import normalize
 from tests.live_server import ROOT, start_server, stop_server
 from tests.model.test_timm_import import TimmLikeViT
 
@@ -50,7 +50,7 @@ def test_timm_weights_to_served_model(tmp_path: Path) -> None:
             (folder / name / f"{i}.png").write_bytes(png(picture(label, i)))
     out = tmp_path / "run"
     cmd = [
-        sys.executable, "-m", "model.train", "--from-timm", str(weights), "--timm-heads", "4",
+        sys.executable, "-m", "mone.model.train", "--from-timm", str(weights), "--timm-heads", "4",
         "--image-folder", str(folder), "--out", str(out), "--adaptive", "--epochs", "4",
         "--batch-size", "8", "--clip-every", "0", "--val-size", "6", "--val-capacities", "1.0", "0.5",
         "--lr", "2e-3", "--warmup-steps", "2", "--no-progress", "--threads", "1",

@@ -6,7 +6,7 @@ import numpy as np
 import pytest
 from scipy.optimize import minimize
 
-from model.capacity import capacity_distribution, expert_counts, realised_capacity
+from mone.model.capacity import capacity_distribution, expert_counts, realised_capacity
 
 GRID = [round(x, 3) for x in np.linspace(0.13, 0.99, 44)]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import CheckpointError, MoNE, load_checkpoint, save_checkpoint
-from model.checkpoint import checkpoint_digest
+from mone.model import CheckpointError, MoNE, load_checkpoint, save_checkpoint
+from mone.model.checkpoint import checkpoint_digest
 from tests.model.conftest import make_net
 
 

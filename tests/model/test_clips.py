@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from model.clips import NUM_FRAMES, eval_clips, make_clip, make_clips
+from mone.model.clips import NUM_FRAMES, eval_clips, make_clip, make_clips
 
 pytestmark = pytest.mark.model
 
@@ -58,7 +58,7 @@ def test_test_clips_are_fixed() -> None:
 
 def test_write_mp4(tmp_path: Path) -> None:
     av = pytest.importorskip("av")
-    from model.clips import write_mp4
+    from mone.model.clips import write_mp4
 
     path = write_mp4(make_clip(item(), seed=1), tmp_path / "c.mp4")
     with av.open(str(path)) as container:

@@ -2,7 +2,7 @@ from __future__ import annotations
 
 import pytest
 
-from model import MoNEConfig
+from mone.model import MoNEConfig
 
 
 def test_variant_table() -> None:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from model.data import (
+from mone.model.data import (
     FASHION_MNIST_CLASSES,
     DataError,
     load_clip_folder,

@@ -6,9 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from model import gflops, load_checkpoint
-from model.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_fashion_mnist
-from model.evaluate import accuracy_of, mone_fn
+from mone.model import gflops, load_checkpoint
+from mone.model.data import FASHION_MNIST_CLASSES, FASHION_MNIST_DIR, load_fashion_mnist
+from mone.model.evaluate import accuracy_of, mone_fn
 from tests.system import missing
 
 pytestmark = pytest.mark.model

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import MoNE, MoNEConfig, save_checkpoint
-from model.evaluate import ablation_rows, ablation_table, check_targets, parse_args
+from mone.model import MoNE, MoNEConfig, save_checkpoint
+from mone.model.evaluate import ablation_rows, ablation_table, check_targets, parse_args
 
 pytestmark = pytest.mark.model
 

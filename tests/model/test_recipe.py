@@ -10,8 +10,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from model import MoNEConfig, gflops
-from model.recipe import ADAPTIVE_GRID, EMA, CapacitySchedule, capacity_loss, distill_loss, soft_cross_entropy
+from mone.model import MoNEConfig, gflops
+from mone.model.recipe import (
+    ADAPTIVE_GRID,
+    EMA,
+    CapacitySchedule,
+    capacity_loss,
+    distill_loss,
+    soft_cross_entropy,
+)
 
 
 def draws(schedule: CapacitySchedule, n: int, seed: int = 0) -> list[list[float]]:

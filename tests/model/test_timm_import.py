@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from model.timm_import import from_timm, from_timm_state_dict, read_timm_weights
+from mone.model.timm_import import from_timm, from_timm_state_dict, read_timm_weights
 
 
 class _Attention(nn.Module):

@@ -5,9 +5,9 @@ from __future__ import annotations
 import pytest
 import torch
 
-from model import MoNE, MoNEConfig, gflops
-from model.evaluate import random_router
-from model.tome import bipartite_merge, tome_forward, tome_gflops, tome_tokens
+from mone.model import MoNE, MoNEConfig, gflops
+from mone.model.evaluate import random_router
+from mone.model.tome import bipartite_merge, tome_forward, tome_gflops, tome_tokens
 
 pytestmark = pytest.mark.model
 

@@ -12,9 +12,9 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import gflops, load_checkpoint
-from model.data import FASHION_MNIST_DIR
-from model.train import ADAPTIVE_GRID, TrainConfig, lr_at, parse_args, step_plan, steps_per_epoch, train
+from mone.model import gflops, load_checkpoint
+from mone.model.data import FASHION_MNIST_DIR
+from mone.model.train import ADAPTIVE_GRID, TrainConfig, lr_at, parse_args, step_plan, steps_per_epoch, train
 from tests.system import missing
 
 pytestmark = pytest.mark.model
@@ -101,7 +101,7 @@ def test_ddp_two_processes_gloo(tmp_path: Path) -> None:
     out = tmp_path / "ddp"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-           "-m", "model.train", "--out", str(out), "--epochs", "1", "--max-steps", "6", "--adaptive",
+           "-m", "mone.model.train", "--out", str(out), "--epochs", "1", "--max-steps", "6", "--adaptive",
            *SMALL[:-2], "--threads", "1"]  # fmt: skip
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300, check=False)
     assert proc.returncode == 0, proc.stderr[-3000:]
@@ -120,7 +120,7 @@ def test_default_recipe_script_runs_both_chains(tmp_path: Path) -> None:
     env = {
         **os.environ,
         "RUNS": str(runs),
-        "PY": f"{sys.executable} -m model.train",
+        "PY": f"{sys.executable} -m mone.model.train",
         **dict.fromkeys(["EPOCHS", "EPOCHS2", "STAGE1", "FT", "FT2"], "1"),
         "EXTRA": " ".join([*small, "--threads", "1", "--max-steps", "3"]),
     }
@@ -143,8 +143,8 @@ def test_default_recipe_script_runs_both_chains(tmp_path: Path) -> None:
 
 
 def test_every_option_has_a_help_text() -> None:
-    from model.evaluate import build_parser as eval_parser
-    from model.train import build_parser
+    from mone.model.evaluate import build_parser as eval_parser
+    from mone.model.train import build_parser
 
     for parser in (build_parser(), eval_parser()):
         for action in parser._actions:
@@ -282,7 +282,7 @@ def test_gpu_training_script_runs_tiny_end_to_end(tmp_path: Path) -> None:
 
 
 def test_budget_schedule_warms_up_and_ends_annealed_by_progress() -> None:
-    from model.train import lr_at_progress
+    from mone.model.train import lr_at_progress
 
     cfg = TrainConfig(lr=1e-3, min_lr=1e-5)
     assert lr_at_progress(0, 0.0, 10, cfg) == pytest.approx(1e-4)
@@ -296,7 +296,7 @@ def test_budget_schedule_warms_up_and_ends_annealed_by_progress() -> None:
 
 
 def test_prefetch_keeps_order_passes_errors_and_stops_early() -> None:
-    from model.train import Prefetch
+    from mone.model.train import Prefetch
 
     assert list(Prefetch(iter(range(20)), depth=2)) == list(range(20))
 

@@ -7,11 +7,11 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model import MoNE, MoNEConfig, gflops, vit
-from model.capacity import expert_counts, realised_capacity
-from model.flops import count_flops
-from model.routing import expert_preferred_routing
-from model.vit import Layout
+from mone.model import MoNE, MoNEConfig, gflops, vit
+from mone.model.capacity import expert_counts, realised_capacity
+from mone.model.flops import count_flops
+from mone.model.routing import expert_preferred_routing
+from mone.model.vit import Layout
 from tests.model.conftest import make_net
 from tests.model.reference import reference_forward
 
@@ -399,7 +399,7 @@ def test_routing_of_a_single_expert_split_sends_every_token_there(capacity: floa
 
 
 def test_the_cost_of_a_product_is_solved_from_two_times() -> None:
-    from model.vit import _product_cost
+    from mone.model.vit import _product_cost
 
     # a = 1 ms per row, C = 10 rows: 49 rows at full width take 59, in four products at capacity 0.5 64.5.
     assert _product_cost(59.0, 4 * 10 + 0.5 * 49, 49, 0.5, 4) == pytest.approx(10.0)

@@ -19,9 +19,9 @@ import torch
 from fastapi import FastAPI
 from PIL import Image
 
-from model import MoNE, MoNEConfig, save_checkpoint
-from server.app import create_app
-from server.config import Settings
+from mone.model import MoNE, MoNEConfig, save_checkpoint
+from mone.server.config import Settings
+from mone.server.http.app import create_app
 
 LABELS = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "sneaker", "bag", "boot"]
 FASHION_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")

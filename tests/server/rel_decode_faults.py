@@ -2,7 +2,7 @@
 
 It runs inside the decode worker processes, so it imports nothing heavy (no torch, no pytest).  A payload
 that ends with one of the markers below misbehaves; any other payload is decoded normally by
-`server.video.decode_video`.
+`mone.server.media.video.decode_video`.
 """
 
 from __future__ import annotations
@@ -16,8 +16,8 @@ import time
 import av
 import numpy as np
 
-from server.config import Settings
-from server.video import VIDEO_FORMATS, ClipShape, decode_video
+from mone.server.config import Settings
+from mone.server.media.video import VIDEO_FORMATS, ClipShape, decode_video
 
 HANG = b"\x00MONE-TEST-HANG"
 SEGFAULT = b"\x00MONE-TEST-SEGV"

@@ -13,8 +13,8 @@ import os
 import time
 from typing import Any
 
-from server import runner
-from server.cli import main
+from mone.server.cli import main
+from mone.server.core import runner
 
 
 def _patch() -> None:
@@ -38,7 +38,7 @@ def _patch() -> None:
 def _add_block_route() -> None:
     from fastapi import FastAPI
 
-    from server import app as app_module
+    from mone.server.http import app as app_module
 
     factory = app_module.app_factory
 

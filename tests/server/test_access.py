@@ -11,8 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
-import server.routes
-from server.access import AccessRecord, usable_id
+import mone.server.http.routes
+from mone.server.http.access import AccessRecord, usable_id
 from tests.server.conftest import fashion_images, png
 
 pytestmark = pytest.mark.anyio
@@ -111,7 +111,7 @@ async def test_an_unhandled_error_is_a_500_with_the_id(
     def broken(*args: Any, **kwargs: Any) -> Any:
         raise RuntimeError("boom")
 
-    monkeypatch.setattr(server.routes, "build_response", broken)
+    monkeypatch.setattr(mone.server.http.routes, "build_response", broken)
     r = await client.post("/v1/classify", content=png(fashion_images(1)[0]), headers={"x-request-id": "e500"})
     assert r.status_code == 500
     assert r.headers["x-request-id"] == "e500"

@@ -14,8 +14,8 @@ from fastapi import FastAPI
 from PIL import Image
 from prometheus_client.parser import text_string_to_metric_families
 
-from model import expert_counts, gflops
-from server.preprocess import pil_to_tensor
+from mone.model import expert_counts, gflops
+from mone.server.media.preprocess import pil_to_tensor
 from tests.server import oip_schema
 from tests.server.conftest import LABELS, encode, encode_clip, fashion_images, png
 
@@ -84,7 +84,7 @@ async def test_model_metadata_has_labels_inputs_and_profile(client: httpx.AsyncC
 
 
 def m_cfg(meta: dict[str, Any]) -> Any:
-    from model import MoNEConfig
+    from mone.model import MoNEConfig
 
     return MoNEConfig.from_dict(meta["config"])
 
@@ -167,7 +167,7 @@ async def test_clip_upload(client: httpx.AsyncClient) -> None:
     assert body["served"]["gflops"] == pytest.approx(
         body["served"]["dense_gflops"] * 0 + body["served"]["gflops"]
     )
-    from model import MoNEConfig
+    from mone.model import MoNEConfig
 
     assert body["served"]["gflops"] == pytest.approx(
         gflops(MoNEConfig.from_variant("Mi/4", num_classes=10), 0.5, 8)
@@ -389,7 +389,7 @@ async def test_oip_clip_and_animated_gif_as_clip(client: httpx.AsyncClient) -> N
     }
     body = (await oip_infer(client, req)).json()
     out = {o["name"]: o for o in body["outputs"]}
-    from model import MoNEConfig
+    from mone.model import MoNEConfig
 
     clip_gflops = gflops(MoNEConfig.from_variant("Mi/4", num_classes=10), 0.5, 8)
     assert out["gflops"]["data"] == pytest.approx([clip_gflops, clip_gflops], rel=1e-6)

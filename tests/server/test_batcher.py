@@ -11,8 +11,8 @@ from typing import Any
 import pytest
 import torch
 
-from server.batcher import Batch, Batcher, WorkItem
-from server.budget import Budget
+from mone.server.core.batcher import Batch, Batcher, WorkItem
+from mone.server.core.budget import Budget
 
 pytestmark = pytest.mark.anyio
 

@@ -1,5 +1,5 @@
-"""Captured forwards (server/capture.py): keying, padding, static buffers and the eager fallback, on the CPU
-with a backend that replays a capture by running its forward again into the captured output tensors."""
+"""Captured forwards (server/core/capture.py): keying, padding, static buffers and the eager fallback, on the
+CPU with a backend that replays a capture by running its forward again into the captured output tensors."""
 
 from __future__ import annotations
 
@@ -9,9 +9,9 @@ import pytest
 import torch
 from torch import Tensor
 
-from model import MoNE, MoNEConfig, expert_counts
-from server.capture import CapturedForward, Outputs, accounting, capture_sizes
-from server.runner import Runner
+from mone.model import MoNE, MoNEConfig, expert_counts
+from mone.server.core.capture import CapturedForward, Outputs, accounting, capture_sizes
+from mone.server.core.runner import Runner
 from tests.server.conftest import make_model
 
 
@@ -199,7 +199,7 @@ def test_accounting_matches_the_model() -> None:
 
 
 def test_runner_with_captured_forward_answers_as_the_eager_runner(checkpoint_dir: object) -> None:
-    from model import load_checkpoint
+    from mone.model import load_checkpoint
 
     ck = load_checkpoint(checkpoint_dir)  # type: ignore[arg-type]
     plain = Runner(ck, torch.device("cpu"))
@@ -220,7 +220,7 @@ def test_runner_with_captured_forward_answers_as_the_eager_runner(checkpoint_dir
 
 
 def test_graphs_only_on_cuda(checkpoint_dir: object) -> None:
-    from model import load_checkpoint
+    from mone.model import load_checkpoint
 
     runner = Runner(load_checkpoint(checkpoint_dir), torch.device("cpu"), cuda_graphs=True)  # type: ignore[arg-type]
     assert runner.graphs is None

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 import torch
 
-from model import MoNE, MoNEConfig, load_checkpoint
-from server.capture import CapturedForward, CudaGraphs, capture_sizes
-from server.precision import ROUTED_TOLERANCE, cast_model
-from server.runner import Runner
+from mone.model import MoNE, MoNEConfig, load_checkpoint
+from mone.server.core.capture import CapturedForward, CudaGraphs, capture_sizes
+from mone.server.core.precision import ROUTED_TOLERANCE, cast_model
+from mone.server.core.runner import Runner
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 CUDA = torch.device("cuda")

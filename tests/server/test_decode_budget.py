@@ -1,5 +1,5 @@
-"""The budget of pixels in decoding (server/decode_budget.py): waits in order, never oversubscribes, gives
-503 after its wait, and is released whatever happens to the decode; and where an image is decoded."""
+"""The budget of pixels in decoding (server/media/decode_budget.py): waits in order, never oversubscribes,
+gives 503 after its wait, and is released whatever happens to the decode; and where an image is decoded."""
 
 from __future__ import annotations
 
@@ -11,14 +11,14 @@ from typing import Any, cast
 import pytest
 from PIL import Image
 
-import server.deps
-from model import MoNEConfig
-from server.config import Settings
-from server.decode import Decoded, decode
-from server.decode_budget import PixelBudget, header_pixels
-from server.deps import decode_payload
-from server.engine import Engine
-from server.errors import OverloadedError
+import mone.server.http.deps
+from mone.model import MoNEConfig
+from mone.server.config import Settings
+from mone.server.core.engine import Engine
+from mone.server.errors import OverloadedError
+from mone.server.http.deps import decode_payload
+from mone.server.media.decode import Decoded, decode
+from mone.server.media.decode_budget import PixelBudget, header_pixels
 from tests.server.conftest import encode
 
 pytestmark = pytest.mark.anyio
@@ -104,7 +104,7 @@ async def test_small_images_decode_on_the_loop_and_the_rest_in_a_thread(
         seen.append((threading.current_thread(), engine.decode_budget.used))
         return decode(*args)
 
-    monkeypatch.setattr(server.deps, "decode", recording)
+    monkeypatch.setattr(mone.server.http.deps, "decode", recording)
     settings = Settings(inline_decode_pixels=inline_pixels)
     data = encode(Image.new("L", size, 128), "PNG")
     out = await decode_payload(data, cast(Engine, engine), settings)

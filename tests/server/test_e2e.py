@@ -1,4 +1,4 @@
-"""End to end against a real `python -m server` (uvicorn) process on 127.0.0.1."""
+"""End to end against a real `python -m mone.server` (uvicorn) process on 127.0.0.1."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from server.cli import main, settings_from_args
+from mone.server.cli import main, settings_from_args
 from tests.live_server import start_server as start
 from tests.live_server import stop_server as stop
 from tests.server.conftest import fashion_images, png

@@ -19,15 +19,15 @@ from hypothesis import strategies as st
 from PIL import Image
 from torch import Tensor
 
-from model import MoNE, MoNEConfig, gflops, load_checkpoint
-from model.flops import count_flops
-from server import engine as engine_module
-from server.budget import Budget
-from server.engine import Engine
-from server.errors import DeadlineExceededError, InternalError, OverloadedError
-from server.preprocess import pil_to_tensor
-from server.priority import thread_ids, thread_nice
-from server.runner import Runner
+from mone.model import MoNE, MoNEConfig, gflops, load_checkpoint
+from mone.model.flops import count_flops
+from mone.server.core import engine as engine_module
+from mone.server.core.budget import Budget
+from mone.server.core.engine import Engine
+from mone.server.core.priority import thread_ids, thread_nice
+from mone.server.core.runner import Runner
+from mone.server.errors import DeadlineExceededError, InternalError, OverloadedError
+from mone.server.media.preprocess import pil_to_tensor
 from tests.server.conftest import fashion_images, fast_settings
 
 pytestmark = pytest.mark.anyio
@@ -75,7 +75,7 @@ async def test_mixed_budget_batch_equals_alone(engine: Engine) -> None:
 
 
 async def test_mixed_budget_batch_on_streams_equals_alone(checkpoint_dir: Path) -> None:
-    """The same with the batch split into sub-batches on two streams (server/runner.py)."""
+    """The same with the batch split into sub-batches on two streams (server/core/runner.py)."""
     e = await start_engine(checkpoint_dir, max_batch_wait_ms=50.0, threads=2, stream_min_gflops=0.0)
     splits: list[int] = []
     split = e.runner.split
@@ -433,7 +433,8 @@ async def test_free_memory_goes_back_once_per_idle_spell(
     beside a forward), never under steady load."""
     calls: list[str] = []
     monkeypatch.setattr(
-        "server.engine.release_free_memory", lambda: calls.append(threading.current_thread().name) or True
+        "mone.server.core.engine.release_free_memory",
+        lambda: calls.append(threading.current_thread().name) or True,
     )
     engine = await start_engine(checkpoint_dir, release_memory_idle_s=0.4)
     try:
@@ -459,7 +460,7 @@ async def test_free_memory_release_can_be_turned_off(
     checkpoint_dir: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     calls: list[int] = []
-    monkeypatch.setattr("server.engine.release_free_memory", lambda: calls.append(1) or True)
+    monkeypatch.setattr("mone.server.core.engine.release_free_memory", lambda: calls.append(1) or True)
     engine = await start_engine(checkpoint_dir, release_memory_idle_s=0.0)
     try:
         await engine.infer(inputs(1)[0], Budget("capacity", 1.0))

@@ -1,5 +1,5 @@
-"""The probe listener off the main event loop (server/health.py, reliability.md row 24): heartbeat freshness,
-readiness, the wire format, and the app's lifespan wiring."""
+"""The probe listener off the main event loop (server/http/health.py, reliability.md row 24): heartbeat
+freshness, readiness, the wire format, and the app's lifespan wiring."""
 
 from __future__ import annotations
 
@@ -15,11 +15,11 @@ from pathlib import Path
 
 import pytest
 
-import server.app
-import server.engine
-from model.checkpoint import CheckpointError
-from server.app import create_app
-from server.health import HealthListener, HealthState, Watchdog, mark_draining_on_signals
+import mone.server.core.engine
+import mone.server.http.app
+from mone.model.checkpoint import CheckpointError
+from mone.server.http.app import create_app
+from mone.server.http.health import HealthListener, HealthState, Watchdog, mark_draining_on_signals
 from tests.live_server import free_port
 from tests.server.conftest import fast_settings
 
@@ -179,9 +179,9 @@ async def test_a_start_up_that_fails_undoes_what_it_started(
         checkpoint_dir, health_port=port, gil_switch_interval_ms=2.5, checkpoint_sha256=pin
     )
     if failure == "decode workers":
-        monkeypatch.setattr(server.app, "DecodePool", _fail_to_spawn)
+        monkeypatch.setattr(mone.server.http.app, "DecodePool", _fail_to_spawn)
     if failure == "calibration":
-        monkeypatch.setattr(server.engine, "warm_up_and_calibrate", _fail_to_calibrate)
+        monkeypatch.setattr(mone.server.core.engine, "warm_up_and_calibrate", _fail_to_calibrate)
     before = sys.getswitchinterval()
     app = create_app(settings)
     expected = {"digest": CheckpointError, "decode workers": OSError, "calibration": RuntimeError}[failure]

@@ -12,9 +12,9 @@ import pytest
 import torch
 from fastapi import FastAPI
 
-from model import MoNE, MoNEConfig, expert_counts, gflops, realised_capacity, save_checkpoint
-from server.app import create_app
-from server.engine import fit_settings
+from mone.model import MoNE, MoNEConfig, expert_counts, gflops, realised_capacity, save_checkpoint
+from mone.server.core.engine import fit_settings
+from mone.server.http.app import create_app
 from tests.server.conftest import LABELS, fashion_images, fast_settings, png
 
 pytestmark = pytest.mark.anyio

@@ -13,7 +13,8 @@ import pytest
 from fastapi import FastAPI
 from PIL import Image
 
-from server.app import create_app
+import mone.server.http.routes
+from mone.server.http.app import create_app
 from tests.server.conftest import encode, fashion_images, fast_settings, png
 
 pytestmark = pytest.mark.anyio
@@ -136,14 +137,13 @@ async def test_overloaded_server_refuses_before_parsing_the_body(
     """Under overload the body is dropped unparsed: a malformed multipart upload and an OIP body that fails
     the schema both get 429 (not 400 / 422), the route never runs, the connection stays usable, and a body
     over the limit is still a 413."""
-    import server.routes
 
     async def never(*args: Any) -> Any:
         raise AssertionError("the body was read by the route")
 
     engine = app.state.engine
     full = engine._batcher.full
-    monkeypatch.setattr(server.routes, "_read_input", never)
+    monkeypatch.setattr(mone.server.http.routes, "_read_input", never)
     engine._batcher.full = lambda: True
     try:
         multipart = await client.post(

@@ -1,4 +1,4 @@
-"""Giving free heap pages back to the OS (server/memory.py)."""
+"""Giving free heap pages back to the OS (server/core/memory.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +6,7 @@ import sys
 
 import pytest
 
-from server.memory import _malloc_trim, release_free_memory
+from mone.server.core.memory import _malloc_trim, release_free_memory
 from tests.server.rel_corpus import rss_mb
 
 glibc = pytest.mark.skipif(

@@ -11,7 +11,7 @@ import httpx
 import numpy as np
 import pytest
 
-from server.oip_tensors import deserialize_bytes, serialize_bytes
+from mone.server.http.oip_tensors import deserialize_bytes, serialize_bytes
 from tests.server.conftest import fashion_images, png
 
 pytestmark = pytest.mark.anyio

@@ -1,4 +1,4 @@
-"""NVIDIA's `tritonclient` (PyPI), unmodified, against a real `python -m server` process: JSON and binary
+"""NVIDIA's `tritonclient` (PyPI), unmodified, against a real `python -m mone.server` process: JSON and binary
 tensor data over HTTP, and the gRPC API; FP32 and BYTES inputs, each budget; the answers must equal the
 native API's."""
 
@@ -17,10 +17,10 @@ import pytest
 import torch
 from PIL import Image
 
-from model import MoNEConfig
-from server.preprocess import pil_to_tensor
-from server.proto import inference_pb2 as pb
-from server.proto import inference_pb2_grpc
+from mone.model import MoNEConfig
+from mone.server.http.proto import inference_pb2 as pb
+from mone.server.http.proto import inference_pb2_grpc
+from mone.server.media.preprocess import pil_to_tensor
 from tests.live_server import free_port, start_server, stop_server
 from tests.server.conftest import LABELS, encode_clip, fashion_images, png
 

@@ -8,10 +8,10 @@ import numpy as np
 import pytest
 import torch
 
-from model import MoNEConfig, gflops
-from server.budget import Planner, parse_budget
-from server.errors import InvalidBudgetError
-from server.latency import LatencyModel
+from mone.model import MoNEConfig, gflops
+from mone.server.core.budget import Planner, parse_budget
+from mone.server.core.latency import LatencyModel
+from mone.server.errors import InvalidBudgetError
 
 CFG = MoNEConfig.from_variant("Mi/4", num_classes=10)
 
@@ -127,7 +127,7 @@ def test_uncalibrated_kind_borrows_the_nearest() -> None:
 def test_settings_refuse_an_open_unauthenticated_bind() -> None:
     from pydantic import ValidationError
 
-    from server.config import Settings
+    from mone.server.config import Settings
 
     with pytest.raises(ValidationError, match="api_key"):
         Settings(host="0.0.0.0")
@@ -141,9 +141,9 @@ def test_settings_refuse_an_open_unauthenticated_bind() -> None:
 
 
 def test_degrade_cap_goes_linearly_from_default_to_floor(planner: Planner) -> None:
-    from server.config import Settings
-    from server.latency import LatencyModel
-    from server.scheduling import BatchPlanner
+    from mone.server.config import Settings
+    from mone.server.core.latency import LatencyModel
+    from mone.server.core.scheduling import BatchPlanner
 
     s = Settings(overload_policy="degrade", max_queue_size=100, degrade_start=0.5, degrade_floor=0.25)
     bp = BatchPlanner(planner, LatencyModel(), s)
@@ -158,8 +158,8 @@ def test_degrade_cap_goes_linearly_from_default_to_floor(planner: Planner) -> No
 def test_random_init_and_missing_checkpoint(tmp_path: Path) -> None:
     import torch
 
-    from server.config import Settings
-    from server.runner import CheckpointMissingError, load_model
+    from mone.server.config import Settings
+    from mone.server.core.runner import CheckpointMissingError, load_model
 
     ck = load_model(Settings(random_init=True), torch.device("cpu"))
     assert (ck.config.variant, ck.config.num_classes, ck.meta.get("random_init")) == ("Mi/4", 10, True)
@@ -170,7 +170,7 @@ def test_random_init_and_missing_checkpoint(tmp_path: Path) -> None:
 def _latency_items(n: int, budget_ms: float, now: float) -> list:
     import asyncio
 
-    from server.batcher import WorkItem
+    from mone.server.core.batcher import WorkItem
 
     loop = asyncio.new_event_loop()
     try:
@@ -188,8 +188,8 @@ def test_latency_batches_leave_room_for_the_next_under_a_stream(planner: Planner
     takes at most half the budget, so that a request arriving while it runs can still make its own."""
     import time
 
-    from server.config import Settings
-    from server.scheduling import BatchPlanner
+    from mone.server.config import Settings
+    from mone.server.core.scheduling import BatchPlanner
 
     lm = LatencyModel()
     for g in (0.01, 0.1, 1.0):  # 1 ms + 1 s per GFLOP: 2 samples at capacity 1.0 take ~0.25 s
@@ -262,8 +262,8 @@ def test_predictions_are_never_below_what_was_measured() -> None:
 def test_latency_budgets_and_degrade_never_pick_a_capacity_measured_no_faster(planner: Planner) -> None:
     import time
 
-    from server.config import Settings
-    from server.scheduling import BatchPlanner
+    from mone.server.config import Settings
+    from mone.server.core.scheduling import BatchPlanner
 
     lm = _flat_small_batches()
     # A lone latency request whose budget fits no level by the measurements: served at the highest capacity
@@ -297,7 +297,7 @@ def _default_items(n: int) -> list:
     import asyncio
     import time
 
-    from server.batcher import WorkItem
+    from mone.server.core.batcher import WorkItem
 
     planner = Planner(CFG)
     loop = asyncio.new_event_loop()

@@ -1,4 +1,5 @@
-"""The inference dtype (server/precision.py): bf16 on the CPU against fp32, through the runner's forward."""
+"""The inference dtype (server/core/precision.py): bf16 on the CPU against fp32, through the runner's
+forward."""
 
 from __future__ import annotations
 
@@ -10,13 +11,13 @@ import pytest
 import torch
 from PIL import Image
 
-from model import MoNE, MoNEConfig, load_checkpoint
-from model.checkpoint import Checkpoint
-from server.app import create_app
-from server.config import Settings
-from server.precision import LOGIT_TOLERANCE, ROUTED_TOLERANCE, cast_model, resolve_dtype
-from server.preprocess import pil_to_tensor
-from server.runner import Runner
+from mone.model import MoNE, MoNEConfig, load_checkpoint
+from mone.model.checkpoint import Checkpoint
+from mone.server.config import Settings
+from mone.server.core.precision import LOGIT_TOLERANCE, ROUTED_TOLERANCE, cast_model, resolve_dtype
+from mone.server.core.runner import Runner
+from mone.server.http.app import create_app
+from mone.server.media.preprocess import pil_to_tensor
 from tests.server.conftest import fashion_images, fast_settings
 
 ROOT = Path(__file__).resolve().parents[2]

@@ -1,5 +1,5 @@
-"""The committed gRPC stubs are what scripts/gen_proto.py makes of server/proto/inference.proto, and they load
-beside other clients of the protocol that register the same `inference` package."""
+"""The committed gRPC stubs are what scripts/gen_proto.py makes of server/http/proto/inference.proto, and
+they load beside other clients of the protocol that register the same `inference` package."""
 
 from __future__ import annotations
 
@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-PROTO = ROOT / "server" / "proto"
+PROTO = ROOT / "server" / "http" / "proto"
 
 
 def test_committed_stubs_match_the_proto(tmp_path: Path) -> None:
@@ -26,7 +26,7 @@ def test_stubs_load_beside_tritonclient() -> None:
     pytest.importorskip("tritonclient.grpc")
     code = (
         "import tritonclient.grpc\n"
-        "from server.proto import inference_pb2 as pb\n"
+        "from mone.server.http.proto import inference_pb2 as pb\n"
         "from tritonclient.grpc import service_pb2 as theirs\n"
         "m = pb.ModelInferRequest(model_name='mone', raw_input_contents=[b'x'])\n"
         "m.parameters['capacity'].double_param = 0.5\n"
@@ -38,7 +38,7 @@ def test_stubs_load_beside_tritonclient() -> None:
 
 
 def test_the_service_is_the_protocols() -> None:
-    from server.proto import inference_pb2 as pb
+    from mone.server.http.proto import inference_pb2 as pb
 
     service = pb.DESCRIPTOR.services_by_name["GRPCInferenceService"]
     assert service.full_name == "inference.GRPCInferenceService"

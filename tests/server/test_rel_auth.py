@@ -13,9 +13,9 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from server import auth, deps
-from server.app import create_app
-from server.config import Settings
+from mone.server.config import Settings
+from mone.server.http import auth, deps
+from mone.server.http.app import create_app
 from tests.server.conftest import fashion_images, fast_settings, png
 
 pytestmark = pytest.mark.anyio

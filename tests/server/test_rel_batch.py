@@ -11,7 +11,7 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from server.app import create_app
+from mone.server.http.app import create_app
 from tests.server.conftest import fashion_images, fast_settings, png
 
 pytestmark = pytest.mark.anyio

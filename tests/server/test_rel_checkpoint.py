@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from model.checkpoint import checkpoint_digest
+from mone.model.checkpoint import checkpoint_digest
 from tests.server.rel_load import ROOT, free_port
 
 pytestmark = pytest.mark.slow
@@ -45,7 +45,7 @@ def test_rel_the_payload_is_live(tmp_path: Path) -> None:
 def _start(checkpoint: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MONE_", "PROMETHEUS_"))}
     env["PYTHONPATH"] = str(ROOT)
-    cmd = [sys.executable, "-m", "server", "--checkpoint", str(checkpoint), "--port", str(free_port())]
+    cmd = [sys.executable, "-m", "mone.server", "--checkpoint", str(checkpoint), "--port", str(free_port())]
     cmd += ["--no-calibrate", "--log-level", "info", *args]
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=90)
 

@@ -21,12 +21,12 @@ import pytest
 import torch
 from fastapi import FastAPI
 
-from model import MoNEConfig
-from server import app as app_module
-from server.config import Settings
-from server.decode import decode
-from server.decode_pool import KILL_MARGIN_S, DecodePool
-from server.errors import BadInputError, NotReadyError, OverLimitError, ServeError
+from mone.model import MoNEConfig
+from mone.server.config import Settings
+from mone.server.errors import BadInputError, NotReadyError, OverLimitError, ServeError
+from mone.server.http import app as app_module
+from mone.server.media.decode import decode
+from mone.server.media.decode_pool import KILL_MARGIN_S, DecodePool
 from tests.server.conftest import encode_clip, fast_settings
 from tests.server.rel_decode_faults import EXIT, HANG, SEGFAULT, misbehaving_decode
 

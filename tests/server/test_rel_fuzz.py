@@ -22,11 +22,11 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from PIL import Image
 
-from model import MoNEConfig
-from server.config import Settings
-from server.decode import decode
-from server.decode_pool import DecodePool
-from server.errors import BadInputError, OverLimitError, TooLargeError, UnsupportedMediaError
+from mone.model import MoNEConfig
+from mone.server.config import Settings
+from mone.server.errors import BadInputError, OverLimitError, TooLargeError, UnsupportedMediaError
+from mone.server.media.decode import decode
+from mone.server.media.decode_pool import DecodePool
 from tests.server import rel_corpus as corpus
 from tests.server.conftest import encode, encode_clip
 

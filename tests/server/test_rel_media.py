@@ -19,17 +19,17 @@ import pytest
 import torch
 from PIL import Image
 
-from model import MoNEConfig
-from server.config import Settings
-from server.decode import decode
-from server.errors import (
+from mone.model import MoNEConfig
+from mone.server.config import Settings
+from mone.server.errors import (
     BadInputError,
     OverLimitError,
     ServeError,
     TooLargeError,
     UnsupportedMediaError,
 )
-from server.preprocess import pil_to_tensor
+from mone.server.media.decode import decode
+from mone.server.media.preprocess import pil_to_tensor
 from tests.server import rel_corpus as corpus
 from tests.server.conftest import encode
 

@@ -16,8 +16,8 @@ import pytest
 import torch
 from fastapi import FastAPI
 
-from server.app import create_app
-from server.budget import parse_budget
+from mone.server.core.budget import parse_budget
+from mone.server.http.app import create_app
 from tests.server.conftest import fashion_images, fast_settings, png
 from tests.server.rel_load import parse, server_account, total
 

@@ -16,7 +16,7 @@ from collections.abc import Iterator
 import httpx
 import pytest
 
-from server.protocol import MAX_HEAD_BYTES
+from mone.server.http.protocol import MAX_HEAD_BYTES
 from tests.server.conftest import fashion_images, png
 from tests.server.rel_load import Server, figures, launch, total
 

@@ -1,4 +1,4 @@
-"""Streams: a batch split into sub-batches that run side by side on the CPU (server/runner.py)."""
+"""Streams: a batch split into sub-batches that run side by side on the CPU (server/core/runner.py)."""
 
 from __future__ import annotations
 
@@ -12,10 +12,10 @@ import pytest
 import torch
 from torch import Tensor
 
-from model import MoNEConfig, gflops, load_checkpoint
-from server.cli import build_parser, settings_from_args
-from server.priority import lower_thread_priority, thread_nice
-from server.runner import AUTO_STREAMS_MAX, STREAM_BALANCE, Runner, resolve_streams, split_batch
+from mone.model import MoNEConfig, gflops, load_checkpoint
+from mone.server.cli import build_parser, settings_from_args
+from mone.server.core.priority import lower_thread_priority, thread_nice
+from mone.server.core.runner import AUTO_STREAMS_MAX, STREAM_BALANCE, Runner, resolve_streams, split_batch
 
 CFG = MoNEConfig.from_variant("Mi/4", num_classes=10)
 

@@ -7,9 +7,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from server.config import Settings
-from server.engine import Engine
-from server.health import HealthState
+from mone.server.config import Settings
+from mone.server.core.engine import Engine
+from mone.server.http.health import HealthState
 
 
 def _engine(running_s: float | None, predicted_s: float, **settings: float) -> SimpleNamespace:

@@ -12,9 +12,9 @@ import httpx
 import pytest
 from fastapi import FastAPI
 
-from server.app import create_app
-from server.proto import inference_pb2 as pb
-from server.proto import inference_pb2_grpc
+from mone.server.http.app import create_app
+from mone.server.http.proto import inference_pb2 as pb
+from mone.server.http.proto import inference_pb2_grpc
 from tests.live_server import free_port
 from tests.server.conftest import fashion_images, fast_settings, png
 

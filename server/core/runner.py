@@ -1,0 +1,429 @@
+"""The predict stage: one batched forward pass of the model, run on the engine's single worker thread.
+
+Loading (checkpoint or random initialisation), device choice, warm-up and latency calibration live here too:
+everything that touches the model's weights.  Nothing here knows about queues or HTTP.
+
+Streams (CPU): a batch big enough is split into sub-batches of about equal work that run side by side, each
+on its own thread with its share of the intra-op threads (`inference_streams`).  One forward spread over
+all cores waits at a barrier after every operation for the slowest thread, and runs its Python between
+operations on one core while the others wait; sub-batches on one core each never wait for one another.
+S/16 at batch 32 on 2 cores: 2622 ms as two single-threaded halves against 3112 ms as one two-threaded
+forward (cap 1.0; 2211 against 2502 ms at 0.5).  Every sample goes through the same per-sample arithmetic
+either way.  A batch of one sample, or one too small to be worth splitting (`stream_min_gflops`), runs whole
+on all the threads.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+import tempfile
+import threading
+import time
+from collections.abc import Sequence
+from concurrent.futures import Future, ThreadPoolExecutor
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import Tensor
+
+from mone.model import Checkpoint, MoNE, MoNEConfig, gflops, load_checkpoint, save_checkpoint
+from mone.server.config import Settings
+from mone.server.core.capture import CapturedForward, CudaGraphs, accounting, capture_sizes
+from mone.server.core.latency import LatencyModel
+from mone.server.core.precision import cast_model, dtype_name, resolve_dtype
+from mone.server.core.priority import current_thread_nice, set_thread_priority
+
+log = logging.getLogger("mone.runner")
+AUTO_STREAMS_MAX = 4  # beyond this, side-by-side forwards would queue for the GIL between their operations
+STREAM_BALANCE = 1.15  # split only when the largest sub-batch is within this factor of an even share
+
+
+class CheckpointMissingError(RuntimeError):
+    """The configured checkpoint does not exist."""
+
+
+@dataclass
+class SampleOutput:
+    """What one sample of a batch produced."""
+
+    logits: list[float]
+    top_indices: list[int]
+    top_probs: list[float]
+    realised: float
+    counts: tuple[int, ...]
+    gflops: float
+    experts: Tensor | None  # (T, N) int8 when routing was asked for
+
+
+@dataclass
+class BatchOutput:
+    samples: list[SampleOutput]
+    seconds: float
+
+
+@dataclass
+class _Part:
+    """One sub-batch's outputs, on the CPU."""
+
+    logits: Tensor
+    top_p: Tensor
+    top_i: Tensor
+    capacity: Tensor
+    counts: Tensor
+    gflops: Tensor
+    experts: Tensor | None
+
+
+_local = threading.local()
+
+
+def _use_threads(n: int) -> None:
+    """Give the calling thread `n` intra-op threads (torch keeps the count per thread once it has run)."""
+    if getattr(_local, "threads", None) != n:
+        torch.set_num_threads(n)
+        _local.threads = n
+
+
+def resolve_streams(setting: int, device: torch.device, threads: int) -> int:
+    """Side-by-side sub-batches: 1 on a GPU, `setting` when given, else one per intra-op thread up to
+    AUTO_STREAMS_MAX."""
+    if device.type != "cpu":
+        return 1
+    return setting if setting > 0 else max(1, min(threads, AUTO_STREAMS_MAX))
+
+
+def split_batch(
+    costs: Sequence[float],
+    streams: int,
+    min_gflops: float,
+    balance: float = STREAM_BALANCE,
+    work: float | None = None,
+) -> list[list[int]]:
+    """The sample indices of each sub-batch of a batch whose samples cost `costs` GFLOPs.
+
+    As many sub-batches as there are streams, samples and multiples of `min_gflops` in the batch's `work`
+    (default: its GFLOPs), filled largest first into the lightest one; fewer when the largest would exceed
+    `balance` times an even share (three equal samples on two streams: two then one would take longer than
+    all three on both threads).  One sub-batch of every sample when no split qualifies.
+    """
+    n, total = len(costs), float(sum(costs))
+    k = min(streams, n)
+    if min_gflops > 0:
+        k = min(k, int((total if work is None else work) // min_gflops))
+    order = sorted(range(n), key=lambda i: (-costs[i], i))
+    while k > 1:
+        loads = [0.0] * k
+        pieces: list[list[int]] = [[] for _ in range(k)]
+        for i in order:
+            j = min(range(k), key=loads.__getitem__)
+            pieces[j].append(i)
+            loads[j] += costs[i]
+        if max(loads) <= balance * total / k:
+            return [sorted(p) for p in pieces]
+        k -= 1
+    return [list(range(n))]
+
+
+def resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError(f"device {name!r} was asked for, but CUDA is not available")
+    return device
+
+
+def load_model(settings: Settings, device: torch.device) -> Checkpoint:
+    """The configured checkpoint, or (with random_init) a randomly initialised model of random_variant."""
+    if settings.random_init:
+        log.warning("serving a RANDOMLY INITIALISED %s model (development only)", settings.random_variant)
+        torch.manual_seed(0)
+        cfg = MoNEConfig.from_variant(settings.random_variant, num_classes=settings.random_classes)
+        net = MoNE(cfg).eval()
+        with tempfile.TemporaryDirectory() as tmp:
+            save_checkpoint(tmp, net, meta={"random_init": True})
+            ck = load_checkpoint(tmp, device=device)
+        ck.path = None
+        return ck
+    path = Path(settings.checkpoint)
+    if not path.exists():
+        raise CheckpointMissingError(
+            f"checkpoint {path} does not exist; set MONE_CHECKPOINT / --checkpoint to a checkpoint "
+            "directory, "
+            "or start with --random-init for development"
+        )
+    return load_checkpoint(
+        path,
+        device=device,
+        expected_sha256=settings.checkpoint_sha256,
+        allow_unverified=settings.allow_unverified_checkpoint,
+    )
+
+
+class Runner:
+    """Runs batches through the model.
+
+    Args:
+        checkpoint: the loaded model.
+        device: where inputs go.
+        streams: sub-batches run side by side on the CPU (0: auto; see `resolve_streams`).
+        min_stream_gflops: least work of a sub-batch.
+        dtype: the inference dtype (server/core/precision.py); fp32 leaves the model as loaded.
+        cuda_graphs: on a CUDA device, capture the forward per batch size, frames and token split
+            (server/core/capture.py), up to `max_graphs` graphs of batches up to `max_batch`.
+    """
+
+    def __init__(
+        self,
+        checkpoint: Checkpoint,
+        device: torch.device,
+        *,
+        streams: int = 1,
+        min_stream_gflops: float = 0.0,
+        dtype: str = "fp32",
+        cuda_graphs: bool = False,
+        max_batch: int = 32,
+        max_graphs: int = 64,
+    ) -> None:
+        self.checkpoint = checkpoint
+        self.dtype = resolve_dtype(dtype, device)
+        self.model = cast_model(checkpoint.model.to(device).eval(), self.dtype)
+        self.cfg = checkpoint.config
+        self.device = device
+        self.min_stream_gflops = min_stream_gflops
+        self.threads: int | None = None  # intra-op threads of a whole batch; set by `setup_threads`
+        self.streams = 1
+        self._streams_setting = streams
+        self._pool: ThreadPoolExecutor | None = None
+        self.graphs: CapturedForward | None = None
+        if cuda_graphs and device.type == "cuda":
+            self.graphs = CapturedForward(
+                self.model, CudaGraphs(device), capture_sizes(max_batch), max_graphs=max_graphs
+            )
+
+    @classmethod
+    def from_settings(cls, checkpoint: Checkpoint, device: torch.device, settings: Settings) -> Runner:
+        return cls(
+            checkpoint,
+            device,
+            streams=settings.inference_streams,
+            min_stream_gflops=settings.stream_min_gflops,
+            dtype=settings.inference_dtype,
+            cuda_graphs=settings.cuda_graphs,
+            max_batch=settings.max_batch_size,
+            max_graphs=settings.cuda_graphs_max,
+        )
+
+    def setup_threads(self, threads: int | None) -> None:
+        """On the inference thread, before its first forward: its intra-op threads (torch's default when
+        None) and the stream threads, which run at its priority (server/core/priority.py)."""
+        self.threads = threads or torch.get_num_threads()
+        _use_threads(self.threads)
+        self.streams = resolve_streams(self._streams_setting, self.device, self.threads)
+        if self.streams > 1 and self._pool is None:
+            self._pool = ThreadPoolExecutor(
+                self.streams - 1,
+                thread_name_prefix="mone-stream",
+                initializer=set_thread_priority,
+                initargs=(current_thread_nice(),),
+            )
+        log.info("%d intra-op threads, %d stream(s)", self.threads, self.streams)
+
+    def set_full_width_rows(self, rows: float | None, max_batch: int, repeats: int = 2) -> None:
+        """What one more matrix product costs the model, in rows of full-width work (`MoNE.plan_runs`):
+        `rows` when given, else measured here, on the inference thread with its intra-op threads."""
+        if rows is None:
+            batches = [b for b in (1, 2, 4, 8, 16, 32, 64) if b <= max(max_batch, 1)]
+            rows = self.model.calibrate_full_width(batches, repeats=repeats, budget_s=3.0)
+        self.model.full_width_rows = rows
+        log.info("one more matrix product costs %.0f token rows of full-width work", rows)
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(wait=True)
+            self._pool = None
+
+    def split(self, frames: int, capacities: Sequence[float]) -> list[list[int]]:
+        """The sub-batches a batch of these capacities runs as."""
+        if self._pool is None or len(capacities) < 2:  # no stream threads: one stream, or closed
+            return [list(range(len(capacities)))]
+        costs = [gflops(self.cfg, c, frames) for c in capacities]
+        # Whether splitting pays is judged on the dense work: what streams save is per-operation overhead,
+        # and a lower capacity has as many operations (more, with more token groups), not fewer.
+        work = len(capacities) * gflops(self.cfg, 1.0, frames)
+        return split_batch(costs, self.streams, self.min_stream_gflops, work=work)
+
+    def run(
+        self, xs: list[Tensor], capacities: list[float], top_ks: list[int], routing: list[bool]
+    ) -> BatchOutput:
+        """Forward one batch of same-shaped (T, C, H, W) inputs with one e_c each."""
+        start = time.perf_counter()
+        k = min(max(top_ks), self.cfg.num_classes)
+        want_experts = any(routing)
+        pieces = self.split(int(xs[0].shape[0]), capacities)
+        if len(pieces) == 1:
+            parts = [self._forward(xs, capacities, self.threads, k, want_experts)]
+        else:
+            parts = self._forward_split(xs, capacities, pieces, k, want_experts)
+        if self.device.type == "cuda":  # the outputs are on the host already; the clock waits for the device
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        located = {i: (p, j) for p, piece in enumerate(pieces) for j, i in enumerate(piece)}
+        samples = []
+        for i, tk in enumerate(top_ks):
+            p, j = located[i]
+            part = parts[p]
+            kk = min(tk, self.cfg.num_classes)
+            samples.append(
+                SampleOutput(
+                    logits=part.logits[j].tolist(),
+                    top_indices=part.top_i[j, :kk].tolist(),
+                    top_probs=part.top_p[j, :kk].tolist(),
+                    realised=float(part.capacity[j]),
+                    counts=tuple(int(c) for c in part.counts[j].tolist()),
+                    gflops=float(part.gflops[j]),
+                    experts=part.experts[j] if part.experts is not None and routing[i] else None,
+                )
+            )
+        return BatchOutput(samples, seconds)
+
+    def _forward_split(
+        self,
+        xs: list[Tensor],
+        capacities: list[float],
+        pieces: list[list[int]],
+        k: int,
+        experts: bool,
+    ) -> list[_Part]:
+        """The first sub-batch on this thread, the others on the stream threads; every one is waited for
+        before an error is raised, so that no thread is still computing when the next batch starts."""
+        assert self._pool is not None
+        threads = max(1, (self.threads or 1) // len(pieces))
+
+        def piece_args(piece: list[int]) -> tuple[list[Tensor], list[float]]:
+            return [xs[i] for i in piece], [capacities[i] for i in piece]
+
+        futures: list[Future[_Part]] = [
+            self._pool.submit(self._forward, *piece_args(piece), threads, k, experts) for piece in pieces[1:]
+        ]
+        parts: list[_Part] = []
+        error: BaseException | None = None
+        try:
+            parts.append(self._forward(*piece_args(pieces[0]), threads, k, experts))
+        except BaseException as exc:  # noqa: BLE001 - re-raised below, after the other sub-batches
+            error = exc
+        for future in futures:
+            try:
+                parts.append(future.result())
+            except BaseException as exc:  # noqa: BLE001
+                error = error or exc
+        if error is not None:
+            raise error
+        return parts
+
+    def _forward(
+        self, xs: list[Tensor], capacities: list[float], threads: int | None, k: int, experts: bool
+    ) -> _Part:
+        if threads is not None:
+            _use_threads(threads)
+        with torch.inference_mode():
+            x = self._to_device(xs)
+            if self.graphs is not None:
+                logits, expert_map, splits = self.graphs(x, capacities)
+                capacity, counts, gf = accounting(self.cfg, splits, int(x.shape[1]))
+            else:
+                out = self.model(x, capacity=capacities)
+                logits, expert_map = out.logits, out.experts
+                capacity, counts, gf = out.capacity, out.expert_counts, out.gflops
+            logits = logits.float()
+            top = logits.softmax(dim=-1).topk(k, dim=-1)
+            return _Part(
+                logits=logits.cpu(),
+                top_p=top.values.cpu(),
+                top_i=top.indices.cpu(),
+                capacity=capacity,
+                counts=counts,
+                gflops=gf,
+                experts=expert_map.cpu() if experts else None,
+            )
+
+    def _to_device(self, xs: list[Tensor]) -> Tensor:
+        """The batch on the model's device; on CUDA stacked into pinned (page-locked) host memory first, so
+        that the copy is asynchronous and the host goes on queueing the forward behind it."""
+        if self.device.type != "cuda":
+            return torch.stack(xs).to(self.device, non_blocking=True)
+        host = torch.empty((len(xs), *xs[0].shape), dtype=xs[0].dtype, pin_memory=True)
+        torch.stack(xs, out=host)
+        return host.to(self.device, non_blocking=True)
+
+    def smallest_split(self, frames: int, max_batch: int) -> int:
+        """The smallest batch at capacity 1.0, up to `max_batch`, that runs on every stream; 0 if none."""
+        if self.streams < 2:
+            return 0
+        for b in range(self.streams, max_batch + 1):
+            if len(self.split(frames, [1.0] * b)) == self.streams:
+                return b
+        return 0
+
+    def dummy(self, frames: int) -> Tensor:
+        c = self.cfg
+        return torch.zeros(frames, c.in_chans, c.img_size, c.img_size)
+
+    def time_batch(self, frames: int, batch: int, capacity: float, repeats: int) -> float:
+        """Median seconds of `repeats` forwards of a uniform batch."""
+        xs = [self.dummy(frames)] * batch
+        times = [
+            self.run(xs, [capacity] * batch, [1] * batch, [False] * batch).seconds for _ in range(repeats)
+        ]
+        return statistics.median(times)
+
+    def describe(self) -> dict[str, Any]:
+        ck = self.checkpoint
+        return {
+            "path": str(ck.path) if ck.path else None,
+            "sha256": ck.sha256,
+            "meta": ck.meta,
+            "full_width_rows": self.model.full_width_rows,
+            "dtype": dtype_name(self.dtype),
+            "cuda_graphs": self.graphs is not None,
+        }
+
+
+def warm_up_and_calibrate(
+    runner: Runner, latency: LatencyModel, settings: Settings, kinds: list[int]
+) -> None:
+    """Warm the model up and measure the latency model: batch sizes x capacities x input kinds (frames per
+    sample), plus one mixed batch per kind so that the cost of an extra token split is identifiable."""
+    s, cfg = settings, runner.cfg
+    runner.setup_threads(s.threads)
+    if s.full_width_rows is not None or s.calibrate:
+        runner.set_full_width_rows(s.full_width_rows, s.max_batch_size, s.calibration_repeats)
+    for frames in kinds:
+        if s.warmup_iters:
+            runner.time_batch(frames, 1, 1.0, s.warmup_iters)
+            split = runner.smallest_split(frames, s.max_batch_size)
+            if split:  # the stream threads' first forward (thread pools, allocator arenas) is slow
+                runner.time_batch(frames, split, 1.0, 1)
+        if not s.calibrate:
+            continue
+        sizes = sorted({min(b, s.max_batch_size) for b in s.calibration_batch_sizes})
+        for b in sizes:
+            for c in s.calibration_capacities:
+                if runner.graphs is not None:  # capture first: the measurements time replays
+                    runner.time_batch(frames, b, c, 1)
+                seconds = runner.time_batch(frames, b, c, s.calibration_repeats)
+                latency.observe(frames, 1, b * gflops(cfg, c, frames), seconds, calibration=True)
+                latency.observe_uniform(frames, b, c, seconds)
+        b = sizes[-1]
+        if b > 1:
+            caps = [cfg.min_capacity, 1.0] * (b // 2) + [1.0] * (b % 2)
+            if runner.graphs is not None:
+                runner.run([runner.dummy(frames)] * b, caps, [1] * b, [False] * b)
+            out = runner.run([runner.dummy(frames)] * b, caps, [1] * b, [False] * b)
+            latency.observe(
+                frames, 2, sum(gflops(cfg, c, frames) for c in caps), out.seconds, calibration=True
+            )
+        log.info("latency model for %d-frame inputs: %s", frames, latency.to_dict().get(str(frames)))

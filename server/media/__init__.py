@@ -1,0 +1,1 @@
+"""Media: sniffing and decoding images and clips, the decode pool and pixel budget, preprocessing."""

@@ -1,0 +1,132 @@
+"""Decoding stage: encoded bytes -> model input, with the limits of reliability.md.
+
+The container is recognised from its magic bytes first, and only an allow-listed decoder is ever invoked
+(Pillow is told the one format to use; PyAV gets an explicit demuxer, so playlist demuxers such as HLS or
+concat that could open local files are never reached).  Every failure is a `ServeError` (4xx), never a
+500.  Runs in a worker thread; it is CPU work.  Clip decoding itself lives in `mone.server.media.video`.
+"""
+
+from __future__ import annotations
+
+import io
+import warnings
+from dataclasses import dataclass
+from typing import Literal
+
+from PIL import Image, ImageOps
+from torch import Tensor
+
+from mone.model import MoNEConfig
+from mone.server.config import Settings
+from mone.server.errors import BadInputError, OverLimitError, ServeError, TooLargeError, UnsupportedMediaError
+from mone.server.media.preprocess import array_frames_to_tensor, frames_to_tensor
+from mone.server.media.video import VIDEO_FORMATS, ClipDecoder, ClipShape, decode_video
+
+__all__ = ["CONTENT_TYPES", "IMAGE_FORMATS", "VIDEO_FORMATS", "Decoded", "Kind", "decode", "sniff"]
+
+Kind = Literal["auto", "image", "clip"]
+IMAGE_FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF"}
+CONTENT_TYPES = {
+    "jpeg": "image/jpeg",
+    "png": "image/png",
+    "webp": "image/webp",
+    "gif": "image/gif",
+    "mp4": "video/mp4",
+    "webm": "video/webm",
+}
+
+
+@dataclass
+class Decoded:
+    """A decoded request input: (T, C, H, W) normalised frames."""
+
+    tensor: Tensor
+    kind: Literal["image", "clip"]
+    format: str
+
+    @property
+    def frames(self) -> int:
+        return int(self.tensor.shape[0])
+
+
+def sniff(data: bytes) -> str | None:
+    """Container name from magic bytes, or None for anything outside the allow-list."""
+    if data[:3] == b"\xff\xd8\xff":
+        return "jpeg"
+    if data[:8] == b"\x89PNG\r\n\x1a\n":
+        return "png"
+    if data[:4] == b"RIFF" and data[8:12] == b"WEBP":
+        return "webp"
+    if data[:6] in (b"GIF87a", b"GIF89a"):
+        return "gif"
+    if data[4:8] == b"ftyp":
+        return "mp4"
+    if data[:4] == b"\x1a\x45\xdf\xa3":
+        return "webm"
+    return None
+
+
+def decode(
+    data: bytes, cfg: MoNEConfig, settings: Settings, kind: Kind = "auto", clips: ClipDecoder | None = None
+) -> Decoded:
+    """Bytes of an image (JPEG/PNG/WebP/GIF frame 0) or clip (MP4/WebM/animated GIF) -> model input.
+
+    Clips go to `clips` (the server's `DecodePool` of killable worker processes) when given, else they are
+    decoded in the calling thread.  Images are always decoded here: Pillow is bounded by the pixel limits.
+    """
+    if not data:
+        raise BadInputError("empty payload")
+    fmt = sniff(data)
+    if fmt is None:
+        raise UnsupportedMediaError(
+            "unsupported format; images: JPEG, PNG, WebP, GIF; clips: MP4, WebM, animated GIF",
+            allowed=sorted(CONTENT_TYPES.values()),
+        )
+    as_clip = kind == "clip" or (kind == "auto" and fmt in ("mp4", "webm"))
+    if as_clip:
+        if fmt not in VIDEO_FORMATS:
+            raise BadInputError(f"{fmt} is a still-image format; send it with kind=image")
+        frames = (clips or decode_video)(data, fmt, ClipShape.of(cfg), settings)
+        return Decoded(array_frames_to_tensor(frames, cfg), "clip", fmt)
+    if fmt not in IMAGE_FORMATS:
+        raise BadInputError(f"{fmt} is a video format; send it with kind=clip")
+    img = decode_image(data, fmt, settings)
+    return Decoded(frames_to_tensor([img], cfg), "image", fmt)
+
+
+def decode_image(data: bytes, fmt: str, settings: Settings) -> Image.Image:
+    """Frame 0 of an allow-listed image, EXIF orientation applied, after the size and frame checks."""
+    if len(data) > settings.max_image_bytes:
+        raise TooLargeError(f"image is {len(data)} bytes, the limit is {settings.max_image_bytes}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            img = Image.open(io.BytesIO(data), formats=[IMAGE_FORMATS[fmt]])
+            _check_image_size(img.size, settings)
+            n_frames = int(getattr(img, "n_frames", 1))
+            if n_frames > settings.max_animated_frames:
+                raise OverLimitError(
+                    f"image has {n_frames} frames, the limit is {settings.max_animated_frames}",
+                    frames=n_frames,
+                )
+            img.seek(0)
+            img.load()
+            out = ImageOps.exif_transpose(img)
+            return out if out is not None else img
+    except ServeError:
+        raise
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
+        raise TooLargeError(f"image too large: {exc}") from exc
+    except Exception as exc:  # Pillow raises many types on malformed files; all are bad input
+        raise BadInputError(f"could not decode {fmt} image: {exc}") from exc
+
+
+def _check_image_size(size: tuple[int, int], settings: Settings) -> None:
+    w, h = size
+    if max(w, h) > settings.max_image_side or w * h > settings.max_image_pixels:
+        raise TooLargeError(
+            f"image too large: {w}x{h}; limits are {settings.max_image_side} px per side and "
+            f"{settings.max_image_pixels} pixels",
+            width=w,
+            height=h,
+        )
