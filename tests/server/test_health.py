@@ -1,5 +1,5 @@
-"""The probe listener off the main event loop (server/health.py, reliability.md row 24): heartbeat freshness,
-readiness, the wire format, and the app's lifespan wiring."""
+"""The probe listener off the main event loop (server/health.py, docs/reliability.md row 24): heartbeat
+freshness, readiness, the wire format, and the app's lifespan wiring."""
 
 from __future__ import annotations
 
