@@ -2,7 +2,7 @@
 
     python -m bench.serve                 # both models, full durations
     python -m bench.serve --quick         # short smoke run (shipped model only)
-    python -m bench.serve --write         # also append the tables to bench/RESULTS.md
+    python -m bench.serve --write         # also file the tables as bench/runs/<date>-serve-<HHMM>.md
 
 Models: the shipped checkpoint (checkpoints/default, or a random Mi/4 when it is absent) and a random S/16
 at 224 px (compute-bound).  The same asyncio client drives both servers: closed loop at several
@@ -734,7 +734,9 @@ def main() -> None:
     p.add_argument("--memory-requests", type=int, default=10_000, help="memory check, 28 px model")
     p.add_argument("--memory-requests-large", type=int, default=10_000, help="memory check, 224 px model")
     p.add_argument("--client-procs", type=int, default=1, help="client processes generating the load")
-    p.add_argument("--write", action="store_true", help="append the tables to bench/RESULTS.md")
+    p.add_argument(
+        "--write", action="store_true", help="file the tables as bench/runs/<date>-serve-<HHMM>.md"
+    )
     p.add_argument(
         "--dtype", choices=list(DTYPES), default="fp32", help="both servers' inference dtype (bf16: on a GPU)"
     )
@@ -743,7 +745,8 @@ def main() -> None:
         args.models, args.seconds, args.concurrency, args.memory_requests = "shipped", 3.0, "1,16", 500
         args.rounds, args.round_batches = 1, 1
     args.concurrency = [int(c) for c in str(args.concurrency).split(",")]
-    lines = [f"## bench.serve, {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}", ""]
+    started = time.gmtime()
+    lines = [f"## bench.serve, {time.strftime('%Y-%m-%d %H:%M UTC', started)}", ""]
     lines.append(
         f"machine: {os.cpu_count()} CPUs, torch {torch.__version__}, cuda={torch.cuda.is_available()}; "
     )
@@ -762,8 +765,11 @@ def main() -> None:
     text = "\n".join(lines) + "\n"
     print(text)
     if args.write:
-        with (ROOT / "bench" / "RESULTS.md").open("a") as f:
-            f.write("\n" + text)
+        # One file per run; bench/RESULTS.md holds only the current figures, copied from the newest run.
+        path = ROOT / "bench" / "runs" / time.strftime("%Y-%m-%d-serve-%H%M.md", started)
+        path.parent.mkdir(exist_ok=True)
+        path.write_text(text)
+        print(f"filed as {path.relative_to(ROOT)}")
 
 
 if __name__ == "__main__":

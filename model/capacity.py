@@ -2,7 +2,7 @@
 
 With delta = 2 the "incentive" term of Eq. 3 is constant on the feasible set, so its optimum is the
 maximum-entropy distribution under the two linear constraints: c_i ∝ exp(mu * w_i) with w_i = d_i / D,
-where mu solves sum_i c_i w_i = e_c (mone-paper.md section 3.3).  f(mu) = sum_i c_i(mu) w_i is strictly
+where mu solves sum_i c_i w_i = e_c (docs/model.md section 3.3).  f(mu) = sum_i c_i(mu) w_i is strictly
 increasing (its derivative is the variance of w under c), so bisection finds mu to machine precision.
 """
 

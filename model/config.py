@@ -104,7 +104,7 @@ class MoNEConfig:
 
     @property
     def expert_dims(self) -> tuple[int, ...]:
-        """Widths d_1 < ... < d_E of the nested experts (mone-paper.md section 1.1)."""
+        """Widths d_1 < ... < d_E of the nested experts (docs/model.md section 1.1)."""
         E = self.num_experts
         return tuple(self.dim // 2 ** (E - i) for i in range(1, E + 1))
 

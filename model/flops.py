@@ -4,7 +4,7 @@ Counts matrix products only (patch embedding, router, projections, attention sco
 transformer, head), with a multiply-add as 2 FLOPs: the convention of `torch.utils.flop_counter`.  Norms,
 GELU, softmax and adds are linear in the token count and left out, as every ViT FLOPs table does.
 
-Per frame and spatial layer (mone-paper.md section 3.2): sum_j k_j * 2 * d_j * (3D + D + 2 * mlp_ratio * D)
+Per frame and spatial layer (docs/model.md section 3.2): sum_j k_j * 2 * d_j * (3D + D + 2 * mlp_ratio * D)
 for the sliced projections, plus 4 * N^2 * D for attention, which always runs at full width.  The temporal
 layers of a one-frame input (an image) compute only V and the out-projection, as inference runs them.
 """

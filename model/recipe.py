@@ -2,7 +2,7 @@
 
 * **Capacity schedule** (`CapacitySchedule`): which effective capacities a training step runs.
   `fixed`: one capacity (1.0 is the dense baseline).  `single`: one capacity per step drawn from the grid,
-  1.0 with probability `full_rate` (the paper's adaptive model, mone-paper.md section 5).  `sandwich`: every
+  1.0 with probability `full_rate` (the paper's adaptive model, docs/model.md section 5).  `sandwich`: every
   step runs 1.0 first, then `lower` capacities from the grid (the grid's smallest always among them with
   `with_min`), as slimmable networks train their widths (Yu et al. 2019, "sandwich rule").
 * **In-place distillation** (Yu and Huang 2019, US-Nets; MatFormer trains nested widths jointly): in a

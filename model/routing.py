@@ -14,7 +14,7 @@ class Router(nn.Module):
     """One linear layer + softmax over experts, run once on the tokens entering the first layer.
 
     Its input is the patch + position embedding without a LayerNorm (the paper leaves this open;
-    mone-paper.md section 2).  Its probabilities also scale every layer's MLP output (Eq. 1).
+    docs/model.md sections 2 and 6).  Its probabilities also scale every layer's MLP output (Eq. 1).
 
     Args:
         dim: token width D.

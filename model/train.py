@@ -6,7 +6,7 @@ baseline is the same network at capacity 1.0 (every token on the full expert).  
 (`mone.model.recipe.CapacitySchedule`) decides which effective capacities a step trains: one fixed capacity,
 one
 drawn per step from {0.15, 0.25, ..., 0.95} plus 1.0 (the paper's adaptive model, Jain et al., NeurIPS 2024,
-Sec. 5; mone-paper.md section 5), or a sandwich of 1.0 and lower capacities whose forwards the 1.0 forward
+Sec. 5; docs/model.md section 5), or a sandwich of 1.0 and lower capacities whose forwards the 1.0 forward
 teaches by in-place distillation (`--distill`).  An EMA of the weights (`--ema-decay`) is validated and
 saved beside them.  Clip batches (moving Fashion-MNIST items, `mone.model.clips`) are interleaved with image
 batches (`--clip-every` or `--clip-share`) so the temporal transformer and per-frame routing learn.

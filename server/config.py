@@ -1,6 +1,6 @@
 """Server settings: one pydantic-settings class, environment prefix MONE_, mirrored by the command line.
 
-Every limit of shared/design/reliability.md is a field here with a safe default.  Settings are built by
+Every limit of docs/reliability.md (section 1) is a field here with a safe default.  Settings are built by
 `get_settings()` (cached), never at import time.
 """
 
@@ -201,7 +201,7 @@ class Settings(BaseSettings):
         "MoNE.plan_runs); default: measured at start-up (with calibrate; else the model's default)",
     )
 
-    # -- input limits (reliability.md section 6) ---------------------------------------------------------
+    # -- input limits (docs/reliability.md section 1) ----------------------------------------------------
     max_body_bytes: int = Field(
         default=50 * MB, ge=1, description="any request body (video endpoint limit); 413"
     )

@@ -1,4 +1,4 @@
-"""Ray Serve deployment of the same FastAPI app (serving.md section 7): replicas behind Ray's HTTP proxy,
+"""Ray Serve deployment of the same FastAPI app (docs/serving.md section 7): replicas behind Ray's HTTP proxy,
 autoscaling on ongoing requests.
 
     serve run docker/ray/serve.yaml             # config file (import_path: mone.server.ray_app:app_builder)

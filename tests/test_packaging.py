@@ -65,7 +65,18 @@ def test_no_code_imports_the_bare_folder_names() -> None:
 @pytest.mark.slow
 def test_the_wheel_holds_only_the_mone_namespace(tmp_path: Path) -> None:
     subprocess.run(
-        [sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation", "-w", str(tmp_path), "."],
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "-q",
+            "--no-deps",
+            "--no-build-isolation",
+            "-w",
+            str(tmp_path),
+            ".",
+        ],
         cwd=ROOT,
         check=True,
         timeout=300,

@@ -1,4 +1,4 @@
-"""CPU priority of the inference threads (reliability.md row 24: liveness answers while the CPU is saturated).
+"""CPU priority of the inference threads (docs/reliability.md row 24: liveness answers under a saturated CPU).
 
 The event loop answers /healthz, /readyz, /metrics and admission; the model runs on the engine's worker
 thread and torch's intra-op threads.  When inference saturates the cores, the loop would get only its fair

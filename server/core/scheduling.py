@@ -1,7 +1,7 @@
 """Batch formation: the levels a forming batch runs at, and the time estimates admission relies on.
 
 Pure planning over the latency model and the capacity levels; no queue, no model, no HTTP.  Budgets are
-decided here when a batch forms (serving.md section 4):
+decided here when a batch forms (docs/serving.md section 4):
 
 * `capacity` / `gflops` items keep the level fixed at admission;
 * items without a budget get `default_capacity`, lowered by the `degrade` overload policy as the queue

@@ -1,4 +1,4 @@
-"""Liveness and readiness off the main event loop (reliability.md row 24).
+"""Liveness and readiness off the main event loop (docs/reliability.md row 24).
 
 The main app's `/healthz` waits behind whatever the event loop is doing: with hundreds of connections in
 flight a probe can take several hundred milliseconds, and a kubelet with a short `timeoutSeconds` may

@@ -1,4 +1,4 @@
-"""Prometheus metrics with the fixed names of serving.md section 5 (histograms, not summaries).
+"""Prometheus metrics with the fixed names of docs/serving.md section 5 (histograms, not summaries).
 
 `Metrics` owns its registry and implements the engine's lifecycle hooks; `MetricsMiddleware` records
 requests per route.  With several worker processes set PROMETHEUS_MULTIPROC_DIR (the CLI does) before
@@ -71,7 +71,7 @@ class Metrics:
         self.inflight = Gauge(
             "mone_inflight_requests", "Accepted, unanswered samples", registry=r, multiprocess_mode="livesum"
         )
-        # Not in serving.md section 5: how late the health watchdog woke (server/http/health.py).
+        # Not in docs/serving.md section 5: how late the health watchdog woke (server/http/health.py).
         self.loop_lag = Gauge(
             "mone_event_loop_lag_seconds",
             "How late the event loop ran the health watchdog, last observation",

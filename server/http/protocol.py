@@ -1,5 +1,5 @@
 """uvicorn's httptools protocol with receipt deadlines and a bound on the request head, which uvicorn lacks
-(slowloris; reliability.md rows 3 and 28).
+(slowloris; docs/reliability.md rows 3 and 4).
 
 A connection must deliver a request's headers within `header_timeout_s` of opening (or of the previous
 response) and its body within `body_timeout_s` of the headers; otherwise it is closed.  uvicorn's own

@@ -1,4 +1,4 @@
-"""Native API: /v1/classify, /v1/models, health, readiness and metrics (serving.md section 3)."""
+"""Native API: /v1/classify, /v1/models, health, readiness and metrics (docs/serving.md section 3.1)."""
 
 from __future__ import annotations
 

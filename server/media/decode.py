@@ -1,4 +1,4 @@
-"""Decoding stage: encoded bytes -> model input, with the limits of reliability.md.
+"""Decoding stage: encoded bytes -> model input, with the limits of docs/reliability.md section 1.
 
 The container is recognised from its magic bytes first, and only an allow-listed decoder is ever invoked
 (Pillow is told the one format to use; PyAV gets an explicit demuxer, so playlist demuxers such as HLS or

@@ -1,12 +1,12 @@
-"""Clip decoding in a small pool of killable worker processes (reliability.md row 13).
+"""Clip decoding in a small pool of killable worker processes (docs/reliability.md row 13).
 
 The decode-time budget inside `decode_video` is checked between frames, so a crafted stream that makes one
 FFmpeg call hang (or loop) would never reach the check, and a thread cannot be stopped.  A process can: each
 clip goes to an idle worker, and when no answer comes within `max_decode_seconds` + `KILL_MARGIN_S` the
 worker gets SIGKILL, a fresh one takes its place, and the request gets 422 `over_limit`.  A worker that dies
 on its own (a segfault in a decoder, `os._exit`, the OOM killer) is replaced the same way and the request
-gets 400 `bad_input`: like any input that cannot be decoded, it is the stream's doing (reliability.md row 8
-asks 400/422 for corrupt media, never 500).  The pool never shrinks.
+gets 400 `bad_input`: like any input that cannot be decoded, it is the stream's doing (docs/reliability.md
+row 8: corrupt media gets a 4xx, never a 500).  The pool never shrinks.
 
 Workers are started with the spawn method, never fork: the server process holds torch's thread pools, which
 a forked child would inherit in an undefined state.  They are started with the app (before the first

@@ -23,13 +23,13 @@ buf = io.BytesIO()
 Image.fromarray(np.load(sys.argv[2])).save(buf, "PNG")
 with MoneClient(sys.argv[1], timeout=30) as client:
     r = client.classify(buf.getvalue(), capacity=0.5)
+server_side = ("torch", "fastapi", "uvicorn", "mone.server", "mone.model")
 print(json.dumps({
     "label": r.label,
     "capacity": r.capacity,
-    "loaded": sorted(m for m in ("torch", "fastapi", "uvicorn", "mone.server", "mone.model") if m in sys.modules),
+    "loaded": sorted(m for m in server_side if m in sys.modules),
     "from": clients.__file__,
-    "installed": sorted(m for m in ("torch", "fastapi", "uvicorn", "mone.server", "mone.model")
-                        if importlib.util.find_spec(m) is not None),
+    "installed": sorted(m for m in server_side if importlib.util.find_spec(m) is not None),
 }))
 """
 

@@ -36,7 +36,7 @@ def podman(*args: str, timeout: float = 120, check: bool = True) -> subprocess.C
 
 
 def run_flags(port: int, **env: str) -> list[str]:
-    """The posture of reliability.md: read-only root, capped tmpfs, no capabilities, loopback port."""
+    """docs/reliability.md row 29: read-only root, capped tmpfs, no capabilities, loopback port."""
     values = {**FAST_ENV, "MONE_API_KEY": API_KEY, **env}
     if CHECKPOINT.exists():  # the embedded trained checkpoint, not a random model
         values.pop("MONE_RANDOM_INIT")

@@ -28,7 +28,7 @@ from tests.docker.conftest import DOCKER, free_port, png_bytes, stop_group, wait
 PROM = DOCKER / "prometheus"
 GRAFANA = DOCKER / "grafana"
 DASHBOARD = GRAFANA / "dashboards" / "mone-serve.json"
-# serving.md section 5, the fixed names (histograms by their series names).
+# docs/serving.md section 5, the fixed names (histograms by their series names).
 CONTRACT = {
     "mone_requests_total",
     "mone_request_duration_seconds_bucket",

@@ -39,7 +39,7 @@ def test_closed_form_matches_slsqp(e_c: float) -> None:
 
 
 def test_reference_table() -> None:
-    # mone-paper.md section 3.3
+    # docs/model.md section 3.3
     table = {
         0.3: (0.414, 0.321, 0.194, 0.071),
         0.5: (0.227, 0.235, 0.251, 0.287),
@@ -73,7 +73,7 @@ def test_counts_floor_with_leftovers_on_smallest(N: int, e_c: float) -> None:
 
 
 def test_paper_flooring_example() -> None:
-    # N=196 at e_c=0.3: k_4=13, k_3=38, k_2=62, k_1=83, realised 0.295 (mone-paper.md section 3.3)
+    # N=196 at e_c=0.3: k_4=13, k_3=38, k_2=62, k_1=83, realised 0.295 (docs/model.md section 3.3)
     assert expert_counts(0.3, 196) == (83, 62, 38, 13)
     assert realised_capacity((83, 62, 38, 13)) == pytest.approx(0.295, abs=5e-4)
 

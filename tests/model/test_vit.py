@@ -223,7 +223,7 @@ def test_analytic_flops_match_counter(capacity: float, frames: int) -> None:
 def test_flops_shrink_with_capacity() -> None:
     cfg = MoNEConfig.from_variant("S/16")
     dense, half, quarter = (gflops(cfg, c) for c in (1.0, 0.5, 0.25))
-    assert dense == pytest.approx(9.2, rel=0.05)  # 4.6 GMACs for ViT-S/16 (mone-paper.md section 3.2)
+    assert dense == pytest.approx(9.2, rel=0.05)  # 4.6 GMACs for ViT-S/16 (docs/model.md section 3.2)
     assert 1.8 < dense / half < 1.95
     assert 3.0 < dense / quarter < 3.4
 

@@ -1,4 +1,4 @@
-"""Hostile media, generated on the fly (nothing large is committed): the corpus of reliability.md rows 6-12.
+"""Hostile media, generated on the fly (nothing large is committed): docs/reliability.md rows 6-12.
 
 Every builder returns bytes small enough to keep in memory; the hostility is in what the headers claim.
 """

@@ -1,4 +1,4 @@
-"""A clip decoder that misbehaves on request, for the decode worker tests (reliability.md row 13).
+"""A clip decoder that misbehaves on request, for the decode worker tests (docs/reliability.md row 13).
 
 It runs inside the decode worker processes, so it imports nothing heavy (no torch, no pytest).  A payload
 that ends with one of the markers below misbehaves; any other payload is decoded normally by

@@ -1,9 +1,9 @@
 """`python -m tests.server.rel_server [mone-serve flags]`: mone-serve with an optionally slowed model.
 
-REL_SLOW_MS=<ms> makes every forward sleep that long first (the model stub of reliability.md rows 16, 17,
+REL_SLOW_MS=<ms> makes every forward sleep that long first (the model stub of docs/reliability.md rows 16, 17,
 21 and 23: it keeps batches in flight long enough to be interrupted).  REL_FAIL_ONCE=1 makes the first
 forward after warm-up raise, as a CUDA out-of-memory error would.  REL_BLOCK_ROUTE=1 adds
-`GET /rel/block?seconds=<s>`, which blocks the event loop that long (a stuck loop, reliability.md row 24).
+`GET /rel/block?seconds=<s>`, which blocks the event loop that long (stuck; docs/reliability.md row 24).
 REL_HANG_FILE=<path> makes every forward hang while that file exists (a stuck inference thread).
 """
 

@@ -1,4 +1,4 @@
-"""Decoding and preprocessing: formats, modes, orientation, limits (reliability.md rows 6-12)."""
+"""Decoding and preprocessing: formats, modes, orientation, limits (docs/reliability.md rows 6-12)."""
 
 from __future__ import annotations
 

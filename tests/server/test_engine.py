@@ -1,4 +1,4 @@
-"""Engine invariants of serving.md section 2 and the overload behaviour of section 4 (no HTTP)."""
+"""Engine invariants of docs/serving.md section 2 and the overload behaviour of section 4 (no HTTP)."""
 
 from __future__ import annotations
 
@@ -406,7 +406,7 @@ async def test_failing_hooks_do_not_break_serving(checkpoint_dir: Path) -> None:
 @pytest.mark.parametrize("nice", [7, 0])
 async def test_inference_threads_run_at_a_lower_priority(checkpoint_dir: Path, nice: int) -> None:
     """The worker thread and the intra-op threads torch starts from it get `inference_nice` more than the
-    event loop's thread, which keeps its own (reliability.md row 24)."""
+    event loop's thread, which keeps its own (docs/reliability.md row 24)."""
     loop_tid = threading.get_native_id()
     base = thread_nice(loop_tid)
     before = thread_ids()

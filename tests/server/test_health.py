@@ -1,4 +1,4 @@
-"""The probe listener off the main event loop (server/http/health.py, reliability.md row 24): heartbeat
+"""The probe listener off the main event loop (server/http/health.py, docs/reliability.md row 24): heartbeat
 freshness, readiness, the wire format, and the app's lifespan wiring."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Authentication and CORS (reliability.md rows 25-26): every inference and model route, taken from the
+"""Authentication and CORS (docs/reliability.md rows 25-26): every inference and model route, taken from the
 OpenAPI schema, answers 401 + WWW-Authenticate without the key, also where it would otherwise answer 413,
 429 or 503; the key is compared in constant time; /metrics is not public; CORS is off."""
 

@@ -1,4 +1,4 @@
-"""One bad item among batch-mates (reliability.md row 19): an FP32 input carrying NaN or infinity, or the
+"""One bad item among batch-mates (docs/reliability.md row 19): an FP32 input carrying NaN or infinity, or the
 wrong shape, is refused on its own (4xx) while the requests batched around it succeed."""
 
 from __future__ import annotations

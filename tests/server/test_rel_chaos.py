@@ -1,4 +1,4 @@
-"""Load and chaos against a real `mone-serve --random-init` process on 127.0.0.1 (reliability.md rows 15,
+"""Load and chaos against a real `mone-serve --random-init` process on 127.0.0.1 (docs/reliability.md rows 15,
 16, 17, 21, 23, 24, 30).  Each test is bounded (at most a few hundred requests, a few seconds) and ends with
 the accounting identity, accepted = succeeded + failed + cancelled, from the client's log and from the
 server's own counters, with nothing in flight."""

@@ -1,5 +1,5 @@
-"""Malicious checkpoints (reliability.md row 27): `mone-serve --checkpoint <bad>` exits non-zero with a clear
-log, and the pickle's side effect never happens."""
+"""Malicious checkpoints (docs/reliability.md row 27): `mone-serve --checkpoint <bad>` exits non-zero with a
+clear log, and the pickle's side effect never happens."""
 
 from __future__ import annotations
 

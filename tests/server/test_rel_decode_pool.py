@@ -1,6 +1,6 @@
-"""Clip decoding in killable worker processes (reliability.md row 13): a decode that hangs inside one FFmpeg
-call is killed at the budget with 422, a worker that crashes gets 400, the pool is replenished either way,
-and shutdown stops every worker.  The faults come from `rel_decode_faults.misbehaving_decode`, which the
+"""Clip decoding in killable worker processes (docs/reliability.md row 13): a decode that hangs inside one
+FFmpeg call is killed at the budget with 422, a worker that crashes gets 400, the pool is replenished either
+way, and shutdown stops every worker.  The faults come from `rel_decode_faults.misbehaving_decode`, which the
 workers run in place of `decode_video`."""
 
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""Property-based fuzzing of the decoding entry point (reliability.md rows 8 and 13): whatever the bytes,
+"""Property-based fuzzing of the decoding entry point (docs/reliability.md rows 8 and 13): whatever the bytes,
 `decode` either returns a finite tensor of the model's shape or raises one of the documented errors (400,
 413, 415, 422), within a time bound.  Inputs are random bytes and structured mutations (bit flips,
 truncation, splices, overwritten size fields, trailing bytes) of valid PNG, JPEG, GIF, WebP, MP4 and WebM

@@ -1,6 +1,6 @@
-"""Liveness under saturation against a real `mone-serve` process (reliability.md row 24): the probe listener
-on `--health-port` answers fast during the 300-connection burst of the overload test, while the main port's
-`/healthz` waits behind the event loop; a blocked event loop fails the listener's `/healthz` after
+"""Liveness under saturation against a real `mone-serve` process (docs/reliability.md row 24): the probe
+listener on `--health-port` answers fast during the 300-connection burst of the overload test, while the main
+port's `/healthz` waits behind the event loop; a blocked event loop fails the listener's `/healthz` after
 `health_stale_s`; several workers share the port."""
 
 from __future__ import annotations

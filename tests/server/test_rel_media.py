@@ -1,5 +1,6 @@
-"""Hostile media (reliability.md rows 6-12): each input gets its documented status, the decoder of a refused
-format is never invoked, no local file is ever read, memory stays bounded and the server stays healthy."""
+"""Hostile media (docs/reliability.md rows 6-12): each input gets its documented status, the decoder of a
+refused format is never invoked, no local file is ever read, memory stays bounded and the server stays
+healthy."""
 
 from __future__ import annotations
 

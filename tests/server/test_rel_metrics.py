@@ -1,4 +1,4 @@
-"""Metrics correctness and model faults in process (reliability.md rows 19, 20, 30): after mixed traffic
+"""Metrics correctness and model faults in process (docs/reliability.md rows 19, 20, 30): after mixed traffic
 with successes, overload, expired deadlines, a cancelled request and an out-of-memory batch, /metrics gives
 accepted = succeeded + failed + cancelled, agreeing with the client's log and the engine's own account."""
 

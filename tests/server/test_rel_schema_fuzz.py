@@ -1,4 +1,4 @@
-"""Schemathesis over the live server's OpenAPI (reliability.md row 5): schema-valid and schema-violating
+"""Schemathesis over the live server's OpenAPI (docs/reliability.md row 5): schema-valid and schema-violating
 requests generated for every operation, with the bearer key, must never get a 5xx.  Bounded: a few
 examples per operation and phase, one real mone-serve process on 127.0.0.1."""
 

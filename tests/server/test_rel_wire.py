@@ -1,6 +1,7 @@
-"""Hostile traffic on the wire against a real server on 127.0.0.1 (reliability.md rows 1-4 and 28): bodies
-over the limit (declared, chunked, lying), slow senders, garbage request lines and headers, multipart abuse.
-Every one gets a 4xx or a closed connection, never a 5xx; memory stays flat; other clients are unaffected."""
+"""Hostile traffic on the wire against a real server on 127.0.0.1 (docs/reliability.md rows 1-4 and 28):
+bodies over the limit (declared, chunked, lying), slow senders, garbage request lines and headers, multipart
+abuse.  Every one gets a 4xx or a closed connection, never a 5xx; memory stays flat; other clients are
+unaffected."""
 
 from __future__ import annotations
 
