@@ -569,47 +569,72 @@ def round_order(contenders: list[Any], r: int) -> list[Any]:
     return contenders if r % 2 == 0 else contenders[::-1]
 
 
-def bench_model(name: str, ckpt: Path, cfg: MoNEConfig, args: argparse.Namespace) -> list[str]:
-    bodies = make_images(cfg)
-    secs, procs = args.seconds, args.client_procs
-    lines = [f"\n### {name} ({cfg.variant}, {cfg.img_size} px)\n", HEADER]
-    runs: dict[str, Run] = {}
-    rounds: dict[str, list[float]] = {}
+@dataclass
+class Memory:
+    """RSS of the mone-serve process at rest (MB): after start-up, over a warm-up cycle, after the load."""
 
-    def show(run: Run) -> None:
-        runs[run.label] = run
-        lines.append(run.row())
+    warm: float
+    loaded: float
+    after: float
+    served: int
+    trace: list[float]
+    busy: list[float]
+
+
+class ModelBench:
+    """One model's serving benchmark, phase by phase: throughput against LitServe, /healthz under saturation,
+    memory after many requests, and `degrade` under open-loop overload.  Rows are printed as they come."""
+
+    def __init__(self, name: str, ckpt: Path, cfg: MoNEConfig, args: argparse.Namespace) -> None:
+        self.ckpt, self.args = ckpt, args
+        self.bodies = make_images(cfg)
+        self.top = max(args.concurrency)
+        self.small = cfg.img_size <= 64  # memory_requests for it, memory_requests_large otherwise
+        self.rss_warm = 0.0
+        self.lines = [f"\n### {name} ({cfg.variant}, {cfg.img_size} px)\n", HEADER]
+        self.runs: dict[str, Run] = {}
+        self.rounds: dict[str, list[float]] = {}
+
+    def show(self, run: Run) -> Run:
+        self.runs[run.label] = run
+        self.lines.append(run.row())
         print(run.row(), flush=True)
+        return run
 
-    # The model alone first, while nothing else runs: the capacity 0.5 speed-up and the length of the rounds.
-    alone = model_times(ckpt, args.batch, dtype=getattr(args, "dtype", "fp32"))
-    round_s = round_seconds(secs, args.round_batches, alone[1.0])
-    with contextlib.ExitStack() as servers:
-        peer = start_litserve(ckpt, args)
-        servers.callback(peer.stop)
+    def closed(self, url: str, fields: dict[str, str], clients: int, seconds: float, label: str) -> Run:
+        return asyncio.run(closed_loop(url, self.bodies, fields, clients, seconds, label))
+
+    def run(self) -> list[str]:
+        args = self.args
+        # The model alone first, while nothing else runs: the capacity 0.5 speed-up and the length of the
+        # rounds.
+        alone = model_times(self.ckpt, args.batch, dtype=getattr(args, "dtype", "fp32"))
+        round_s = round_seconds(args.seconds, args.round_batches, alone[1.0])
+        with contextlib.ExitStack() as servers:
+            peer = start_litserve(self.ckpt, args)
+            servers.callback(peer.stop)
+            mone = self.throughput(peer, round_s, servers)
+            health = self.health(mone)
+            memory = self.memory(mone)
+        degraded = self.degrade()
+        summary = self.summary(alone, round_s, health, memory, degraded)
+        for line in summary:
+            print(line, flush=True)
+        return [*self.lines, "", *summary]
+
+    def throughput(self, peer: Server, round_s: float, servers: contextlib.ExitStack) -> Server:
+        """Each server at each concurrency, then the headline rounds; returns the running mone-serve."""
+        args, top, secs = self.args, self.top, self.args.seconds
         for c in args.concurrency:
-            show(
-                asyncio.run(
-                    closed_loop(peer.base + "/predict", bodies, {}, c, secs, f"LitServe dense, c={c}")
-                )
-            )
+            self.show(self.closed(peer.base + "/predict", {}, c, secs, f"LitServe dense, c={c}"))
         peer.pause()  # kept for the side-by-side rounds below, stopped meanwhile
-        mone = start_mone(ckpt, args)
+        mone = start_mone(self.ckpt, args)
         servers.callback(mone.stop)
         url = mone.base + "/v1/classify"
-        rss_warm = mone.rss_mb()
+        self.rss_warm = mone.rss_mb()
         for c in args.concurrency:
-            show(
-                asyncio.run(
-                    closed_loop(url, bodies, {"capacity": "1.0"}, c, secs, f"mone capacity 1.0, c={c}")
-                )
-            )
-        top = max(args.concurrency)
-        show(
-            asyncio.run(
-                closed_loop(url, bodies, {"capacity": "0.5"}, top, secs, f"mone capacity 0.5, c={top}")
-            )
-        )
+            self.show(self.closed(url, {"capacity": "1.0"}, c, secs, f"mone capacity 1.0, c={c}"))
+        self.show(self.closed(url, {"capacity": "0.5"}, top, secs, f"mone capacity 0.5, c={top}"))
         # The headline ratios: the three saturating runs in turn, `rounds` times, medians.  A machine whose
         # speed drifts by 10-15 % over minutes (shared cloud cores) moves every server alike within a round.
         # Only the server being measured runs; the other is stopped (SIGSTOP).
@@ -623,96 +648,112 @@ def bench_model(name: str, ckpt: Path, cfg: MoNEConfig, args: argparse.Namespace
                 for other in {peer, mone} - {server}:
                     other.pause()
                 server.resume()
-                run = asyncio.run(
-                    closed_loop(u, bodies, fields, top, round_s, f"round {r + 1}: {name}, c={top}")
-                )
-                rounds.setdefault(name, []).append(run.rps)
-                show(run)
+                run = self.closed(u, fields, top, round_s, f"round {r + 1}: {name}, c={top}")
+                self.rounds.setdefault(name, []).append(run.rps)
+                self.show(run)
         peer.resume()  # so that it can take its SIGTERM; mone ran the last round
         peer.stop()
-        # /healthz on the API port and on the probe listener (health_port) while the CPU is saturated,
-        # measured from a process of its own, starting once the load has built up.
+        return mone
+
+    def health(self, mone: Server) -> list[list[float]]:
+        """/healthz on the API port and on the probe listener (health_port) while the CPU is saturated,
+        measured from a process of its own, starting once the load has built up."""
+        secs = self.args.seconds
         with ProcessPoolExecutor(1) as pool:
             urls = [mone.base + "/healthz", f"http://127.0.0.1:{mone.health_port}/healthz"]
             probes = pool.submit(probe, urls, max(1.0, secs - 2), 1.0)
-            asyncio.run(closed_loop(url, bodies, {"capacity": "1.0"}, top, secs, "probe load"))
-            health = probes.result()
-        # Memory: after the runs above, one warm-up cycle at each of the mixed capacities (so that the
-        # allocator has seen every batch shape); the baseline is the median RSS over that cycle.  Then
-        # `memory_requests` more at the same capacities in turn; the final figure is the median over the last
-        # cycle.  Each reading is taken at rest, once the server has been idle long enough to hand its free
-        # heap pages back (`release_memory_idle_s`, server/core/memory.py); the reading taken the moment the
-        # load stops (batch buffers still cached) is kept too, for the peak.
-        target = args.memory_requests if cfg.img_size <= 64 else args.memory_requests_large
+            self.closed(mone.base + "/v1/classify", {"capacity": "1.0"}, self.top, secs, "probe load")
+            return probes.result()
+
+    def memory(self, mone: Server) -> Memory:
+        """After the runs above, one warm-up cycle at each of the mixed capacities (so that the allocator has
+        seen every batch shape); the baseline is the median RSS over that cycle.  Then `memory_requests` more
+        at the same capacities in turn; the final figure is the median over the last cycle.  Each reading is
+        taken at rest, once the server has been idle long enough to hand its free heap pages back
+        (`release_memory_idle_s`, server/core/memory.py); the reading taken the moment the load stops (batch
+        buffers still cached) is kept too, for the peak."""
+        args = self.args
+        target = args.memory_requests if self.small else args.memory_requests_large
         mixed = ["1.0", "0.5", "0.25"]
         trace: list[float] = []
         busy: list[float] = []
         served = 0
+        url = mone.base + "/v1/classify"
         while len(trace) < len(mixed) or served < target:
             cap = mixed[len(trace) % len(mixed)]
-            run = asyncio.run(closed_loop(url, bodies, {"capacity": cap}, top, secs / 2, "memory load"))
+            run = self.closed(url, {"capacity": cap}, self.top, args.seconds / 2, "memory load")
             served += run.requests if len(trace) >= len(mixed) else 0
             busy.append(mone.rss_mb())
             time.sleep(REST_S)
             trace.append(mone.rss_mb())
-        rss_loaded = statistics.median(trace[: len(mixed)])
-        rss_after = statistics.median(trace[-len(mixed) :])
+        loaded = statistics.median(trace[: len(mixed)])
+        after = statistics.median(trace[-len(mixed) :])
+        return Memory(self.rss_warm, loaded, after, served, trace, busy)
 
-    dense_lat = runs["mone capacity 1.0, c=1"].pct(50) if "mone capacity 1.0, c=1" in runs else 50.0
-    saturation = max(r.rps for k, r in runs.items() if k.startswith("mone capacity 1.0"))
-    rate, budget = 1.5 * saturation, 3 * dense_lat
-    degrade = start_mone(ckpt, args, "--overload-policy", "degrade")
-    try:
-        url = degrade.base + "/v1/classify"
-        label = f"open {rate:.0f}/s, capacity 1.0"
-        show(drive("open", url, bodies, {"capacity": "1.0"}, rate, secs, label, procs))
-        label = f"open {rate:.0f}/s, latency_ms={budget:.0f}, degrade"
-        degraded = drive("open", url, bodies, {"latency_ms": f"{budget:.1f}"}, rate, secs, label, procs)
-        show(degraded)
-    finally:
-        degrade.stop()
+    def degrade(self) -> Run:
+        """Open loop at 1.5x the dense saturation, with and without a latency budget of 3x the unloaded
+        dense p50, on a server started with `--overload-policy degrade`."""
+        runs, secs = self.runs, self.args.seconds
+        dense_lat = runs["mone capacity 1.0, c=1"].pct(50) if "mone capacity 1.0, c=1" in runs else 50.0
+        saturation = max(r.rps for k, r in runs.items() if k.startswith("mone capacity 1.0"))
+        rate, budget = 1.5 * saturation, 3 * dense_lat
+        server = start_mone(self.ckpt, self.args, "--overload-policy", "degrade")
+        try:
+            url, procs = server.base + "/v1/classify", self.args.client_procs
+            label = f"open {rate:.0f}/s, capacity 1.0"
+            self.show(drive("open", url, self.bodies, {"capacity": "1.0"}, rate, secs, label, procs))
+            label = f"open {rate:.0f}/s, latency_ms={budget:.0f}, degrade"
+            fields = {"latency_ms": f"{budget:.1f}"}
+            return self.show(drive("open", url, self.bodies, fields, rate, secs, label, procs))
+        finally:
+            server.stop()
 
-    lit = max(statistics.median(rounds["LitServe dense"]), 1e-9)
-    dense, half = (
-        statistics.median(rounds["mone capacity 1.0"]),
-        statistics.median(rounds["mone capacity 0.5"]),
-    )
+    def summary(
+        self,
+        alone: dict[float, float],
+        round_s: float,
+        health: list[list[float]],
+        memory: Memory,
+        degraded: Run,
+    ) -> list[str]:
+        rounds, top, m = self.rounds, self.top, memory
+        lit = max(statistics.median(rounds["LitServe dense"]), 1e-9)
+        dense = statistics.median(rounds["mone capacity 1.0"])
+        half = statistics.median(rounds["mone capacity 0.5"])
+        speedup = alone[1.0] / alone[0.5]
 
-    speedup = alone[1.0] / alone[0.5]
+        def per_round(name: str) -> str:
+            pairs = zip(rounds[name], rounds["LitServe dense"], strict=True)
+            return ", ".join(f"{r / max(li, 1e-9):.2f}x" for r, li in pairs)
 
-    def per_round(name: str) -> str:
-        pairs = zip(rounds[name], rounds["LitServe dense"], strict=True)
-        return ", ".join(f"{m / max(li, 1e-9):.2f}x" for m, li in pairs)
-
-    summary = [
-        f"- throughput at capacity 1.0, c={top}, median of {args.rounds} interleaved rounds of "
-        f"{round_s:.0f} s: mone "
-        f"{dense:.1f} req/s vs LitServe {lit:.1f} req/s ({dense / lit:.2f}x; per round "
-        f"{per_round('mone capacity 1.0')})",
-        f"- mone at capacity 0.5 vs LitServe dense, same rounds: {half / lit:.2f}x (per round "
-        f"{per_round('mone capacity 0.5')}; the model alone, batch {args.batch}: {speedup:.2f}x from "
-        "capacity 1.0 to 0.5)",
-        f"- /healthz under saturation (closed loop, c={top}, probed every 20 ms from a separate process): "
-        f"API port {_summary(health[0])}; probe listener (health_port) {_summary(health[1])}",
-        f"- mone-serve RSS at rest: {rss_warm:.0f} MB after start-up, {rss_loaded:.0f} MB over a warm-up "
-        f"cycle at capacities 1.0/0.5/0.25 (median); {rss_after:.0f} MB over the last cycle after {served} "
-        f"more requests ({100 * (rss_after / rss_loaded - 1):+.1f} %; trace "
-        f"{' '.join(f'{m:.0f}' for m in trace[:: max(1, len(trace) // 12)])}); the moment each load stopped: "
-        f"max {max(busy):.0f} MB, median {statistics.median(busy):.0f} MB",
-    ]
-    if degraded.misses:
-        shown = degraded.misses[:: max(1, len(degraded.misses) // 8)]
-        summary.append(
-            f"- latency_ms misses under `degrade` ({len(degraded.misses)}; server's timing): "
-            + "; ".join(shown)
-        )
-    for label, run in runs.items():
-        if run.failures:
-            kinds = ", ".join(f"{k}: {v}" for k, v in sorted(run.failures.items()))
-            summary.append(f"- errors in `{label}`: {kinds}")
-    for line in summary:
-        print(line, flush=True)
-    return [*lines, "", *summary]
+        trace = " ".join(f"{v:.0f}" for v in m.trace[:: max(1, len(m.trace) // 12)])
+        summary = [
+            f"- throughput at capacity 1.0, c={top}, median of {self.args.rounds} interleaved rounds of "
+            f"{round_s:.0f} s: mone "
+            f"{dense:.1f} req/s vs LitServe {lit:.1f} req/s ({dense / lit:.2f}x; per round "
+            f"{per_round('mone capacity 1.0')})",
+            f"- mone at capacity 0.5 vs LitServe dense, same rounds: {half / lit:.2f}x (per round "
+            f"{per_round('mone capacity 0.5')}; the model alone, batch {self.args.batch}: {speedup:.2f}x "
+            "from capacity 1.0 to 0.5)",
+            f"- /healthz under saturation (closed loop, c={top}, probed every 20 ms from a separate "
+            "process): "
+            f"API port {_summary(health[0])}; probe listener (health_port) {_summary(health[1])}",
+            f"- mone-serve RSS at rest: {m.warm:.0f} MB after start-up, {m.loaded:.0f} MB over a warm-up "
+            f"cycle at capacities 1.0/0.5/0.25 (median); {m.after:.0f} MB over the last cycle after "
+            f"{m.served} more requests ({100 * (m.after / m.loaded - 1):+.1f} %; trace {trace}); the moment "
+            f"each load stopped: max {max(m.busy):.0f} MB, median {statistics.median(m.busy):.0f} MB",
+        ]
+        if degraded.misses:
+            shown = degraded.misses[:: max(1, len(degraded.misses) // 8)]
+            summary.append(
+                f"- latency_ms misses under `degrade` ({len(degraded.misses)}; server's timing): "
+                + "; ".join(shown)
+            )
+        for label, run in self.runs.items():
+            if run.failures:
+                kinds = ", ".join(f"{k}: {v}" for k, v in sorted(run.failures.items()))
+                summary.append(f"- errors in `{label}`: {kinds}")
+        return summary
 
 
 def main() -> None:
@@ -761,7 +802,7 @@ def main() -> None:
             else:
                 ckpt, name = random_checkpoint("S/16", Path(tmp), num_classes=1000), "random S/16"
             cfg = MoNEConfig.from_dict(read_checkpoint_info(ckpt)["config"])
-            lines += bench_model(name, ckpt, cfg, args)
+            lines += ModelBench(name, ckpt, cfg, args).run()
     text = "\n".join(lines) + "\n"
     print(text)
     if args.write:
