@@ -14,8 +14,8 @@ from fastapi import Request
 from PIL import Image
 
 from model import load_checkpoint
+from model.preprocess import pil_to_tensor
 from server.precision import cast_model, resolve_dtype
-from server.preprocess import pil_to_tensor
 
 
 class MoNEAPI(ls.LitAPI):  # type: ignore[misc]

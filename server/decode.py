@@ -3,7 +3,9 @@
 The container is recognised from its magic bytes first, and only an allow-listed decoder is ever invoked
 (Pillow is told the one format to use; PyAV gets an explicit demuxer, so playlist demuxers such as HLS or
 concat that could open local files are never reached).  Every failure is a `ServeError` (4xx), never a
-500.  Runs in a worker thread; it is CPU work.  Clip decoding itself lives in `server.video`.
+500.  Runs in a worker thread; it is CPU work.  Clip decoding itself lives in `server.video`.  What a decoded
+picture or clip becomes (mode, size, frames, normalisation) is `model.preprocess`, which training and
+evaluation use too.
 """
 
 from __future__ import annotations
@@ -13,13 +15,13 @@ import warnings
 from dataclasses import dataclass
 from typing import Literal
 
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor
 
 from model import MoNEConfig
+from model.preprocess import array_frames_to_tensor, frames_to_tensor, upright
 from server.config import Settings
 from server.errors import BadInputError, OverLimitError, ServeError, TooLargeError, UnsupportedMediaError
-from server.preprocess import array_frames_to_tensor, frames_to_tensor
 from server.video import VIDEO_FORMATS, ClipDecoder, ClipShape, decode_video
 
 __all__ = ["CONTENT_TYPES", "IMAGE_FORMATS", "VIDEO_FORMATS", "Decoded", "Kind", "decode", "sniff"]
@@ -109,10 +111,7 @@ def decode_image(data: bytes, fmt: str, settings: Settings) -> Image.Image:
                     f"image has {n_frames} frames, the limit is {settings.max_animated_frames}",
                     frames=n_frames,
                 )
-            img.seek(0)
-            img.load()
-            out = ImageOps.exif_transpose(img)
-            return out if out is not None else img
+            return upright(img)
     except ServeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

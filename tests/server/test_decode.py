@@ -11,11 +11,10 @@ import torch
 from PIL import Image
 
 from model import MoNEConfig
-from model.data import normalize
+from model.preprocess import normalised_array, normalize, pil_to_tensor, sample_indices
 from server.config import Settings
 from server.decode import decode, sniff
 from server.errors import BadInputError, OverLimitError, TooLargeError, UnsupportedMediaError
-from server.preprocess import normalised_array, pil_to_tensor, sample_indices
 from tests.server.conftest import encode, encode_clip, fashion_images
 
 CFG = MoNEConfig.from_variant("Mi/4", num_classes=10)

@@ -21,11 +21,11 @@ from torch import Tensor
 
 from model import MoNE, MoNEConfig, gflops, load_checkpoint
 from model.flops import count_flops
+from model.preprocess import pil_to_tensor
 from server import engine as engine_module
 from server.budget import Budget
 from server.engine import Engine
 from server.errors import DeadlineExceededError, InternalError, OverloadedError
-from server.preprocess import pil_to_tensor
 from server.priority import thread_ids, thread_nice
 from server.runner import Runner
 from tests.server.conftest import fashion_images, fast_settings

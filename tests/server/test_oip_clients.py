@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from model import MoNEConfig
-from server.preprocess import pil_to_tensor
+from model.preprocess import pil_to_tensor
 from server.proto import inference_pb2 as pb
 from server.proto import inference_pb2_grpc
 from tests.live_server import free_port, start_server, stop_server

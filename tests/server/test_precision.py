@@ -12,10 +12,10 @@ from PIL import Image
 
 from model import MoNE, MoNEConfig, load_checkpoint
 from model.checkpoint import Checkpoint
+from model.preprocess import pil_to_tensor
 from server.app import create_app
 from server.config import Settings
 from server.precision import LOGIT_TOLERANCE, ROUTED_TOLERANCE, cast_model, resolve_dtype
-from server.preprocess import pil_to_tensor
 from server.runner import Runner
 from tests.server.conftest import fashion_images, fast_settings
 

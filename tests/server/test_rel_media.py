@@ -20,6 +20,7 @@ import torch
 from PIL import Image
 
 from model import MoNEConfig
+from model.preprocess import pil_to_tensor
 from server.config import Settings
 from server.decode import decode
 from server.errors import (
@@ -29,7 +30,6 @@ from server.errors import (
     TooLargeError,
     UnsupportedMediaError,
 )
-from server.preprocess import pil_to_tensor
 from tests.server import rel_corpus as corpus
 from tests.server.conftest import encode
 
