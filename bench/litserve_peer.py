@@ -14,8 +14,8 @@ from fastapi import Request
 from PIL import Image
 
 from mone.model import load_checkpoint
+from mone.model.preprocess import pil_to_tensor
 from mone.server.core.precision import cast_model, resolve_dtype
-from mone.server.media.preprocess import pil_to_tensor
 
 
 class MoNEAPI(ls.LitAPI):  # type: ignore[misc]

@@ -2,7 +2,11 @@
 
 Fashion-MNIST (Xiao, Rasul and Vollgraf 2017, arXiv 1708.07747) ships as four IDX files (LeCun's MNIST
 format); on Debian they come with the package `dataset-fashion-mnist`.  Every loader returns uint8 tensors
-(B, C, H, W) or clips (B, T, C, H, W) and int64 labels; normalisation happens on the batch, next to the model.
+(B, C, H, W) or clips (B, T, C, H, W) and int64 labels; normalisation happens on the batch, next to the model
+(`mone.model.preprocess.normalize`).
+
+Pictures and clips from folders go through `mone.model.preprocess`, the transform the server applies to an
+upload: a model trained on a folder sees each file exactly as it will see the same file sent to the server.
 
 Shape legend: B items, T frames, C channels, H, W pixels.
 """
@@ -17,6 +21,8 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import Tensor
+
+from mone.model.preprocess import channels_first, clip_pixels, model_pixels, open_picture, picture
 
 FASHION_MNIST_DIR = Path("/usr/share/datasets/fashion-mnist")
 FASHION_MNIST_CLASSES = [
@@ -39,7 +45,7 @@ _IDX_DTYPES: dict[int, np.dtype] = {
     0x0D: np.dtype(">f4"),
 }
 _IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff"}
-_CLIP_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".npy"}
+_CLIP_SUFFIXES = {".mp4", ".avi", ".mov", ".mkv", ".webm", ".gif", ".npy"}
 
 
 class DataError(ValueError):
@@ -112,8 +118,15 @@ def _find(root: Path, stem: str) -> Path:
     )
 
 
-def load_fashion_mnist(split: str = "train", root: str | os.PathLike[str] | None = None) -> ImageSet:
-    """Fashion-MNIST `split` ("train": 60k, "test": 10k) as uint8 (B, 1, 28, 28) images."""
+def load_fashion_mnist(
+    split: str = "train", root: str | os.PathLike[str] | None = None, size: int = 28, channels: int = 1
+) -> ImageSet:
+    """Fashion-MNIST `split` ("train": 60k, "test": 10k) as uint8 (B, channels, size, size) images.
+
+    The data set's own 28x28 grey pictures are what `mone.model.preprocess` makes of a 28x28 grey picture, so
+    at the default size and channels they are returned as they are; any other size or channel count sends each
+    picture through `mone.model.preprocess.model_pixels`, as the server would.
+    """
     if split not in ("train", "test"):
         raise ValueError(f"split must be 'train' or 'test', got {split!r}")
     base = Path(root) if root is not None else FASHION_MNIST_DIR
@@ -124,7 +137,9 @@ def load_fashion_mnist(split: str = "train", root: str | os.PathLike[str] | None
         raise DataError(f"{base}: images {images.shape} and labels {labels.shape} do not match")
     if labels.size and (labels.min() < 0 or labels.max() >= len(FASHION_MNIST_CLASSES)):
         raise DataError(f"{base}: labels outside 0..9")
-    x = torch.from_numpy(images.copy()).unsqueeze(1)  # (B, 1, 28, 28)
+    if channels != 1 or images.shape[1:] != (size, size):
+        images = np.stack([model_pixels(picture(a), channels, size) for a in images])
+    x = torch.from_numpy(np.ascontiguousarray(channels_first(images, channels)))  # (B, C, H, W)
     y = torch.from_numpy(labels.astype(np.int64))
     return ImageSet(x, y, list(FASHION_MNIST_CLASSES))
 
@@ -140,14 +155,11 @@ def _class_dirs(root: Path) -> list[Path]:
 
 
 def _load_image(path: Path, size: int, channels: int) -> np.ndarray:
+    """One picture file -> uint8 (C, size, size), as the server makes it of the same file."""
     try:
-        from PIL import Image
-    except ImportError as exc:  # pragma: no cover - pillow is an optional dependency
-        raise DataError("reading image folders needs pillow: pip install pillow") from exc
-    with Image.open(path) as src:
-        im = src.convert("L" if channels == 1 else "RGB").resize((size, size), Image.Resampling.BILINEAR)
-        a = np.asarray(im, dtype=np.uint8)
-    return a[None] if channels == 1 else a.transpose(2, 0, 1)  # (C, H, W)
+        return channels_first(model_pixels(open_picture(path), channels, size), channels)
+    except OSError as exc:
+        raise DataError(f"{path}: cannot read the picture ({exc})") from exc
 
 
 def load_image_folder(root: str | os.PathLike[str], size: int, channels: int) -> ImageSet:
@@ -164,38 +176,41 @@ def load_image_folder(root: str | os.PathLike[str], size: int, channels: int) ->
     return ImageSet(torch.from_numpy(np.stack(xs)), torch.tensor(ys), [d.name for d in dirs])
 
 
-def _frames_to_clip(frames: np.ndarray, size: int, channels: int, num_frames: int) -> np.ndarray:
-    """(T', H, W[, 3]) uint8 frames -> (num_frames, C, size, size), sampling frames evenly."""
-    pick = np.linspace(0, len(frames) - 1, num_frames).round().astype(int)
-    t = torch.from_numpy(np.ascontiguousarray(frames[pick])).float()
-    t = t.unsqueeze(1) if t.dim() == 3 else t.permute(0, 3, 1, 2)  # (T, C', H, W)
-    if t.shape[1] != channels:
-        t = t.mean(dim=1, keepdim=True) if channels == 1 else t.expand(-1, channels, -1, -1)
-    t = torch.nn.functional.interpolate(t, size=(size, size), mode="bilinear", align_corners=False)
-    return t.round().clamp(0, 255).to(torch.uint8).numpy()
-
-
-def read_clip_file(path: Path) -> np.ndarray:
-    """Frames of a video file (PyAV) or a .npy array, as uint8 (T, H, W) or (T, H, W, 3)."""
+def load_clip_file(path: Path, size: int, channels: int, num_frames: int) -> np.ndarray:
+    """A video file (PyAV; mp4, webm, animated GIF, ...) or a .npy array of uint8 frames (T, H, W) or
+    (T, H, W, C) -> uint8 (num_frames, C, size, size), sampled and converted by
+    `mone.model.preprocess.clip_pixels` (video frames are decoded to RGB pictures, as the server decodes an
+    uploaded clip)."""
     if path.suffix.lower() == ".npy":
         a = np.load(path, allow_pickle=False)
-        if a.ndim not in (3, 4):
-            raise DataError(f"{path}: expected (T, H, W) or (T, H, W, C) frames, got shape {a.shape}")
-        return np.asarray(a, dtype=np.uint8)
+        if a.ndim not in (3, 4) or a.dtype != np.uint8 or len(a) == 0:
+            raise DataError(
+                f"{path}: expected uint8 (T, H, W) or (T, H, W, C) frames, got {a.dtype} {a.shape}"
+            )
+        try:
+            return channels_first(clip_pixels(a, channels, size, num_frames), channels)
+        except ValueError as exc:
+            raise DataError(f"{path}: {exc}") from exc
     try:
         import av
     except ImportError as exc:
         raise DataError("reading video files needs PyAV: pip install av") from exc
-    with av.open(str(path)) as container:
-        frames = [f.to_ndarray(format="rgb24") for f in container.decode(video=0)]
-    if not frames:
-        raise DataError(f"{path}: no video frames")
-    return np.asarray(np.stack(frames), dtype=np.uint8)
+    try:
+        with av.open(str(path)) as container:
+            stream = container.streams.video[0]
+            # RGB pictures, as the server turns the frames of an uploaded clip into pictures
+            # (server/media/video.py)
+            pictures = (f.to_image() for f in container.decode(stream))  # type: ignore[no-untyped-call]
+            frames = clip_pixels(pictures, channels, size, num_frames)
+    except (av.FFmpegError, IndexError, ValueError) as exc:
+        raise DataError(f"{path}: cannot read the clip ({exc})") from exc
+    return channels_first(frames, channels)
 
 
 def load_clip_folder(root: str | os.PathLike[str], size: int, channels: int, num_frames: int) -> ImageSet:
     """Clips under root/<class>/ (video files, .npy arrays, or sub-folders of frame images), as uint8
-    (B, T, C, H, W) with T = num_frames sampled evenly over each clip."""
+    (B, T, C, H, W) with T = num_frames sampled at the centres of equal segments of each clip
+    (`mone.model.preprocess.sample_indices`)."""
     xs, ys = [], []
     dirs = _class_dirs(Path(root))
     for label, d in enumerate(dirs):
@@ -204,21 +219,13 @@ def load_clip_folder(root: str | os.PathLike[str], size: int, channels: int, num
                 files = sorted(g for g in f.iterdir() if g.suffix.lower() in _IMAGE_SUFFIXES)
                 if not files:
                     continue
-                frames = np.stack([_load_image(g, size, channels) for g in files])  # (T', C, H, W)
-                frames = frames[:, 0] if channels == 1 else frames.transpose(0, 2, 3, 1)
+                pictures = (open_picture(g) for g in files)
+                xs.append(channels_first(clip_pixels(pictures, channels, size, num_frames), channels))
             elif f.suffix.lower() in _CLIP_SUFFIXES:
-                frames = read_clip_file(f)
+                xs.append(load_clip_file(f, size, channels, num_frames))
             else:
                 continue
-            xs.append(_frames_to_clip(frames, size, channels, num_frames))
             ys.append(label)
     if not xs:
         raise DataError(f"{root}: no clips found in its class sub-folders")
     return ImageSet(torch.from_numpy(np.stack(xs)), torch.tensor(ys), [d.name for d in dirs])
-
-
-def normalize(x: Tensor, mean: tuple[float, ...], std: tuple[float, ...]) -> Tensor:
-    """uint8 (..., C, H, W) -> float (x/255 - mean) / std, per channel."""
-    m = torch.tensor(mean, dtype=torch.float32, device=x.device).view(-1, 1, 1)
-    s = torch.tensor(std, dtype=torch.float32, device=x.device).view(-1, 1, 1)
-    return (x.float() / 255.0 - m) / s

@@ -33,8 +33,9 @@ from torch import Tensor
 
 from mone.model.checkpoint import load_checkpoint, save_checkpoint
 from mone.model.clips import TEST_CLIPS, eval_clips
-from mone.model.data import load_fashion_mnist, normalize
+from mone.model.data import load_fashion_mnist
 from mone.model.flops import gflops
+from mone.model.preprocess import normalize
 from mone.model.tome import tome_forward, tome_gflops
 from mone.model.vit import MoNE
 
@@ -369,11 +370,12 @@ def evaluate(cfg: EvalConfig) -> dict[str, Any]:
     t0 = time.monotonic()
     out = Path(cfg.out)
     res: dict[str, Any] = json.loads(out.read_text()) if out.is_file() else {}
-    test = load_fashion_mnist("test", cfg.data_dir)
+    ck = load_checkpoint(cfg.checkpoint, device=cfg.device) if cfg.checkpoint else None
+    shape = (ck.config.img_size, ck.config.in_chans) if ck else (28, 1)
+    test = load_fashion_mnist("test", cfg.data_dir, *shape)
     if cfg.limit:
         test = test.subset(slice(0, cfg.limit))
     images = (test.x, test.y)
-    ck = load_checkpoint(cfg.checkpoint, device=cfg.device) if cfg.checkpoint else None
     num_frames = ck.config.num_frames if ck else 8
     clips = eval_clips(test.x, test.y, min(cfg.clips, len(test)), num_frames)
     res.update(test_images=len(test), test_clips=len(clips[1]))

@@ -51,8 +51,9 @@ from mone.model.augment import crop_flip, mix, rand_augment, random_erase, soft_
 from mone.model.checkpoint import load_checkpoint, save_checkpoint
 from mone.model.clips import make_clips
 from mone.model.config import MoNEConfig
-from mone.model.data import ImageSet, load_clip_folder, load_fashion_mnist, load_image_folder, normalize
+from mone.model.data import ImageSet, load_clip_folder, load_fashion_mnist, load_image_folder
 from mone.model.flops import gflops
+from mone.model.preprocess import normalize
 from mone.model.recipe import ADAPTIVE_GRID, EMA, SCHEDULES, CapacitySchedule, capacity_loss
 from mone.model.timm_import import config_from_timm_state_dict, from_timm_state_dict, read_timm_weights
 from mone.model.vit import MoNE
@@ -137,8 +138,8 @@ HELP: dict[str, str] = {
     "variant": "model variant, e.g. Mi/4 or TiG/2 (28x28 grey, Fashion-MNIST) or S/16 (224 px RGB)",
     "data_dir": "Fashion-MNIST directory (IDX files); default: the Debian package's location",
     "image_folder": "train on ROOT/<class>/* images instead of Fashion-MNIST",
-    "clip_folder": "clips ROOT/<class>/* (videos, .npy or frame folders) for the clip batches; "
-    "default: clips drawn from the training images",
+    "clip_folder": "clips ROOT/<class>/* (videos, animated GIFs, .npy or frame folders) for the clip "
+    "batches; default: clips drawn from the training images",
     "val_size": "the last N training items are held out for validation (at most a fifth of them)",
     "train_limit": "train on the first N training items only (0: all; for smoke tests)",
     "epochs": "epochs to train (the cosine schedule spans them); ignored with --budget-epochs",
@@ -216,7 +217,7 @@ def load_data(cfg: TrainConfig, mcfg: MoNEConfig) -> Data:
         order = torch.randperm(len(full), generator=torch.Generator().manual_seed(cfg.seed))
         full = full.subset(order)  # folders are sorted by class: shuffle once before the split
     else:
-        full = load_fashion_mnist("train", cfg.data_dir)
+        full = load_fashion_mnist("train", cfg.data_dir, mcfg.img_size, mcfg.in_chans)
     n_val = min(cfg.val_size, len(full) // 5)
     train, val = full.subset(slice(0, len(full) - n_val)), full.subset(slice(len(full) - n_val, len(full)))
     if cfg.train_limit:

@@ -4,6 +4,9 @@ The container is recognised from its magic bytes first, and only an allow-listed
 (Pillow is told the one format to use; PyAV gets an explicit demuxer, so playlist demuxers such as HLS or
 concat that could open local files are never reached).  Every failure is a `ServeError` (4xx), never a
 500.  Runs in a worker thread; it is CPU work.  Clip decoding itself lives in `mone.server.media.video`.
+What a decoded
+picture or clip becomes (mode, size, frames, normalisation) is `mone.model.preprocess`, which training and
+evaluation use too.
 """
 
 from __future__ import annotations
@@ -13,13 +16,13 @@ import warnings
 from dataclasses import dataclass
 from typing import Literal
 
-from PIL import Image, ImageOps
+from PIL import Image
 from torch import Tensor
 
 from mone.model import MoNEConfig
+from mone.model.preprocess import array_frames_to_tensor, frames_to_tensor, upright
 from mone.server.config import Settings
 from mone.server.errors import BadInputError, OverLimitError, ServeError, TooLargeError, UnsupportedMediaError
-from mone.server.media.preprocess import array_frames_to_tensor, frames_to_tensor
 from mone.server.media.video import VIDEO_FORMATS, ClipDecoder, ClipShape, decode_video
 
 __all__ = ["CONTENT_TYPES", "IMAGE_FORMATS", "VIDEO_FORMATS", "Decoded", "Kind", "decode", "sniff"]
@@ -109,10 +112,7 @@ def decode_image(data: bytes, fmt: str, settings: Settings) -> Image.Image:
                     f"image has {n_frames} frames, the limit is {settings.max_animated_frames}",
                     frames=n_frames,
                 )
-            img.seek(0)
-            img.load()
-            out = ImageOps.exif_transpose(img)
-            return out if out is not None else img
+            return upright(img)
     except ServeError:
         raise
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:

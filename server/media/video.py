@@ -1,5 +1,6 @@
 """Clip decoding with PyAV: allow-listed demuxer and codec, limits on streams, size, duration, frames and
-decode time.  The result is `num_frames` uint8 frames, already in the model's mode and size.
+decode time.  The result is `num_frames` uint8 frames, already in the model's mode and size, made by
+`mone.model.preprocess.clip_pixels` (what training makes of a clip file too).
 
 This module imports no torch: it is what the decode worker processes (`mone.server.media.decode_pool`) run,
 and it is also called directly in the in-thread mode (`decode_isolation=thread`).
@@ -9,18 +10,20 @@ from __future__ import annotations
 
 import io
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
 import av
 import numpy as np
 
+from mone.model.preprocess import clip_pixels
 from mone.server.config import Settings
 from mone.server.errors import BadInputError, OverLimitError, ServeError, TooLargeError, UnsupportedMediaError
-from mone.server.media.frames import model_pixels, sample_indices
 
 if TYPE_CHECKING:
+    from PIL import Image
+
     from mone.model import MoNEConfig
 
 VIDEO_FORMATS = {"mp4": "mp4", "webm": "matroska", "gif": "gif"}  # sniffed name -> FFmpeg demuxer
@@ -98,16 +101,23 @@ def _check_stream(container: Any, settings: Settings) -> Any:
 
 def _sample_frames(container: Any, shape: ClipShape, settings: Settings, deadline: float) -> np.ndarray:
     stream = _check_stream(container, settings)
-    frames: list[np.ndarray] = []
+    # Each frame is converted and resized as it is decoded, so that only small frames are kept.
+    return clip_pixels(
+        _frames(container, stream, settings, deadline), shape.in_chans, shape.img_size, shape.num_frames
+    )
+
+
+def _frames(container: Any, stream: Any, settings: Settings, deadline: float) -> Iterator[Image.Image]:
+    """The stream's frames as RGB pictures, each after the time and count checks."""
+    count = 0
     for frame in container.decode(stream):
         if time.monotonic() > deadline:
             raise OverLimitError(f"decoding took longer than {settings.max_decode_seconds:g} s")
         if frame.time is not None and frame.time > settings.max_video_seconds:
             raise OverLimitError(f"clip lasts longer than {settings.max_video_seconds:g} s")
-        if len(frames) >= settings.max_video_frames:
+        if count >= settings.max_video_frames:
             raise OverLimitError(f"clip has more than {settings.max_video_frames} frames")
-        # Convert and resize now (as pil_to_tensor does) so that only small frames are kept.
-        frames.append(model_pixels(frame.to_image(), shape.in_chans, shape.img_size))
-    if not frames:
+        count += 1
+        yield frame.to_image()
+    if not count:
         raise BadInputError("the clip has no decodable frames")
-    return np.stack([frames[i] for i in sample_indices(len(frames), shape.num_frames)])

@@ -16,7 +16,7 @@ from PIL import Image
 from safetensors.torch import save_file
 
 from mone.model import load_checkpoint
-from mone.model.data import normalize
+from mone.model.preprocess import normalize
 from tests.live_server import ROOT, start_server, stop_server
 from tests.model.test_timm_import import TimmLikeViT
 

@@ -15,9 +15,9 @@ from mone.model.data import (
     load_clip_folder,
     load_fashion_mnist,
     load_image_folder,
-    normalize,
     read_idx,
 )
+from mone.model.preprocess import normalize
 
 pytestmark = pytest.mark.model
 

@@ -11,11 +11,10 @@ import torch
 from PIL import Image
 
 from mone.model import MoNEConfig
-from mone.model.data import normalize
+from mone.model.preprocess import normalised_array, normalize, pil_to_tensor, sample_indices
 from mone.server.config import Settings
 from mone.server.errors import BadInputError, OverLimitError, TooLargeError, UnsupportedMediaError
 from mone.server.media.decode import decode, sniff
-from mone.server.media.preprocess import normalised_array, pil_to_tensor, sample_indices
 from tests.server.conftest import encode, encode_clip, fashion_images
 
 CFG = MoNEConfig.from_variant("Mi/4", num_classes=10)

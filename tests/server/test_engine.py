@@ -21,13 +21,13 @@ from torch import Tensor
 
 from mone.model import MoNE, MoNEConfig, gflops, load_checkpoint
 from mone.model.flops import count_flops
+from mone.model.preprocess import pil_to_tensor
 from mone.server.core import engine as engine_module
 from mone.server.core.budget import Budget
 from mone.server.core.engine import Engine
 from mone.server.core.priority import thread_ids, thread_nice
 from mone.server.core.runner import Runner
 from mone.server.errors import DeadlineExceededError, InternalError, OverloadedError
-from mone.server.media.preprocess import pil_to_tensor
 from tests.server.conftest import fashion_images, fast_settings
 
 pytestmark = pytest.mark.anyio

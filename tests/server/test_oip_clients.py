@@ -18,9 +18,9 @@ import torch
 from PIL import Image
 
 from mone.model import MoNEConfig
+from mone.model.preprocess import pil_to_tensor
 from mone.server.http.proto import inference_pb2 as pb
 from mone.server.http.proto import inference_pb2_grpc
-from mone.server.media.preprocess import pil_to_tensor
 from tests.live_server import free_port, start_server, stop_server
 from tests.server.conftest import LABELS, encode_clip, fashion_images, png
 

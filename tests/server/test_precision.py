@@ -13,11 +13,11 @@ from PIL import Image
 
 from mone.model import MoNE, MoNEConfig, load_checkpoint
 from mone.model.checkpoint import Checkpoint
+from mone.model.preprocess import pil_to_tensor
 from mone.server.config import Settings
 from mone.server.core.precision import LOGIT_TOLERANCE, ROUTED_TOLERANCE, cast_model, resolve_dtype
 from mone.server.core.runner import Runner
 from mone.server.http.app import create_app
-from mone.server.media.preprocess import pil_to_tensor
 from tests.server.conftest import fashion_images, fast_settings
 
 ROOT = Path(__file__).resolve().parents[2]

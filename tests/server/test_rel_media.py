@@ -21,6 +21,7 @@ import torch
 from PIL import Image
 
 from mone.model import MoNEConfig
+from mone.model.preprocess import pil_to_tensor
 from mone.server.config import Settings
 from mone.server.errors import (
     BadInputError,
@@ -30,7 +31,6 @@ from mone.server.errors import (
     UnsupportedMediaError,
 )
 from mone.server.media.decode import decode
-from mone.server.media.preprocess import pil_to_tensor
 from tests.server import rel_corpus as corpus
 from tests.server.conftest import encode
 
