@@ -1,4 +1,7 @@
-"""Marks every test by the folder it lives in (tests/model -> `model`, ...)."""
+"""Marks every test by the folder it lives in (tests/model -> `model`, ...).
+
+This is the suite's one marker hook: the folders' conftest files have none of their own.
+"""
 
 from __future__ import annotations
 

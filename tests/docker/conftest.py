@@ -36,13 +36,6 @@ FAST_ENV = {
 }
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    here = Path(__file__).parent
-    for item in items:
-        if here in Path(str(item.fspath)).parents:
-            item.add_marker(pytest.mark.docker)
-
-
 def png_bytes(side: int = 28, seed: int = 0) -> bytes:
     img = Image.effect_noise((side, side), 40 + seed).convert("RGB")
     buf = io.BytesIO()

@@ -27,13 +27,6 @@ LABELS = ["tshirt", "trouser", "pullover", "dress", "coat", "sandal", "shirt", "
 FASHION_TEST = Path("/usr/share/datasets/fashion-mnist/t10k-images-idx3-ubyte.gz")
 
 
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    here = Path(__file__).parent
-    for item in items:
-        if here in Path(str(item.fspath)).parents:
-            item.add_marker(pytest.mark.server)
-
-
 @pytest.fixture(scope="module")
 def anyio_backend() -> str:
     return "asyncio"
