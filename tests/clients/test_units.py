@@ -31,7 +31,7 @@ from clients.bench import Budget, Report, Sample, parse_mix
 from clients.errors import from_response
 from clients.media import is_clip, sniff, to_payload
 from clients.routing import render
-from tests.clients.conftest import clip_frames, picture
+from tests.support.media import clip_frames, picture
 
 OK_BODY = {
     "model": "mone",

@@ -13,7 +13,7 @@ import yaml
 
 from server.app import create_app
 from server.config import Settings
-from tests.docker.conftest import DOCKER
+from tests.support.deploy import DOCKER
 
 K8S = DOCKER / "k8s"
 

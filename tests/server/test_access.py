@@ -13,7 +13,7 @@ import pytest
 
 import server.routes
 from server.access import AccessRecord, usable_id
-from tests.server.conftest import fashion_images, png
+from tests.support.media import fashion_images, png
 
 pytestmark = pytest.mark.anyio
 

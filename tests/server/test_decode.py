@@ -16,7 +16,7 @@ from server.config import Settings
 from server.decode import decode, sniff
 from server.errors import BadInputError, OverLimitError, TooLargeError, UnsupportedMediaError
 from server.preprocess import normalised_array, pil_to_tensor, sample_indices
-from tests.server.conftest import encode, encode_clip, fashion_images
+from tests.support.media import encode, encode_clip, fashion_images
 
 CFG = MoNEConfig.from_variant("Mi/4", num_classes=10)
 S = Settings(random_init=True)

@@ -19,7 +19,7 @@ from server.decode_budget import PixelBudget, header_pixels
 from server.deps import decode_payload
 from server.engine import Engine
 from server.errors import OverloadedError
-from tests.server.conftest import encode
+from tests.support.media import encode
 
 pytestmark = pytest.mark.anyio
 

@@ -28,7 +28,8 @@ from server.errors import DeadlineExceededError, InternalError, OverloadedError
 from server.preprocess import pil_to_tensor
 from server.priority import thread_ids, thread_nice
 from server.runner import Runner
-from tests.server.conftest import fashion_images, fast_settings
+from tests.support.media import fashion_images
+from tests.support.models import fast_settings
 
 pytestmark = pytest.mark.anyio
 CFG = MoNEConfig.from_variant("Mi/4", num_classes=10)

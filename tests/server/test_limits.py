@@ -14,7 +14,8 @@ from fastapi import FastAPI
 from PIL import Image
 
 from server.app import create_app
-from tests.server.conftest import encode, fashion_images, fast_settings, png
+from tests.support.media import encode, fashion_images, png
+from tests.support.models import fast_settings
 
 pytestmark = pytest.mark.anyio
 KEY = "s3cret-token"

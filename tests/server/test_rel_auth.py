@@ -16,7 +16,8 @@ from fastapi import FastAPI
 from server import auth, deps
 from server.app import create_app
 from server.config import Settings
-from tests.server.conftest import fashion_images, fast_settings, png
+from tests.support.media import fashion_images, png
+from tests.support.models import fast_settings
 
 pytestmark = pytest.mark.anyio
 KEY = "rel-test-key-0123456789"

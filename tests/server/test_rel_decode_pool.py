@@ -27,8 +27,9 @@ from server.config import Settings
 from server.decode import decode
 from server.decode_pool import KILL_MARGIN_S, DecodePool
 from server.errors import BadInputError, NotReadyError, OverLimitError, ServeError
-from tests.server.conftest import encode_clip, fast_settings
 from tests.server.rel_decode_faults import EXIT, HANG, SEGFAULT, misbehaving_decode
+from tests.support.media import encode_clip
+from tests.support.models import fast_settings
 
 CFG = MoNEConfig.from_variant("Mi/4", num_classes=10)
 BUDGET_S = 1.0

@@ -28,7 +28,7 @@ from server.decode import decode
 from server.decode_pool import DecodePool
 from server.errors import BadInputError, OverLimitError, TooLargeError, UnsupportedMediaError
 from tests.server import rel_corpus as corpus
-from tests.server.conftest import encode, encode_clip
+from tests.support.media import encode, encode_clip
 
 CFG = MoNEConfig.from_variant("Mi/4", num_classes=10)
 S = Settings(random_init=True, max_decode_seconds=2.0)

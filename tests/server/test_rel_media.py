@@ -31,7 +31,7 @@ from server.errors import (
 )
 from server.preprocess import pil_to_tensor
 from tests.server import rel_corpus as corpus
-from tests.server.conftest import encode
+from tests.support.media import encode
 
 CFG = MoNEConfig.from_variant("Mi/4", num_classes=10)
 S = Settings(random_init=True)
