@@ -1,4 +1,8 @@
-"""Marks every test by the folder it lives in (tests/model -> `model`, ...)."""
+"""Marks every test by the folder it lives in (tests/model -> `model`, ...).
+
+This is the suite's one marker hook: the folders' conftest files hold fixtures only, and the helpers the
+tests share live in tests/support.
+"""
 
 from __future__ import annotations
 

@@ -13,7 +13,9 @@ from PIL import Image
 
 from mone.clients import AsyncMoneClient, BadRequest, MoneClient, Unauthorized
 from mone.clients.cli import main
-from tests.clients.conftest import ROOT, clip_frames, picture, start_server, stop_server
+from tests.live_server import start_server, stop_server
+from tests.support import ROOT
+from tests.support.media import clip_frames, picture
 
 pytestmark = pytest.mark.slow
 

@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from tests.clients.conftest import ROOT, picture
+from tests.support import ROOT
+from tests.support.media import picture
 
 CLIENT_CHECK = """
 import importlib.util, io, json, sys

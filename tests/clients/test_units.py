@@ -31,7 +31,7 @@ from mone.clients.bench import Budget, Report, Sample, parse_mix
 from mone.clients.errors import from_response
 from mone.clients.media import is_clip, sniff, to_payload
 from mone.clients.routing import render
-from tests.clients.conftest import clip_frames, picture
+from tests.support.media import clip_frames, picture
 
 OK_BODY = {
     "model": "mone",

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from tests.clients.conftest import ROOT
+from tests.support import ROOT
 from tests.system import missing
 
 pytestmark = pytest.mark.slow

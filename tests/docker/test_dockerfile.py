@@ -8,7 +8,8 @@ import sys
 from pathlib import Path
 
 from mone.server.config import Settings
-from tests.docker.conftest import DOCKER, ROOT
+from tests.support import ROOT
+from tests.support.deploy import DOCKER
 
 DOCKERFILE = DOCKER / "Dockerfile"
 

@@ -17,7 +17,10 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from tests.docker.conftest import API_KEY, DOCKER, FAST_ENV, ROOT, free_port, png_bytes, wait_http
+from tests.live_server import free_port
+from tests.support import ROOT
+from tests.support.deploy import API_KEY, DOCKER, FAST_ENV, wait_http
+from tests.support.media import png_bytes
 
 # With an API key set, /metrics needs it too (unless MONE_METRICS_PUBLIC): the image keeps that default.
 METRICS_AUTH = {"authorization": f"Bearer {API_KEY}"}

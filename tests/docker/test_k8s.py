@@ -13,7 +13,7 @@ import yaml
 
 from mone.server.config import Settings
 from mone.server.http.app import create_app
-from tests.docker.conftest import DOCKER
+from tests.support.deploy import DOCKER
 
 K8S = DOCKER / "k8s"
 

@@ -36,8 +36,9 @@ from PIL import Image
 
 from mone.server.config import Settings
 from tests.docker import test_image
-from tests.docker.conftest import API_KEY, png_bytes
 from tests.docker.test_image import Container, podman
+from tests.support.deploy import API_KEY
+from tests.support.media import png_bytes
 
 pytestmark = pytest.mark.slow
 

@@ -23,7 +23,9 @@ import httpx
 import pytest
 import yaml
 
-from tests.docker.conftest import DOCKER, free_port, png_bytes, stop_group, wait_http
+from tests.live_server import free_port
+from tests.support.deploy import DOCKER, stop_group, wait_http
+from tests.support.media import png_bytes
 
 PROM = DOCKER / "prometheus"
 GRAFANA = DOCKER / "grafana"

@@ -17,7 +17,9 @@ from ray.serve.schema import ServeDeploySchema
 
 from mone.server.config import Settings
 from mone.server.ray_app import REPLICA_HEADER, MoneServe, app_builder
-from tests.docker.conftest import DOCKER, FAST_ENV, free_port, png_bytes, wait_http
+from tests.live_server import free_port
+from tests.support.deploy import DOCKER, FAST_ENV, wait_http
+from tests.support.media import png_bytes
 
 
 @pytest.fixture(scope="module")

@@ -10,7 +10,7 @@ import torch
 
 from mone.model import CheckpointError, MoNE, load_checkpoint, save_checkpoint
 from mone.model.checkpoint import checkpoint_digest
-from tests.model.conftest import make_net
+from tests.support.models import make_net
 
 
 @pytest.fixture

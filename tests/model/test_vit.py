@@ -12,8 +12,8 @@ from mone.model.capacity import expert_counts, realised_capacity
 from mone.model.flops import count_flops
 from mone.model.routing import expert_preferred_routing
 from mone.model.vit import Layout
-from tests.model.conftest import make_net
 from tests.model.reference import reference_forward
+from tests.support.models import make_net
 
 CAPS = [1.0, 0.9, 0.6, 0.5, 0.3, 0.25, 0.2, 0.125]
 # How an inference forward runs a multi-expert split (`MoNE.plan_runs`): one product per expert, full width

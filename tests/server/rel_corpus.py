@@ -16,7 +16,7 @@ import av
 import numpy as np
 from PIL import Image
 
-from tests.server.conftest import encode, fashion_images
+from tests.support.media import encode, fashion_images
 
 
 def upright() -> Image.Image:

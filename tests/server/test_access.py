@@ -13,7 +13,7 @@ import pytest
 
 import mone.server.http.routes
 from mone.server.http.access import AccessRecord, usable_id
-from tests.server.conftest import fashion_images, png
+from tests.support.media import fashion_images, png
 
 pytestmark = pytest.mark.anyio
 

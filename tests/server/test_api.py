@@ -17,7 +17,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from mone.model import expert_counts, gflops
 from mone.model.preprocess import pil_to_tensor
 from tests.server import oip_schema
-from tests.server.conftest import LABELS, encode, encode_clip, fashion_images, png
+from tests.support.media import encode, encode_clip, fashion_images, png
+from tests.support.models import LABELS
 
 pytestmark = pytest.mark.anyio
 

@@ -12,7 +12,7 @@ from torch import Tensor
 from mone.model import MoNE, MoNEConfig, expert_counts
 from mone.server.core.capture import CapturedForward, Outputs, accounting, capture_sizes
 from mone.server.core.runner import Runner
-from tests.server.conftest import make_model
+from tests.support.models import make_model
 
 
 class FakeGraph:

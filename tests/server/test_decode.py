@@ -15,7 +15,7 @@ from mone.model.preprocess import normalised_array, normalize, pil_to_tensor, sa
 from mone.server.config import Settings
 from mone.server.errors import BadInputError, OverLimitError, TooLargeError, UnsupportedMediaError
 from mone.server.media.decode import decode, sniff
-from tests.server.conftest import encode, encode_clip, fashion_images
+from tests.support.media import encode, encode_clip, fashion_images
 
 CFG = MoNEConfig.from_variant("Mi/4", num_classes=10)
 S = Settings(random_init=True)

@@ -19,7 +19,7 @@ from mone.server.errors import OverloadedError
 from mone.server.http.deps import decode_payload
 from mone.server.media.decode import Decoded, decode
 from mone.server.media.decode_budget import PixelBudget, header_pixels
-from tests.server.conftest import encode
+from tests.support.media import encode
 
 pytestmark = pytest.mark.anyio
 

@@ -16,7 +16,7 @@ from prometheus_client.parser import text_string_to_metric_families
 from mone.server.cli import main, settings_from_args
 from tests.live_server import start_server as start
 from tests.live_server import stop_server as stop
-from tests.server.conftest import fashion_images, png
+from tests.support.media import fashion_images, png
 
 
 def metric(base: str, name: str, **labels: str) -> float:

@@ -28,7 +28,8 @@ from mone.server.core.engine import Engine
 from mone.server.core.priority import thread_ids, thread_nice
 from mone.server.core.runner import Runner
 from mone.server.errors import DeadlineExceededError, InternalError, OverloadedError
-from tests.server.conftest import fashion_images, fast_settings
+from tests.support.media import fashion_images
+from tests.support.models import fast_settings
 
 pytestmark = pytest.mark.anyio
 CFG = MoNEConfig.from_variant("Mi/4", num_classes=10)

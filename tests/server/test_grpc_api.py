@@ -14,7 +14,8 @@ from mone.server.http.app import create_app
 from mone.server.http.proto import inference_pb2 as pb
 from mone.server.http.proto import inference_pb2_grpc
 from tests.live_server import free_port
-from tests.server.conftest import fashion_images, fast_settings, png
+from tests.support.media import fashion_images, png
+from tests.support.models import fast_settings
 
 pytestmark = pytest.mark.anyio
 KEY = "a-long-enough-key"

@@ -21,7 +21,7 @@ from mone.model.checkpoint import CheckpointError
 from mone.server.http.app import create_app
 from mone.server.http.health import HealthListener, HealthState, Watchdog, mark_draining_on_signals
 from tests.live_server import free_port
-from tests.server.conftest import fast_settings
+from tests.support.models import fast_settings
 
 
 class Clock:

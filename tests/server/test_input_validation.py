@@ -15,7 +15,8 @@ from fastapi import FastAPI
 from mone.model import MoNE, MoNEConfig, expert_counts, gflops, realised_capacity, save_checkpoint
 from mone.server.core.engine import fit_settings
 from mone.server.http.app import create_app
-from tests.server.conftest import LABELS, fashion_images, fast_settings, png
+from tests.support.media import fashion_images, png
+from tests.support.models import LABELS, fast_settings
 
 pytestmark = pytest.mark.anyio
 

@@ -15,7 +15,8 @@ from PIL import Image
 
 import mone.server.http.routes
 from mone.server.http.app import create_app
-from tests.server.conftest import encode, fashion_images, fast_settings, png
+from tests.support.media import encode, fashion_images, png
+from tests.support.models import fast_settings
 
 pytestmark = pytest.mark.anyio
 KEY = "s3cret-token"

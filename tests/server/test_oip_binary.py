@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from mone.server.http.oip_tensors import deserialize_bytes, serialize_bytes
-from tests.server.conftest import fashion_images, png
+from tests.support.media import fashion_images, png
 
 pytestmark = pytest.mark.anyio
 URL = "/v2/models/mone/infer"

@@ -22,7 +22,8 @@ from mone.model.preprocess import pil_to_tensor
 from mone.server.http.proto import inference_pb2 as pb
 from mone.server.http.proto import inference_pb2_grpc
 from tests.live_server import free_port, start_server, stop_server
-from tests.server.conftest import LABELS, encode_clip, fashion_images, png
+from tests.support.media import encode_clip, fashion_images, png
+from tests.support.models import LABELS
 
 httpclient = pytest.importorskip("tritonclient.http")
 grpcclient = pytest.importorskip("tritonclient.grpc")

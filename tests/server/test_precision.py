@@ -18,7 +18,8 @@ from mone.server.config import Settings
 from mone.server.core.precision import LOGIT_TOLERANCE, ROUTED_TOLERANCE, cast_model, resolve_dtype
 from mone.server.core.runner import Runner
 from mone.server.http.app import create_app
-from tests.server.conftest import fashion_images, fast_settings
+from tests.support.media import fashion_images
+from tests.support.models import fast_settings
 
 ROOT = Path(__file__).resolve().parents[2]
 SAMPLES = ROOT / "clients" / "web" / "samples"
@@ -131,7 +132,7 @@ def test_cast_model_casts_inputs_once_registered() -> None:
 async def test_metadata_reports_the_dtype_and_bf16_serves(checkpoint_dir: Path) -> None:
     import httpx
 
-    from tests.server.conftest import png
+    from tests.support.media import png
 
     image = png(fashion_images(1)[0])
     for dtype in ("bf16", "fp32"):

@@ -16,7 +16,8 @@ from fastapi import FastAPI
 from mone.server.config import Settings
 from mone.server.http import auth, deps
 from mone.server.http.app import create_app
-from tests.server.conftest import fashion_images, fast_settings, png
+from tests.support.media import fashion_images, png
+from tests.support.models import fast_settings
 
 pytestmark = pytest.mark.anyio
 KEY = "rel-test-key-0123456789"

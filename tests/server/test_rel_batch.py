@@ -12,7 +12,8 @@ import pytest
 from fastapi import FastAPI
 
 from mone.server.http.app import create_app
-from tests.server.conftest import fashion_images, fast_settings, png
+from tests.support.media import fashion_images, png
+from tests.support.models import fast_settings
 
 pytestmark = pytest.mark.anyio
 BODY = png(fashion_images(1)[0])

@@ -16,8 +16,8 @@ import time
 import httpx
 import pytest
 
-from tests.server.conftest import fashion_images, png
 from tests.server.rel_load import Load, burst, figures, launch, server_account, total
+from tests.support.media import fashion_images, png
 
 pytestmark = pytest.mark.slow
 BODY = png(fashion_images(1)[0])

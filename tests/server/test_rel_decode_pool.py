@@ -27,8 +27,9 @@ from mone.server.errors import BadInputError, NotReadyError, OverLimitError, Ser
 from mone.server.http import app as app_module
 from mone.server.media.decode import decode
 from mone.server.media.decode_pool import KILL_MARGIN_S, DecodePool
-from tests.server.conftest import encode_clip, fast_settings
 from tests.server.rel_decode_faults import EXIT, HANG, SEGFAULT, misbehaving_decode
+from tests.support.media import encode_clip
+from tests.support.models import fast_settings
 
 CFG = MoNEConfig.from_variant("Mi/4", num_classes=10)
 BUDGET_S = 1.0

@@ -28,7 +28,7 @@ from mone.server.errors import BadInputError, OverLimitError, TooLargeError, Uns
 from mone.server.media.decode import decode
 from mone.server.media.decode_pool import DecodePool
 from tests.server import rel_corpus as corpus
-from tests.server.conftest import encode, encode_clip
+from tests.support.media import encode, encode_clip
 
 CFG = MoNEConfig.from_variant("Mi/4", num_classes=10)
 S = Settings(random_init=True, max_decode_seconds=2.0)

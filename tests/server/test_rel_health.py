@@ -19,8 +19,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server.conftest import fashion_images, png
 from tests.server.rel_load import ROOT, burst, figures, free_port, launch
+from tests.support.media import fashion_images, png
 
 pytestmark = pytest.mark.slow
 BODY = png(fashion_images(1)[0])

@@ -11,8 +11,8 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.server.conftest import fashion_images, png
 from tests.server.rel_load import Server, free_port, launch, total
+from tests.support.media import fashion_images, png
 
 pytestmark = pytest.mark.slow
 BODY = png(fashion_images(1)[0])

@@ -32,7 +32,7 @@ from mone.server.errors import (
 )
 from mone.server.media.decode import decode
 from tests.server import rel_corpus as corpus
-from tests.server.conftest import encode
+from tests.support.media import encode
 
 CFG = MoNEConfig.from_variant("Mi/4", num_classes=10)
 S = Settings(random_init=True)

@@ -18,8 +18,9 @@ from fastapi import FastAPI
 
 from mone.server.core.budget import parse_budget
 from mone.server.http.app import create_app
-from tests.server.conftest import fashion_images, fast_settings, png
 from tests.server.rel_load import parse, server_account, total
+from tests.support.media import fashion_images, png
+from tests.support.models import fast_settings
 
 pytestmark = pytest.mark.anyio
 BODY = png(fashion_images(1)[0])

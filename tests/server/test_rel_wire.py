@@ -18,8 +18,8 @@ import httpx
 import pytest
 
 from mone.server.http.protocol import MAX_HEAD_BYTES
-from tests.server.conftest import fashion_images, png
 from tests.server.rel_load import Server, figures, launch, total
+from tests.support.media import fashion_images, png
 
 pytestmark = pytest.mark.slow
 LIMIT = 1_000_000

@@ -30,7 +30,8 @@ from mone.model import MoNE, MoNEConfig, save_checkpoint
 from mone.model.data import load_clip_folder, load_fashion_mnist, load_image_folder
 from mone.model.preprocess import normalize
 from mone.server.http.app import create_app
-from tests.server.conftest import encode, encode_clip, fast_settings
+from tests.support.media import encode, encode_clip
+from tests.support.models import fast_settings
 
 pytestmark = pytest.mark.anyio
 

@@ -16,7 +16,8 @@ from mone.server.http.app import create_app
 from mone.server.http.proto import inference_pb2 as pb
 from mone.server.http.proto import inference_pb2_grpc
 from tests.live_server import free_port
-from tests.server.conftest import fashion_images, fast_settings, png
+from tests.support.media import fashion_images, png
+from tests.support.models import fast_settings
 
 sdk_trace = pytest.importorskip("opentelemetry.sdk.trace")
 from opentelemetry.sdk.trace.export import SimpleSpanProcessor  # noqa: E402
