@@ -37,6 +37,7 @@ from torch import Tensor
 
 from bench.references import FusedViT, PlainViT
 from mone.model import MoNE, MoNEConfig, gflops
+from mone.model.inference import calibrate_full_width
 from mone.server.core.capture import CapturedForward, CudaGraphs
 from mone.server.core.memory import release_free_memory
 from mone.server.core.precision import DTYPES, cast_model, dtype_name, resolve_dtype
@@ -155,7 +156,7 @@ def run(
     graphs: bool = False,
 ) -> list[dict[str, object]]:
     net = build(variant, device, dtype)
-    net.calibrate_full_width()  # as the server does at start-up
+    calibrate_full_width(net)  # as the server does at start-up
     cfg = net.cfg
     x = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, device=device, dtype=dtype)
     plain, fused = PlainViT(net), FusedViT(net).to(device, dtype)

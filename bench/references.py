@@ -30,17 +30,17 @@ class PlainViT(nn.Module):
         B, N, D = x.shape
         for b in m.blocks:
             blk = cast(Block, b)
-            H = blk.attn.heads
+            H = blk.heads
             h = F.layer_norm(x, (D,), blk.norm1.weight, blk.norm1.bias, blk.norm1.eps)
-            qkv = F.linear(h, blk.attn.qkv.weight, blk.attn.qkv.bias).view(B, N, 3, H, D // H)
+            qkv = F.linear(h, blk.qkv.weight, blk.qkv.bias).view(B, N, 3, H, D // H)
             q, k, v = qkv.permute(2, 0, 3, 1, 4)  # (B, H, N, h) each
             a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(B, N, D)
-            x = x + F.linear(a, blk.attn.proj.weight, blk.attn.proj.bias)
+            x = x + F.linear(a, blk.proj.weight, blk.proj.bias)
             h = F.layer_norm(x, (D,), blk.norm2.weight, blk.norm2.bias, blk.norm2.eps)
             x = x + F.linear(
-                F.gelu(F.linear(h, blk.mlp.fc1.weight, blk.mlp.fc1.bias)),
-                blk.mlp.fc2.weight,
-                blk.mlp.fc2.bias,
+                F.gelu(F.linear(h, blk.fc1.weight, blk.fc1.bias)),
+                blk.fc2.weight,
+                blk.fc2.bias,
             )
         return m.forward_head(m.fc_norm(x.mean(dim=1)))
 
@@ -66,12 +66,12 @@ class FusedViT(nn.Module):
         with torch.no_grad():
             for mine, b in zip(self.encoder.layers, mone.blocks, strict=True):
                 blk = cast(Block, b)
-                mine.self_attn.in_proj_weight.copy_(blk.attn.qkv.weight)
-                mine.self_attn.in_proj_bias.copy_(blk.attn.qkv.bias)
-                mine.self_attn.out_proj.weight.copy_(blk.attn.proj.weight)
-                mine.self_attn.out_proj.bias.copy_(blk.attn.proj.bias)
-                mine.linear1.load_state_dict(blk.mlp.fc1.state_dict())
-                mine.linear2.load_state_dict(blk.mlp.fc2.state_dict())
+                mine.self_attn.in_proj_weight.copy_(blk.qkv.weight)
+                mine.self_attn.in_proj_bias.copy_(blk.qkv.bias)
+                mine.self_attn.out_proj.weight.copy_(blk.proj.weight)
+                mine.self_attn.out_proj.bias.copy_(blk.proj.bias)
+                mine.linear1.load_state_dict(blk.fc1.state_dict())
+                mine.linear2.load_state_dict(blk.fc2.state_dict())
                 mine.norm1.load_state_dict(blk.norm1.state_dict())
                 mine.norm2.load_state_dict(blk.norm2.state_dict())
         self.eval()

@@ -63,17 +63,17 @@ def bipartite_merge(x: Tensor, size: Tensor, metric: Tensor, r: int) -> tuple[Te
 def _block(blk: Block, x: Tensor, size: Tensor, scale: Tensor, r: int) -> tuple[Tensor, Tensor, Tensor]:
     """One dense pre-LN block with proportional attention, then ToMe, then the MLP (ToMe's order)."""
     F_, n, D = x.shape
-    H = blk.attn.heads
-    qkv = blk.attn.qkv(blk.norm1(x)).view(F_, n, 3, H, D // H).permute(2, 0, 3, 1, 4)  # (3, F, H, n, h)
+    H = blk.heads
+    qkv = blk.qkv(blk.norm1(x)).view(F_, n, 3, H, D // H).permute(2, 0, 3, 1, 4)  # (3, F, H, n, h)
     q, k, v = qkv[0], qkv[1], qkv[2]
     bias = size.log().view(F_, 1, 1, n)  # proportional attention: a token of size s counts s times
     a = F.scaled_dot_product_attention(q, k, v, attn_mask=bias.to(q.dtype))  # (F, H, n, h)
-    x = x + blk.attn.proj(a.transpose(1, 2).reshape(F_, n, D))
+    x = x + blk.proj(a.transpose(1, 2).reshape(F_, n, D))
     if r > 0:
         # The router scale travels with its token: merge it as one more feature channel.
         merged, size = bipartite_merge(torch.cat([x, scale], dim=-1), size, k.mean(dim=1), r)
         x, scale = merged[..., :D], merged[..., D:]
-    y = blk.mlp.fc2(F.gelu(blk.mlp.fc1(blk.norm2(x))))
+    y = blk.fc2(F.gelu(blk.fc1(blk.norm2(x))))
     return x + scale * y, size, scale
 
 

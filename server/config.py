@@ -197,8 +197,8 @@ class Settings(BaseSettings):
         default=None,
         ge=0.0,
         description="what one more matrix product per projection costs the model, in token rows of "
-        "full-width work: it decides which experts run as one product with masks (model/vit.py, "
-        "MoNE.plan_runs); default: measured at start-up (with calibrate; else the model's default)",
+        "full-width work: it decides which experts run as one product with masks (model/inference.py, "
+        "plan_runs); default: measured at start-up (with calibrate; else the model's default)",
     )
 
     # -- input limits (docs/reliability.md section 1) ----------------------------------------------------

@@ -13,12 +13,12 @@ outputs copied out before anything else replays.  Groups larger than the largest
 whose capture fails (an operation the device cannot capture) runs eagerly from then on, as does everything
 when capture is off; at most `max_graphs` graphs are kept, the least recently used dropped first.
 
-A captured forward runs one product per expert for every split (`MoNE.plan_runs` with no cost per product):
-runs of several experts at full width with masks exist to save per-operation overhead, which a replay no
-longer pays.  A graph cannot hold a copy from pageable host memory, and the model's forward still makes one
-for every split that uses several experts (the run of each expert, `MoNE.encode_frames`); until the model
-keeps those small index tensors on the device, such splits fail to capture and run eagerly (one warning per
-key), and only single-expert splits (capacity 1.0, and the lowest capacity) replay.
+A captured forward runs one product per expert for every split (`plan_runs` in model/inference.py with no cost
+per product): runs of several experts at full width with masks exist to save per-operation overhead, which a
+replay no longer pays.  A graph cannot hold a copy from pageable host memory, and the model's forward still
+makes one for every split that uses several experts (the run of each expert, `MoNE.encode_frames`); until the
+model keeps those small index tensors on the device, such splits fail to capture and run eagerly (one warning
+per key), and only single-expert splits (capacity 1.0, and the lowest capacity) replay.
 
 The device calls sit behind `GraphBackend` (`CudaGraphs` on CUDA), so that the keying, padding and fallback
 run on the CPU in the tests with a backend that replays by calling the forward again.

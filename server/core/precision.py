@@ -1,11 +1,11 @@
 """The inference dtype: fp32 (the default), or the model's weights and activations in bf16 / fp16.
 
 Low precision is applied by casting, not by autocast: the per-expert path of the forward accumulates each
-expert's out-projection in place into the fp32 residual stream (`Block._forward_inference_`), and autocast
-would hand those in-place products bf16 operands beside fp32 ones, which they refuse.  Cast, every tensor of
-the forward has one dtype: the weights are cast once when the runner takes the model, every floating-point
-input is cast as it enters the model (a forward pre-hook, so that start-up's own measurements on random
-inputs go through it too), and the logits come back as fp32.  It also halves the weights' memory.
+expert's out-projection in place into the fp32 residual stream (`forward_grouped_` in model/inference.py), and
+autocast would hand those in-place products bf16 operands beside fp32 ones, which they refuse.  Cast, every
+tensor of the forward has one dtype: the weights are cast once when the runner takes the model, every
+floating-point input is cast as it enters the model (a forward pre-hook, so that start-up's own measurements
+on random inputs go through it too), and the logits come back as fp32.  It also halves the weights' memory.
 
 bf16 runs on the CPU and on CUDA; fp16 only on CUDA (the CPU has no fast fp16 matrix products).  The
 routing decisions (Expert Preferred Routing's top-k) are taken on probabilities of the same precision, so a

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor
 
 from mone.model import Checkpoint, MoNE, MoNEConfig, gflops, load_checkpoint, save_checkpoint
+from mone.model.inference import calibrate_full_width
 from mone.server.config import Settings
 from mone.server.core.capture import CapturedForward, CudaGraphs, accounting, capture_sizes
 from mone.server.core.latency import LatencyModel
@@ -233,11 +234,12 @@ class Runner:
         log.info("%d intra-op threads, %d stream(s)", self.threads, self.streams)
 
     def set_full_width_rows(self, rows: float | None, max_batch: int, repeats: int = 2) -> None:
-        """What one more matrix product costs the model, in rows of full-width work (`MoNE.plan_runs`):
-        `rows` when given, else measured here, on the inference thread with its intra-op threads."""
+        """What one more matrix product costs the model, in rows of full-width work (`plan_runs` in
+        model/inference.py): `rows` when given, else measured here, on the inference thread with its intra-op
+        threads."""
         if rows is None:
             batches = [b for b in (1, 2, 4, 8, 16, 32, 64) if b <= max(max_batch, 1)]
-            rows = self.model.calibrate_full_width(batches, repeats=repeats, budget_s=3.0)
+            rows = calibrate_full_width(self.model, batches, repeats=repeats, budget_s=3.0)
         self.model.full_width_rows = rows
         log.info("one more matrix product costs %.0f token rows of full-width work", rows)
 

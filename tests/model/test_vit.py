@@ -7,17 +7,17 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from mone.model import MoNE, MoNEConfig, gflops, vit
-from mone.model.capacity import expert_counts, realised_capacity
+from mone.model import MoNE, MoNEConfig, gflops, inference
+from mone.model.capacity import expert_counts
 from mone.model.flops import count_flops
-from mone.model.routing import expert_preferred_routing
-from mone.model.vit import Layout
+from mone.model.routing import Layout, expert_preferred_routing
 from tests.model.reference import reference_forward
 from tests.support.models import make_net
 
 CAPS = [1.0, 0.9, 0.6, 0.5, 0.3, 0.25, 0.2, 0.125]
-# How an inference forward runs a multi-expert split (`MoNE.plan_runs`): one product per expert, full width
-# with masks, or adjacent experts merged into runs (the cost of a product in rows of work, between the two).
+# How an inference forward runs a multi-expert split (`inference.plan_runs`): one product per expert, full
+# width with masks, or adjacent experts merged into runs (the cost of a product in rows of work, between the
+# two).
 WAYS = {"split": 0.0, "full_width": math.inf, "runs": 20.0}
 
 
@@ -57,8 +57,10 @@ def test_inference_in_chunks_of_frames_equals_reference(
     """Inference runs each block a few frames at a time (the last chunk shorter); the chunks must add up
     to the whole, images and clips alike."""
     cfg = net.cfg
-    monkeypatch.setattr(vit, "CHUNK_BYTES", frames_per_chunk * 4 * cfg.num_tokens * cfg.mlp_ratio * cfg.dim)
-    monkeypatch.setattr(vit, "FULL_WIDTH_ROWS", WAYS[way])
+    monkeypatch.setattr(
+        inference, "CHUNK_BYTES", frames_per_chunk * 4 * cfg.num_tokens * cfg.mlp_ratio * cfg.dim
+    )
+    monkeypatch.setattr(inference, "FULL_WIDTH_ROWS", WAYS[way])
     net.full_width_rows = WAYS[way]
     x = images(5)
     with torch.no_grad():
@@ -349,21 +351,6 @@ def test_variants_build(variant: str) -> None:
     assert cfg.expert_dims == tuple(cfg.dim // 2**k for k in (3, 2, 1, 0))
 
 
-def test_plans_take_the_cheapest_runs(net: MoNE) -> None:
-    counts = expert_counts(0.25, 49)  # (25, 16, 7, 1): widths 16, 32, 64, 128
-    assert counts == (25, 16, 7, 1)
-    net.full_width_rows = 0.0
-    assert net.plan_runs(1, counts) == ((3,), (2,), (1,), (0,))  # products cost nothing: one per expert
-    net.full_width_rows = math.inf
-    assert net.plan_runs(1, counts) == ((3, 2, 1, 0),)  # products cost everything: one at full width
-    net.full_width_rows = 20.0
-    # Rows of full-width work, 20 per product: {128, 64} at 128 and {32, 16} at 32 cost 2*20 + 8 + 41/4.
-    assert net.plan_runs(1, counts) == ((3, 2), (1, 0))
-    assert net.plan_runs(64, counts) == ((3,), (2,), (1,), (0,))  # a large batch: FLOPs decide
-    assert net.plan_runs(1, expert_counts(1.0, 49)) == ((3,),)
-    assert net.plan_runs(1, expert_counts(0.125, 49)) == ((0,),)
-
-
 @pytest.mark.parametrize("counts", [(40, 9, 0, 0), (0, 20, 29, 0), (10, 0, 0, 39)])
 def test_runs_of_experts_with_unused_ones_between_equal_the_reference(counts: tuple) -> None:
     net = make_net(temporal_depth=0)
@@ -381,14 +368,6 @@ def test_runs_of_experts_with_unused_ones_between_equal_the_reference(counts: tu
             torch.testing.assert_close(logits, want, atol=2e-5, rtol=1e-4)
 
 
-def test_calibrate_full_width_sets_a_threshold_within_the_measured_sizes(net: MoNE) -> None:
-    counts = expert_counts(0.5, 49)
-    saved_per_frame = (1.0 - realised_capacity(counts)) * 49 / 3
-    rows = net.calibrate_full_width(batches=(1, 2, 4), repeats=1)
-    assert net.full_width_rows == rows
-    assert 0.0 <= rows <= 2.0 * 4 * saved_per_frame
-
-
 @pytest.mark.parametrize("capacity", [1.0, 0.125])
 def test_routing_of_a_single_expert_split_sends_every_token_there(capacity: float) -> None:
     probs = torch.rand(3, 49, 4, generator=torch.Generator().manual_seed(1)).softmax(-1)
@@ -398,10 +377,11 @@ def test_routing_of_a_single_expert_split_sends_every_token_there(capacity: floa
     assert torch.equal(experts, torch.full((3, 49), counts.index(49)))
 
 
-def test_the_cost_of_a_product_is_solved_from_two_times() -> None:
-    from mone.model.vit import _product_cost
-
-    # a = 1 ms per row, C = 10 rows: 49 rows at full width take 59, in four products at capacity 0.5 64.5.
-    assert _product_cost(59.0, 4 * 10 + 0.5 * 49, 49, 0.5, 4) == pytest.approx(10.0)
-    assert _product_cost(59.0, 0.5 * 49, 49, 0.5, 4) == 0.0  # products cost nothing
-    assert _product_cost(10.0, 50.0, 49, 0.5, 4) == math.inf  # the split is slower than any C explains
+def test_block_parameters_keep_the_timm_names(net: MoNE) -> None:
+    """Checkpoints (ours and timm's) load by these names."""
+    names = [k.removeprefix("blocks.0.") for k in net.state_dict() if k.startswith("blocks.0.")]
+    assert names == [
+        f"{m}.{p}"
+        for m in ("norm1", "attn.qkv", "attn.proj", "norm2", "mlp.fc1", "mlp.fc2")
+        for p in ("weight", "bias")
+    ]

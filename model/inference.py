@@ -1,0 +1,396 @@
+"""The fast inference forward of the MoNE ViT: the same model as `model/vit.py`, in place and with fewer
+operations.
+
+`model/vit.py` holds the readable forward, which training runs: one product per expert and projection, out of
+place for autograd.  Without autograd (`torch.no_grad` or `torch.inference_mode`) `MoNE.encode_frames` and
+`Block.forward` hand over to this module, which computes the same function (Eq. 1 and 4-6; the tests compare
+the two) with these tricks:
+
+- **Permute once.**  After routing, the tokens are permuted once so that each group of experts' tokens, of
+  every frame, form one dense block of rows (`mone.model.routing.group_tokens`, shared with training).  Every
+  layer then runs one matrix product per group on its block, with no gather or scatter per layer.  Average
+  pooling makes an un-permute unnecessary.
+- **Contiguous weight slices.**  An expert's weights are views of the full ones, `W[:, :d_j]` for an
+  in-projection and `W[:d_j]` for an out-projection (a sub-matrix with a leading dimension), so no weight is
+  copied and no per-expert copy is kept.  Out-projections accumulate in place into the first d_j columns of
+  the residual stream (`x[:, :d_j].addmm_(a, W_o[:d_j]^T)`), and the MLP's scaled residual add is one
+  `addcmul_`.
+- **Runs of experts at one width, with masks.**  One product per expert is up to four products (and their
+  bookkeeping) where a dense layer has one; on a small model at a small batch every operation costs about as
+  much as its arithmetic.  So adjacent experts may share one product: a *run* is one block of rows multiplied
+  at the run's largest width, with a mask of ones in the first d_j features of each token, applied as
+  `LN(x) * mask` into the in-projections and `y * mask` out of the out-projections (`RunLayout`).  That is
+  Eq. 4-6 exactly: the zeroed features add nothing.  One run of every expert is the whole layer at full
+  width, in frame order, with no permutation at all (`forward_full_width_`).  `plan_runs` picks the cut from a
+  cost model whose cost per product, `MoNE.full_width_rows`, `calibrate_full_width` measures on the device.
+- **A per-frame Q/K/V buffer.**  Attention needs each frame's tokens together.  Instead of permuting Q/K/V
+  into frame order and back in every layer, as training does, each group's in-projection writes its rows
+  straight into a (frames, N, 3D) buffer, grouped inside each frame (attention does not depend on the order
+  of a frame's tokens), and the attention output is read back per group.
+- **Chunks of frames.**  Attention never mixes frames, so on the CPU a whole block runs on a few frames
+  before the next few (`CHUNK_BYTES` of MLP hidden): their Q/K/V and MLP hidden stay in cache between the
+  matrix products instead of making round trips through memory.  On a GPU one chunk holds every frame.
+
+docs/model.md ("The fast path") gives the figures behind these choices.
+
+Shape legend as in `model/vit.py`: F frames, N tokens per frame, D width, E experts, H heads, k_j tokens of
+expert j in one frame, d_j width of expert j.
+"""
+
+from __future__ import annotations
+
+import functools
+import itertools
+import math
+import statistics
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, cast
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor
+
+from mone.model.capacity import expert_counts, realised_capacity
+from mone.model.routing import Layout, group_tokens
+
+if TYPE_CHECKING:
+    from mone.model.vit import Block, MoNE
+
+# Bytes of MLP hidden per chunk of frames at inference on the CPU (`forward_grouped_`); of 4, 8, 16 and
+# 32 MiB, 16 was fastest for S/16 at batch 32 on a 2-core Zen 3 with 32 MiB of L3.  On a GPU one chunk holds
+# every frame.
+CHUNK_BYTES = 16 << 20
+
+# Default of `MoNE.full_width_rows` (CPU): what one more product costs, in token rows of full-width work
+# (`plan_runs`); measured on 2 vCPUs it is 15-90 for Mi/4 and under 16 for S/16, whose rows cost more.
+# `calibrate_full_width` measures it per model and device.
+FULL_WIDTH_ROWS = 32.0
+
+
+@dataclass(frozen=True)
+class RunLayout(Layout):
+    """A `Layout` whose groups are runs of adjacent experts: each runs at the largest of their widths, and
+    `masks` zero what lies beyond each token's own width.
+
+    Attributes:
+        masks: per group, None (one expert) or (F*k, d) ones in the first d_j features of each token's own
+            expert.
+        scaled_masks: per group, None or the MLP multiplier times the mask.
+    """
+
+    masks: tuple[Tensor | None, ...] | None = None
+    scaled_masks: tuple[Tensor | None, ...] | None = None
+
+
+# -- the spatial encoder -------------------------------------------------------------------------------------
+def encode_frames_(net: MoNE, x: Tensor, experts: Tensor, counts: tuple[int, ...], scale: Tensor) -> Tensor:
+    """The MoNE spatial transformer after routing, at inference (`MoNE.encode_frames`).
+
+    Args:
+        net: the model.
+        x: (F, N, D) embedded tokens; overwritten.
+        experts: (F, N) expert of each token.
+        counts: k_1..k_E.
+        scale: (F*N, 1) MLP multiplier alpha*r+1 of each token (Eq. 1).
+
+    Returns:
+        pooled (F, D) average of the final tokens.
+    """
+    F_, N, D = x.shape
+    runs = plan_runs(net, F_, counts)
+    ks = tuple(sum(counts[j] for j in r) for r in runs)
+    dims = tuple(net.cfg.expert_dims[r[0]] for r in runs)
+    x = x.reshape(F_ * N, D)
+    widths = None
+    if any(len(r) > 1 for r in runs):
+        widths = net.expert_widths[experts].view(F_ * N, 1)
+    if len(runs) == 1 and dims == (D,):  # full width, frame order
+        mask = None
+        if widths is not None:
+            mask = (torch.arange(D, device=x.device) < widths).to(x.dtype)  # (F*N, D)
+            scale = scale * mask
+        for blk in net.blocks:
+            forward_full_width_(cast("Block", blk), x, F_, mask, scale)
+        return x.view(F_, N, D).mean(dim=1)
+    rows, groups = group_tokens(experts, net.cfg.num_experts, runs, ks, dims)
+    if rows is not None:
+        x, scale = x.index_select(0, rows), scale.index_select(0, rows)
+        if widths is not None:
+            widths = widths.index_select(0, rows)
+    masks = scaled = None
+    if widths is not None:  # some run holds several experts: masks for their narrower tokens
+        mask_list: list[Tensor | None] = []
+        scaled_list: list[Tensor | None] = []
+        for r, (lo, hi, d) in zip(runs, groups.segments(), strict=True):
+            m = None if len(r) == 1 else (torch.arange(d, device=x.device) < widths[lo:hi]).to(x.dtype)
+            mask_list.append(m)  # (F*k, d)
+            scaled_list.append(None if m is None else scale[lo:hi] * m)
+        masks, scaled = tuple(mask_list), tuple(scaled_list)
+    layout = RunLayout(groups.frames, ks, dims, groups.to_frames, groups.to_groups, masks, scaled)
+    for blk in net.blocks:
+        forward_grouped_(cast("Block", blk), x, layout, scale)
+    if layout.to_frames is not None:
+        x = x.index_select(0, layout.to_frames)
+    return x.view(F_, N, D).mean(dim=1)  # global average pooling, no un-permute needed
+
+
+# -- runs of experts -----------------------------------------------------------------------------------------
+def plan_runs(net: MoNE, frames: int, counts: tuple[int, ...]) -> tuple[tuple[int, ...], ...]:
+    """How an inference forward runs `frames` frames split as `counts`: the experts in use, largest
+    first, cut into runs of adjacent experts; each run is one matrix product per projection at its
+    largest width, with masks for the tokens of its smaller experts.  One run of every expert is the
+    whole layer at full width (`forward_full_width_`).
+
+    Per layer, a run costs a product whose FLOPs grow with its token rows times its width, plus a fixed
+    cost per product: `net.full_width_rows`, counted in token rows of full-width work, which depends on the
+    device and the model (`calibrate_full_width`).  The cheapest cut under that cost is taken: a small
+    batch of a small model runs in one or two products, a large batch in one per expert.
+    """
+    return _cheapest_runs(frames, counts, net.cfg.expert_dims, net.cfg.dim, net.full_width_rows)
+
+
+@functools.lru_cache(maxsize=4096)
+def _cheapest_runs(
+    frames: int, counts: tuple[int, ...], dims: tuple[int, ...], D: int, C: float
+) -> tuple[tuple[int, ...], ...]:
+    used = [j for j in range(len(counts) - 1, -1, -1) if counts[j] > 0]  # largest expert first
+    best: tuple[float, int, tuple[tuple[int, ...], ...]] | None = None
+    for cuts in itertools.product((False, True), repeat=len(used) - 1):
+        runs, run = [], [used[0]]
+        for j, cut in zip(used[1:], cuts, strict=True):
+            if cut:
+                runs.append(tuple(run))
+                run = []
+            run.append(j)
+        runs.append(tuple(run))
+        work = sum(frames * sum(counts[j] for j in r) * dims[r[0]] / D for r in runs)
+        cost = (len(runs) * C if len(runs) > 1 or not math.isinf(C) else 0.0) + work
+        candidate = (cost, len(runs), tuple(runs))
+        if best is None or candidate[:2] < best[:2]:
+            best = candidate
+    assert best is not None
+    return best[2]
+
+
+# -- one block at full width, in frame order -----------------------------------------------------------------
+def forward_dense(blk: Block, x: Tensor) -> Tensor:
+    """`Block.forward` at inference: the dense block on (B, L, D), every token at full width (the temporal
+    transformer)."""
+    B, L, D = x.shape
+    x = x.reshape(B * L, D).clone()
+    forward_full_width_(blk, x, B, None, None)
+    return x.view(B, L, D)
+
+
+def forward_full_width_(
+    blk: Block, x: Tensor, frames: int, mask: Tensor | None, scale: Tensor | None
+) -> None:
+    """The block in place on (F*N, D) tokens in frame order, every product at full width D.
+
+    Each token's expert width d_j is applied by `mask` (F*N, D), 1 in the first d_j features and 0
+    beyond: in-projections see LN(x) * mask and out-projections add only their first d_j outputs,
+    which is Eq. 4-6 exactly (the zeroed features contribute nothing).  It spends dense FLOPs in one
+    matrix product per projection, so on shapes where per-operation overhead outweighs the FLOPs saved
+    (a few images of a small model) it is faster than one product per expert (`plan_runs`).  None for every
+    token at full width.
+
+    Args:
+        blk: the block.
+        x: (F*N, D) residual stream in frame order, updated in place.
+        frames: F.
+        mask: (F*N, D) expert-width mask, or None.
+        scale: the MLP branch's multiplier (Eq. 1) times `mask`, (F*N, D) or (F*N, 1); None for 1.
+    """
+    D, H = x.shape[-1], blk.heads
+    N = x.shape[0] // frames
+    step = frames if x.device.type != "cpu" else max(1, min(frames, CHUNK_BYTES // (4 * N * 4 * D)))
+    if step >= frames:
+        _full_width_chunk_(blk, x, frames, mask, scale, D, H)
+        return
+    for f0 in range(0, frames, step):
+        n = min(step, frames - f0)
+        rows = slice(f0 * N, (f0 + n) * N)
+        m = None if mask is None else mask[rows]
+        _full_width_chunk_(blk, x[rows], n, m, None if scale is None else scale[rows], D, H)
+
+
+def _full_width_chunk_(
+    blk: Block, x: Tensor, n: int, mask: Tensor | None, scale: Tensor | None, D: int, H: int
+) -> None:
+    n1, n2 = blk.norm1, blk.norm2
+    h = F.layer_norm(x, (D,), n1.weight, n1.bias, n1.eps)
+    if mask is not None:
+        h.mul_(mask)
+    if x.shape[0] == n:  # one token per frame: attention over a single key returns its value
+        a = F.linear(h, blk.qkv.weight[2 * D :], blk.qkv.bias[2 * D :])
+    else:
+        qkv = F.linear(h, blk.qkv.weight, blk.qkv.bias)
+        q, k, v = qkv.view(n, -1, 3, H, D // H).permute(2, 0, 3, 1, 4)  # (n, H, N, h) each
+        a = F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(-1, D)
+    y = F.linear(a, blk.proj.weight, blk.proj.bias)
+    if mask is None:
+        x.add_(y)
+    else:
+        x.addcmul_(y, mask)
+    h = F.layer_norm(x, (D,), n2.weight, n2.bias, n2.eps)
+    if mask is not None:
+        h.mul_(mask)
+    u = F.linear(h, blk.fc1.weight, blk.fc1.bias)
+    torch.ops.aten.gelu_(u)
+    y = F.linear(u, blk.fc2.weight, blk.fc2.bias)
+    if scale is None:
+        x.add_(y)
+    else:
+        x.addcmul_(y, scale)
+
+
+# -- one block over groups of experts ------------------------------------------------------------------------
+def forward_grouped_(blk: Block, x: Tensor, layout: RunLayout, scale: Tensor | None) -> None:
+    """`Block.forward_nested` in place on x, for inference, a chunk of frames at a time.
+
+    Attention never mixes frames, so the whole block can run on a few frames before the next few: their
+    Q/K/V and MLP hidden then stay in cache between the matrix products instead of making round trips
+    through memory.  In `layout` the chunk's tokens are one block of rows per group.  For attention they
+    are copied into a (frames, N, 3D) buffer, grouped inside each frame (attention does not depend on the
+    order of a frame's tokens), and the output goes back to the groups for the out-projection and MLP.
+
+    Args:
+        blk: the block.
+        x: (F*N, D) residual stream in `layout` order, updated in place.
+        layout: the groups.
+        scale: (F*N, 1) MLP multiplier alpha*r+1 of each token (Eq. 1), or None for 1.
+    """
+    D, H, hidden = x.shape[-1], blk.heads, blk.fc1.out_features
+    w, b = blk.qkv.weight, blk.qkv.bias
+    w_o, b_o = blk.proj.weight, blk.proj.bias
+    w1, b1, w2, b2 = blk.fc1.weight, blk.fc1.bias, blk.fc2.weight, blk.fc2.bias
+    n1, n2 = blk.norm1, blk.norm2
+    frames, ks, dims = layout.frames, layout.ks, layout.dims
+    N = sum(ks)
+    starts = [s for s, _, _ in layout.segments()]
+    offsets = list(itertools.accumulate(ks, initial=0))[:-1]  # first token of each group in a frame
+    masks = layout.masks or (None,) * len(ks)
+    scaled = layout.scaled_masks or (None,) * len(ks)
+    single = len(ks) == 1
+    step = frames if x.device.type != "cpu" else max(1, min(frames, CHUNK_BYTES // (4 * N * hidden)))
+    qkv_buf = x.new_empty(step, N, 3 * D)
+    mm_buf = None if single or step == 1 else x.new_empty(step * max(ks), 3 * D)
+    u_buf = x.new_empty(step * N, hidden)
+    for f0 in range(0, frames, step):
+        n = min(step, frames - f0)
+        rows = [slice(s + f0 * k, s + (f0 + n) * k) for s, k in zip(starts, ks, strict=True)]
+        mrows = [slice(f0 * k, (f0 + n) * k) for k in ks]  # the same rows within a group's mask
+        # One LayerNorm call when the chunk is every row; else one per group.
+        whole = n1(x) if n == frames else None
+        qkv = qkv_buf[:n]
+        for r, k, o, d, m, mr in zip(rows, ks, offsets, dims, masks, mrows, strict=True):
+            h = (whole[r] if whole is not None else n1(x[r]))[:, :d]
+            if m is not None:
+                h = h * m[mr]
+            if n == 1 or mm_buf is None:  # the group's rows are contiguous in the buffer
+                torch.addmm(b, h, w[:, :d].t(), out=qkv.view(n * N, 3 * D)[o * n : (o + k) * n])
+            else:
+                t = torch.mm(h, w[:, :d].t(), out=mm_buf[: n * k])
+                torch.add(t.view(n, k, 3 * D), b, out=qkv[:, o : o + k])
+        q, k_, v = qkv.view(n, N, 3, H, D // H).unbind(2)  # (n, N, H, h) each
+        a = F.scaled_dot_product_attention(q.transpose(1, 2), k_.transpose(1, 2), v.transpose(1, 2))
+        a = a.transpose(1, 2).reshape(n, N, D)
+        for r, k, o, d, m, mr in zip(rows, ks, offsets, dims, masks, mrows, strict=True):
+            if m is None:
+                x[r, :d].addmm_(a[:, o : o + k].reshape(n * k, D), w_o[:d].t()).add_(b_o[:d])
+            else:
+                y = torch.addmm(b_o[:d], a[:, o : o + k].reshape(n * k, D), w_o[:d].t())
+                x[r, :d].addcmul_(y, m[mr])
+        whole = n2(x) if n == frames else None
+        u = u_buf[: n * N]
+        for r, k, o, d, m, mr in zip(rows, ks, offsets, dims, masks, mrows, strict=True):
+            h = (whole[r] if whole is not None else n2(x[r]))[:, :d]
+            if m is not None:
+                h = h * m[mr]
+            torch.addmm(b1, h, w1[:, :d].t(), out=u[o * n : (o + k) * n])
+        torch.ops.aten.gelu_(u)
+        for r, k, o, d, sm, mr in zip(rows, ks, offsets, dims, scaled, mrows, strict=True):
+            y = torch.addmm(b2[:d], u[o * n : (o + k) * n], w2[:d].t())
+            if sm is not None:
+                x[r, :d].addcmul_(y, sm[mr])
+            elif scale is None:
+                x[r, :d].add_(y)
+            else:
+                x[r, :d].addcmul_(y, scale[r])
+
+
+# -- the cost of a product -----------------------------------------------------------------------------------
+@torch.inference_mode()
+def calibrate_full_width(
+    net: MoNE,
+    batches: Sequence[int] = (1, 2, 4, 8, 16, 32),
+    capacity: float = 0.5,
+    repeats: int = 3,
+    budget_s: float = 5.0,
+) -> float:
+    """Measure where one product per expert starts to beat full width with masks on this device, set
+    `net.full_width_rows` to it and return it.
+
+    Both ways are timed on random images at `capacity` (every expert in use) for growing batch sizes,
+    until the split wins at two sizes in a row, the sizes run out or `budget_s` is spent.  Where the two
+    cost the same, an extra product costs what it saves: F*N*(1 - e_c)/(groups - 1) rows of full-width
+    work.  The threshold is the geometric mean of that measure at the last size where full width won and
+    the first where the split won.  Where the split wins from the smallest size on, the cost is solved
+    from the two times at that size instead (`_product_cost`), at most half that measure.
+    """
+    cfg = net.cfg
+    device = next(net.parameters()).device
+    counts = expert_counts(capacity, cfg.num_tokens, cfg.num_experts)
+    groups = sum(1 for k in counts if k > 0)
+    if groups < 2:
+        return net.full_width_rows
+    saved = (1.0 - realised_capacity(counts)) * cfg.num_tokens / (groups - 1)  # per frame
+    keep = net.full_width_rows
+    start = time.perf_counter()
+    last_full: int | None = None
+    first_split: int | None = None
+    first_times = (0.0, 0.0)
+    wins = 0
+    try:
+        for b in batches:
+            x = torch.randn(b, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
+            times: dict[float, list[float]] = {}
+            for rows in (math.inf, 0.0) * (repeats + 1):  # the first round warms up
+                net.full_width_rows = rows
+                t0 = time.perf_counter()
+                net(x, capacity)
+                if device.type == "cuda":
+                    torch.cuda.synchronize(device)
+                times.setdefault(rows, []).append(time.perf_counter() - t0)
+            full, split = (statistics.median(times[r][1:]) for r in (math.inf, 0.0))
+            if split < full:
+                if first_split is None:
+                    first_split, first_times = b, (full, split)
+                wins += 1
+            else:
+                last_full, first_split, wins = b, None, 0
+            if wins >= 2 or time.perf_counter() - start > budget_s:
+                break
+    finally:
+        net.full_width_rows = keep
+    if first_split is None:  # full width won at the largest size measured
+        rows = 2.0 * saved * (last_full or 1)
+    elif last_full is None:  # the split won from the smallest size on
+        solved = _product_cost(*first_times, first_split * cfg.num_tokens, realised_capacity(counts), groups)
+        rows = min(0.5 * saved * first_split, solved)
+    else:
+        rows = math.sqrt(saved * last_full * saved * first_split)
+    net.full_width_rows = rows
+    return rows
+
+
+def _product_cost(full: float, split: float, rows: int, capacity: float, groups: int) -> float:
+    """The fixed cost C of one product, in rows of full-width work, that makes `plan_runs`' cost model
+    reproduce two measured times of the same batch of `rows` token rows: full width, t = a*(C + rows), and
+    one product per expert of `groups`, t = a*(groups*C + capacity*rows)."""
+    denominator = groups * full - split
+    if denominator <= 0:
+        return math.inf
+    return max(0.0, rows * (split - capacity * full) / denominator)
