@@ -13,7 +13,11 @@ and `/v1/models` lists it (server/http/metadata.py), where the client, CLI, load
 read it at run time.
 
 Goal: adding a budget kind (say an energy budget in joules) touches this registry plus at most three other
-files; server/README.md, "Adding a budget kind", walks through which and why.
+files.  For joules: the kind here; `Planner.for_joules` (server/core/budget.py), the level whose GFLOPs x
+joules per GFLOP fit; the device's `joules_per_gflop` (server/config.py); and the engine handing it to its
+`Planner` (server/core/engine.py).  The wire schema, OpenAPI, OIP/gRPC parameters, `/v1/models`, access log,
+traces, client, CLI, load generator and web page follow the registry.  server/README.md, "Adding a budget
+kind", walks through it.
 """
 
 from __future__ import annotations
