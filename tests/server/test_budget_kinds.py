@@ -14,7 +14,7 @@ from mone.server.core.budget import Budget, Planner, parse_budget
 from mone.server.core.budget_kinds import BUDGET_KINDS, DEFAULT, budget_kind
 from mone.server.errors import InvalidBudgetError
 from mone.server.http.app import create_app
-from tests.server.conftest import fashion_images, png
+from tests.support.media import fashion_images, png
 
 CFG = MoNEConfig.from_variant("Mi/4", num_classes=10)
 LO = CFG.min_capacity
