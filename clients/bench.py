@@ -2,7 +2,8 @@
 
 Closed loop (`concurrency` workers, each sending its next request when the last one is answered) or open
 loop (arrivals at `rate` per second, Poisson, whatever the server's speed).  Each request draws its budget
-from a weighted mix.  The client does not retry here: a 429 is a result, counted under its status.
+from a weighted mix, of any kinds the server lists (`mone bench` asks `/v1/models` for them).  The client
+does not retry here: a 429 is a result, counted under its status.
 """
 
 from __future__ import annotations
@@ -12,6 +13,7 @@ import random
 import sys
 import time
 from collections import Counter
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import Any, TextIO
 
@@ -20,8 +22,9 @@ import numpy as np
 from mone.clients.client import AsyncMoneClient
 from mone.clients.errors import MoneError
 from mone.clients.media import Input
+from mone.clients.schemas import NAMED_BUDGETS
 
-BUDGETS = ("capacity", "gflops", "latency_ms")
+BUDGETS = NAMED_BUDGETS  # the kinds a mix may name when the server's own list is not at hand
 MAX_IN_FLIGHT = 1024  # open loop: beyond this the generator, not the server, would be the bottleneck
 
 
@@ -38,9 +41,15 @@ class Budget:
     def get(self, kind: str) -> float | None:
         return self.value if self.type == kind else None
 
+    def option(self) -> dict[str, float] | None:
+        """As the client's `budget=` argument (None: the server default)."""
+        return {self.type: self.value} if self.type and self.value is not None else None
 
-def parse_mix(text: str | None) -> list[Budget]:
-    """ "capacity=1.0:0.5,latency_ms=50:0.5" -> budgets with weights (weight defaults to 1)."""
+
+def parse_mix(text: str | None, kinds: Sequence[str] = BUDGETS) -> list[Budget]:
+    """ "capacity=1.0:0.5,latency_ms=50:0.5" -> budgets with weights (weight defaults to 1); TYPE is one of
+    `kinds` (the server's, `AsyncMoneClient.budget_kinds`) or `default`."""
+    kinds = tuple(kinds)
     if not text:
         return [Budget(None, None)]
     mix = []
@@ -50,8 +59,8 @@ def parse_mix(text: str | None) -> list[Budget]:
         if kind == "default" and not value:
             mix.append(Budget(None, None, float(weight or 1)))
             continue
-        if kind not in BUDGETS or not value:
-            raise ValueError(f"bad mix entry {part!r}: expected TYPE=VALUE[:WEIGHT], TYPE one of {BUDGETS}")
+        if kind not in kinds or not value:
+            raise ValueError(f"bad mix entry {part!r}: expected TYPE=VALUE[:WEIGHT], TYPE one of {kinds}")
         mix.append(Budget(kind, float(value), float(weight or 1)))
     if any(b.weight <= 0 for b in mix):
         raise ValueError("mix weights must be positive")
@@ -180,12 +189,7 @@ async def run(
         file = inputs[rng.randrange(len(inputs))]
         t0 = time.monotonic()
         try:
-            r = await client.classify(
-                file,
-                capacity=budget.get("capacity"),
-                gflops=budget.get("gflops"),
-                latency_ms=budget.get("latency_ms"),
-            )
+            r = await client.classify(file, budget=budget.option())
             sample = Sample(
                 budget.name, time.monotonic() - t0, 200, r.gflops, r.dense_gflops, r.capacity, r.deadline_met
             )

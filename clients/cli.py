@@ -1,6 +1,7 @@
 """`mone`: classify files, inspect models and the capacity profile, check health and load-test a server.
 
     mone classify shirt.png clip.mp4 --capacity 0.5 --routing
+    mone classify shirt.png --budget latency_ms=50
     mone models
     mone profile --out profile.png
     mone bench --concurrency 8 --duration 10 --mix capacity=1:0.5,capacity=0.25:0.5 shirt.png
@@ -26,7 +27,7 @@ from mone.clients.errors import MoneError
 from mone.clients.media import Input, to_payload
 from mone.clients.plot import COLOURS, Series, line_panels
 from mone.clients.routing import frames_of, render
-from mone.clients.schemas import ModelInfo, Result
+from mone.clients.schemas import ModelInfo, Result, budget_kinds
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -64,7 +65,11 @@ def build_parser() -> argparse.ArgumentParser:
     loop.add_argument("--rate", type=float, help="open loop: arrivals per second (Poisson)")
     p.add_argument("--duration", type=float, help="seconds to send for")
     p.add_argument("--requests", type=int, help="requests to send")
-    p.add_argument("--mix", help="budgets TYPE=VALUE[:WEIGHT],... e.g. capacity=1:0.5,latency_ms=50:0.5")
+    p.add_argument(
+        "--mix",
+        help="budgets TYPE=VALUE[:WEIGHT],... e.g. capacity=1:0.5,latency_ms=50:0.5; TYPE: any kind the "
+        "server lists (`mone models`) or default",
+    )
     p.add_argument("--progress", action=argparse.BooleanOptionalAction, default=None)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
@@ -80,6 +85,22 @@ def _add_budget(p: argparse.ArgumentParser) -> None:
     )
     budget.add_argument("--gflops", type=float, help="GFLOPs per sample")
     budget.add_argument("--latency-ms", type=float, help="server-side latency budget")
+    budget.add_argument(
+        "--budget",
+        type=_kind_value,
+        metavar="KIND=VALUE",
+        help="any budget kind the server lists (`mone models`), e.g. latency_ms=50",
+    )
+
+
+def _kind_value(text: str) -> tuple[str, float]:
+    kind, sep, value = text.partition("=")
+    try:
+        if sep and kind.strip():
+            return kind.strip(), float(value)
+    except ValueError:
+        pass
+    raise argparse.ArgumentTypeError(f"expected KIND=VALUE, got {text!r}")
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -109,6 +130,7 @@ def _classify(client: MoneClient, args: argparse.Namespace) -> int:
                 capacity=args.capacity,
                 gflops=args.gflops,
                 latency_ms=args.latency_ms,
+                budget=dict([args.budget]) if args.budget else None,
                 deadline_ms=args.deadline_ms,
                 top_k=args.top_k,
                 routing=args.routing,
@@ -162,6 +184,9 @@ def _models(client: MoneClient, args: argparse.Namespace) -> int:
         print(
             f"{m.name:<16}{m.variant:<10}{m.device:<8}{ready:<7}{len(m.labels):>8}  {floor:.4f}-{dense:.4f}"
         )
+    for kind in budget_kinds(models[0]) if models else []:
+        unit = f" ({kind.unit})" if kind.unit else ""
+        print(f"  --budget {kind.name}=VALUE{unit}: {kind.description}")
     return 0
 
 
@@ -219,12 +244,13 @@ def plot_profile(info: ModelInfo) -> Image.Image:
 def _bench(args: argparse.Namespace, common: dict[str, Any]) -> int:
     if args.duration is None and args.requests is None:
         raise ValueError("give --duration or --requests")
-    mix = bench.parse_mix(args.mix)
     inputs: list[Input] = [p.read_bytes() for p in args.files]
     progress = sys.stderr.isatty() if args.progress is None else args.progress
 
     async def go() -> bench.Report:
         async with AsyncMoneClient(args.url, retry=RetryPolicy(retries=0), **common) as client:
+            kinds = [kind.name for kind in await client.budget_kinds()] if args.mix else bench.BUDGETS
+            mix = bench.parse_mix(args.mix, kinds)
             return await bench.run(
                 client,
                 inputs,

@@ -3,6 +3,7 @@
     with MoneClient("http://127.0.0.1:8000") as client:
         result = client.classify("shirt.png", capacity=0.5, routing=True)
         print(result.label, result.gflops, result.timing.total_ms)
+        client.classify("shirt.png", budget={"latency_ms": 50})  # any kind in client.budget_kinds()
 
 The native API is the default; `protocol="oip"` sends the same request as an Open Inference Protocol (KServe
 v2) `infer` call.  429 and 503 answers are retried with exponential back-off, waiting at least what the
@@ -14,15 +15,23 @@ from __future__ import annotations
 import asyncio
 import itertools
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import httpx
 
-from mone.clients.core import DEFAULT_URL, BaseClient, RetryPolicy, classify_options, read_json
+from mone.clients.core import (
+    DEFAULT_URL,
+    BaseClient,
+    RetryPolicy,
+    budget_option,
+    check_budget_kinds,
+    classify_options,
+    read_json,
+)
 from mone.clients.errors import MoneError
 from mone.clients.media import Input, Kind, to_payload
-from mone.clients.schemas import ModelInfo, ModelList, Result
+from mone.clients.schemas import BudgetKindInfo, ModelInfo, ModelList, Result, budget_kinds
 
 
 class MoneClient(BaseClient):
@@ -91,6 +100,12 @@ class MoneClient(BaseClient):
             self.model_name = self.models()[0].name
         return self.model_name
 
+    def budget_kinds(self) -> list[BudgetKindInfo]:
+        """The budget kinds the server takes (`/v1/models` `budgets.kinds`; asked once)."""
+        if self._budget_kinds is None:
+            self._budget_kinds = budget_kinds(self.model())
+        return self._budget_kinds
+
     def classify(
         self,
         file: Input,
@@ -98,14 +113,19 @@ class MoneClient(BaseClient):
         capacity: float | None = None,
         gflops: float | None = None,
         latency_ms: float | None = None,
+        budget: Mapping[str, float] | None = None,
         deadline_ms: float | None = None,
         top_k: int | None = None,
         routing: bool = False,
         kind: Kind | None = None,
     ) -> Result:
-        """Classify an image or clip under at most one budget (capacity, GFLOPs or latency)."""
+        """Classify an image or clip under at most one budget: capacity, GFLOPs or latency by keyword, or
+        any kind the server lists as `budget={kind: value}` (checked against `budget_kinds()`)."""
         payload = to_payload(file)
-        options = classify_options(payload, capacity, gflops, latency_ms, deadline_ms, top_k, routing, kind)
+        given = budget_option({"capacity": capacity, "gflops": gflops, "latency_ms": latency_ms}, budget)
+        if budget:
+            check_budget_kinds(budget, self.budget_kinds())
+        options = classify_options(payload, given, deadline_ms, top_k, routing, kind)
         model = ""
         if self.protocol == "oip":
             model = self._model_name()
@@ -170,6 +190,11 @@ class AsyncMoneClient(BaseClient):
             self.model_name = (await self.models())[0].name
         return self.model_name
 
+    async def budget_kinds(self) -> list[BudgetKindInfo]:
+        if self._budget_kinds is None:
+            self._budget_kinds = budget_kinds(await self.model())
+        return self._budget_kinds
+
     async def classify(
         self,
         file: Input,
@@ -177,13 +202,17 @@ class AsyncMoneClient(BaseClient):
         capacity: float | None = None,
         gflops: float | None = None,
         latency_ms: float | None = None,
+        budget: Mapping[str, float] | None = None,
         deadline_ms: float | None = None,
         top_k: int | None = None,
         routing: bool = False,
         kind: Kind | None = None,
     ) -> Result:
         payload = to_payload(file)
-        options = classify_options(payload, capacity, gflops, latency_ms, deadline_ms, top_k, routing, kind)
+        given = budget_option({"capacity": capacity, "gflops": gflops, "latency_ms": latency_ms}, budget)
+        if budget:
+            check_budget_kinds(budget, await self.budget_kinds())
+        options = classify_options(payload, given, deadline_ms, top_k, routing, kind)
         model = ""
         if self.protocol == "oip":
             model = await self._model_name()

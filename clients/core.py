@@ -7,6 +7,7 @@ import base64
 import math
 import os
 import random
+from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
@@ -14,7 +15,15 @@ import httpx
 
 from mone.clients.errors import Timeout, TransportError, from_response, retry_after
 from mone.clients.media import Kind, Payload
-from mone.clients.schemas import ClassifyResponse, InferResponse, Prediction, Protocol, Result, Timing
+from mone.clients.schemas import (
+    BudgetKindInfo,
+    ClassifyResponse,
+    InferResponse,
+    Prediction,
+    Protocol,
+    Result,
+    Timing,
+)
 
 DEFAULT_URL = "http://127.0.0.1:8000"
 RETRY_STATUSES = frozenset({429, 503})
@@ -66,6 +75,7 @@ class BaseClient:
         key = api_key if api_key is not None else os.environ.get("MONE_API_KEY")
         self.headers = {"authorization": f"Bearer {key}"} if key else {}
         self._labels: list[str] | None = None
+        self._budget_kinds: list[BudgetKindInfo] | None = None
 
     def _retry_wait(self, attempt: int, outcome: httpx.Response | Exception) -> float | None:
         """After one attempt: seconds to wait before the next, or None to hand the response back.
@@ -127,21 +137,35 @@ class BaseClient:
         return oip_result(InferResponse.model_validate(body), self._labels or [], top_k)
 
 
+def budget_option(named: Mapping[str, float | None], budget: Mapping[str, float] | None) -> dict[str, float]:
+    """The (at most one) budget of a request, from the keyword arguments (`named`, None where not given) and
+    the generic `budget={kind: value}`."""
+    given = {k: v for k, v in named.items() if v is not None}
+    names = [*given, *(budget or {})]
+    if len(names) > 1:
+        raise ValueError(f"give at most one budget, got {', '.join(names)}")
+    return {**given, **(budget or {})}
+
+
+def check_budget_kinds(budget: Mapping[str, float], kinds: list[BudgetKindInfo]) -> None:
+    """ValueError unless every kind in `budget` is one the server lists."""
+    names = [k.name for k in kinds]
+    for name in budget:
+        if name not in names:
+            raise ValueError(f"unknown budget kind {name!r}: the server takes {', '.join(names)}")
+
+
 def classify_options(
     payload: Payload,
-    capacity: float | None,
-    gflops: float | None,
-    latency_ms: float | None,
+    budget: Mapping[str, float],
     deadline_ms: float | None,
     top_k: int | None,
     routing: bool,
     kind: Kind | None,
 ) -> dict[str, Any]:
-    budgets = {"capacity": capacity, "gflops": gflops, "latency_ms": latency_ms}
-    given = {k: v for k, v in budgets.items() if v is not None}
-    if len(given) > 1:
-        raise ValueError(f"give at most one budget, got {', '.join(given)}")
-    options: dict[str, Any] = dict(given)
+    """The form fields (native) or `parameters` (OIP) of one classify request; `budget` from
+    `budget_option`."""
+    options: dict[str, Any] = dict(budget)
     if deadline_ms is not None:
         options["deadline_ms"] = deadline_ms
     if top_k is not None:

@@ -8,9 +8,9 @@ protocol-neutral view the client returns: the native API and the Open Inference 
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, Field
+from pydantic import BaseModel, Field, ValidationError
 
 from mone.clients.wire import (
     ClassifyResponse,
@@ -26,9 +26,12 @@ from mone.clients.wire import (
 )
 
 Protocol = Literal["native", "oip"]
-BudgetType = Literal["capacity", "gflops", "latency_ms"]
+BudgetType = str  # a budget kind's name: the server lists the kinds it takes (`/v1/models` `budgets.kinds`)
+NAMED_BUDGETS = ("capacity", "gflops", "latency_ms")  # the kinds `classify` takes as keyword arguments
 
 __all__ = [
+    "NAMED_BUDGETS",
+    "BudgetKindInfo",
     "BudgetType",
     "ClassifyResponse",
     "ErrorBody",
@@ -42,7 +45,30 @@ __all__ = [
     "Result",
     "ServedBudget",
     "Timing",
+    "budget_kinds",
 ]
+
+
+class BudgetKindInfo(BaseModel):
+    """One budget kind a server takes, as `/v1/models` lists it under `budgets.kinds`."""
+
+    name: str = Field(description="the request parameter, e.g. latency_ms")
+    unit: str = Field(default="", description="of the value; empty for a capacity e_c")
+    label: str = Field(default="", description="a short name, for showing a budget as '<label> <= <value>'")
+    description: str = ""
+    pinned: bool = Field(default=False, description="never lowered by the server's degrade policy")
+
+
+def budget_kinds(info: ModelInfo) -> list[BudgetKindInfo]:
+    """The budget kinds a model's server takes: its `budgets.kinds`, or `NAMED_BUDGETS` from a server that
+    does not list them."""
+    listed: Any = info.budgets.get("kinds")
+    try:
+        if isinstance(listed, list) and listed:
+            return [BudgetKindInfo.model_validate(k) for k in listed]
+    except ValidationError:
+        pass
+    return [BudgetKindInfo(name=name, label=name) for name in NAMED_BUDGETS]
 
 
 class Result(BaseModel):

@@ -29,7 +29,7 @@ def start_server(
     Its stderr (logs, the access log) goes to `stderr` when given, else to the test's."""
     port = free_port()
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MONE_", "PROMETHEUS_"))}
-    env["PYTHONPATH"] = str(ROOT)
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / ".namespace"), str(ROOT)])
     cmd = [
         sys.executable,
         "-m",

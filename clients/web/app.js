@@ -8,7 +8,10 @@ const ALPHA = 0.5;
 const CANVAS_SIDE = 448;
 
 const $ = (id) => document.getElementById(id);
-const state = { blob: null, name: "", kind: "auto", frames: null, controller: null, seq: 0, experts: 4 };
+const state = { blob: null, name: "", kind: "auto", frames: null, controller: null, seq: 0, experts: 4, kinds: [] };
+// The capacity slider is the budget kind `capacity`; every other kind the server lists (`budgets.kinds` of
+// v1/models) is a choice next to the number field.
+const SLIDER_KIND = "capacity";
 
 function apiHeaders() {
   const key = $("api-key").value.trim();
@@ -53,11 +56,37 @@ async function loadModel() {
     $("capacity-min").textContent = `1/${Math.round(1 / m.budgets.min_capacity)} (cheapest)`;
     $("model").textContent =
       `${m.name} · ${m.variant} · ${m.device} · ${m.labels.length} classes · ${state.experts} nested experts`;
+    listBudgetKinds(m.budgets.kinds || []);
     drawLegend();
   } catch (err) {
     $("model").textContent = "cannot reach the server";
     showError(String(err));
   }
+}
+
+function listBudgetKinds(kinds) {
+  state.kinds = kinds.filter((k) => k.name !== SLIDER_KIND);
+  const select = $("budget-kind");
+  const chosen = select.value;
+  select.textContent = "";
+  for (const k of state.kinds) {
+    const option = document.createElement("option");
+    option.value = k.name;
+    option.textContent = k.unit ? `${k.label || k.name} (${k.unit})` : k.label || k.name;
+    option.title = k.description || "";
+    select.append(option);
+  }
+  if (state.kinds.some((k) => k.name === chosen)) select.value = chosen;
+  showBudgetHelp();
+}
+
+function chosenKind() {
+  return state.kinds.find((k) => k.name === $("budget-kind").value);
+}
+
+function showBudgetHelp() {
+  const k = chosenKind();
+  $("budget-help").textContent = k ? k.description : "";
 }
 
 function drawLegend() {
@@ -202,10 +231,15 @@ function showResult(r, requested) {
 
 // -- asking the server -------------------------------------------------------------------------------------
 function budget() {
-  const latency = parseFloat($("latency").value);
-  if (latency > 0) return ["latency_ms", latency, `latency ≤ ${latency} ms`];
+  const k = chosenKind();
+  const value = parseFloat($("budget-value").value);
+  if (k && value > 0) return [k.name, value, `${k.label || k.name} ≤ ${value}${k.unit ? ` ${k.unit}` : ""}`];
   const c = parseFloat($("capacity").value);
-  return ["capacity", c, `capacity ${c.toFixed(3)}`];
+  return [SLIDER_KIND, c, `capacity ${c.toFixed(3)}`];
+}
+
+function budgetMode() {
+  document.body.classList.toggle("budget-mode", Boolean(chosenKind()) && parseFloat($("budget-value").value) > 0);
 }
 
 async function classify() {
@@ -269,17 +303,22 @@ async function useInput(blob, name, kind) {
 function init() {
   $("capacity").addEventListener("input", () => {
     $("capacity-value").textContent = parseFloat($("capacity").value).toFixed(3);
-    $("latency").value = "";
-    document.body.classList.remove("latency-mode");
+    $("budget-value").value = "";
+    budgetMode();
     classifySoon(80);
   });
-  $("latency").addEventListener("input", () => {
-    document.body.classList.toggle("latency-mode", parseFloat($("latency").value) > 0);
+  $("budget-value").addEventListener("input", () => {
+    budgetMode();
     classifySoon(300);
   });
-  $("clear-latency").addEventListener("click", () => {
-    $("latency").value = "";
-    document.body.classList.remove("latency-mode");
+  $("budget-kind").addEventListener("change", () => {
+    showBudgetHelp();
+    budgetMode();
+    if (parseFloat($("budget-value").value) > 0) classifySoon(0);
+  });
+  $("clear-budget").addEventListener("click", () => {
+    $("budget-value").value = "";
+    budgetMode();
     classifySoon(0);
   });
   $("api-key").addEventListener("change", () => { loadModel(); classifySoon(0); });

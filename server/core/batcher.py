@@ -34,7 +34,7 @@ class WorkItem:
     deadline: float  # hard deadline (monotonic); 504 when passed before running
     top_k: int = 5
     routing: bool = False
-    level: Level | None = None  # planned at admission (capacity, gflops) or when the batch forms
+    level: Level | None = None  # planned at admission (BudgetKind.level), or when the batch forms (deadline)
     future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     enqueued: float = 0.0
     dequeued: float = 0.0
@@ -49,7 +49,7 @@ class WorkItem:
 
     @property
     def latency_deadline(self) -> float | None:
-        if self.budget.type != "latency_ms":
+        if not self.budget.kind.deadline:
             return None
         return self.arrival + self.budget.value / 1e3
 

@@ -1,4 +1,6 @@
-"""Budget planning: turn a request's `capacity` | `gflops` | `latency_ms` into an effective capacity e_c.
+"""Budget planning: turn a request's budget (one of `BUDGET_KINDS`) into an effective capacity e_c.
+
+What each kind means, how it is validated and how it picks a level is in server/core/budget_kinds.py.
 
 The realised e_c is a step function of the requested one (token counts are floored, MoNE Algorithm 1), so
 planning searches the distinct token splits ("levels") found on a fine grid of e_c, each represented by
@@ -9,29 +11,32 @@ are ordered by cost, so the largest level that fits a budget is found by bisecti
 from __future__ import annotations
 
 import bisect
-import math
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
-from typing import Literal
 
 from mone.model import MoNEConfig, capacity_distribution, expert_counts, realised_capacity, sample_gflops
+from mone.server.core.budget_kinds import BUDGET_KINDS, BudgetKind, budget_kind
 from mone.server.errors import InvalidBudgetError
 
-BudgetType = Literal["default", "capacity", "gflops", "latency_ms"]
 GRID_STEPS = 896  # e_c grid step (1 - min_capacity) / 896: 1/1024 for 4 experts
 
 
 @dataclass(frozen=True)
 class Budget:
-    """What a request asked for.  `default` means none was given (value = the server's default e_c)."""
+    """What a request asked for: `type` is a kind's name (`BUDGET_KINDS`), or `default` when none was given
+    (value = the server's default e_c)."""
 
-    type: BudgetType
+    type: str
     value: float
+
+    @property
+    def kind(self) -> BudgetKind:
+        return budget_kind(self.type)
 
     @property
     def pinned(self) -> bool:
         """A pinned budget is never lowered by the degrade policy."""
-        return self.type in ("capacity", "gflops")
+        return self.kind.pinned
 
 
 @dataclass(frozen=True)
@@ -44,38 +49,23 @@ class Level:
     gflops: float
 
 
-def parse_budget(
-    capacity: float | None,
-    gflops: float | None,
-    latency_ms: float | None,
-    default_capacity: float,
-    min_capacity: float,
-) -> Budget:
+def parse_budget(given: Mapping[str, float | None], default_capacity: float, min_capacity: float) -> Budget:
     """Validate the (at most one) budget a request carries; errors are InvalidBudgetError (422).
 
-    `min_capacity` is the model's lowest capacity (`MoNEConfig.min_capacity`, 1/2**(E-1) for E experts)."""
-    given = {
-        k: v
-        for k, v in (("capacity", capacity), ("gflops", gflops), ("latency_ms", latency_ms))
-        if v is not None
-    }
-    if len(given) > 1:
-        raise InvalidBudgetError(f"give at most one budget, got {sorted(given)}", given=given)
-    if not given:
-        return Budget("default", default_capacity)
-    name, value = next(iter(given.items()))
-    if isinstance(value, bool) or not math.isfinite(value):
-        raise InvalidBudgetError(f"{name} must be a finite number, got {value!r}")
-    if name == "capacity" and not min_capacity - 1e-9 <= value <= 1.0 + 1e-9:
+    `given` maps kind names (`BUDGET_KINDS`) to the value the request gave, or None; `min_capacity` is the
+    model's lowest capacity (`MoNEConfig.min_capacity`, 1/2**(E-1) for E experts)."""
+    values = {k: v for k, v in given.items() if v is not None}
+    unknown = sorted(set(values) - set(BUDGET_KINDS))
+    if unknown:
         raise InvalidBudgetError(
-            f"capacity {value:g} is outside [{min_capacity:g}, 1], the capacities this model serves",
-            min=min_capacity,
-            max=1.0,
+            f"unknown budget {unknown[0]!r}, expected one of {list(BUDGET_KINDS)}", kinds=list(BUDGET_KINDS)
         )
-    if name != "capacity" and value <= 0:
-        raise InvalidBudgetError(f"{name} must be positive, got {value:g}")
-    kind: BudgetType = "capacity" if name == "capacity" else "gflops" if name == "gflops" else "latency_ms"
-    return Budget(kind, float(min(max(value, min_capacity), 1.0)) if kind == "capacity" else float(value))
+    if len(values) > 1:
+        raise InvalidBudgetError(f"give at most one budget, got {sorted(values)}", given=values)
+    if not values:
+        return Budget("default", default_capacity)
+    name, value = next(iter(values.items()))
+    return Budget(name, BUDGET_KINDS[name].parse(value, min_capacity))
 
 
 class Planner:

@@ -285,7 +285,7 @@ class Engine:
                 )
             )
         item = WorkItem(x, budget, arrival, deadline, top_k=top_k, routing=routing, level=level)
-        if budget.type == "latency_ms":
+        if budget.kind.deadline:
             self.scheduler.note_arrival(now)
         self._batcher.put(item)
         self.stats.accepted += 1
@@ -338,11 +338,7 @@ class Engine:
 
     def _admission_level(self, budget: Budget, frames: int) -> Level | None:
         try:
-            if budget.type == "gflops":
-                return self.planner.for_gflops(budget.value, frames)
-            if budget.type == "latency_ms":
-                return None  # planned when its batch forms
-            return self.planner.level_of(budget.value, frames)
+            return budget.kind.level(self.planner, budget.value, frames)  # None: planned when its batch forms
         except ServeError as exc:
             raise self._reject(exc) from None
 
@@ -479,7 +475,7 @@ class Engine:
         assert item.level is not None
         now = time.monotonic()
         met = None
-        if item.budget.type == "latency_ms":
+        if item.budget.kind.deadline:
             met = (now - item.arrival) * 1e3 <= item.budget.value
         result = InferResult(
             output=sample,

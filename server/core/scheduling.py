@@ -3,12 +3,15 @@
 Pure planning over the latency model and the capacity levels; no queue, no model, no HTTP.  Budgets are
 decided here when a batch forms (docs/serving.md section 4):
 
-* `capacity` / `gflops` items keep the level fixed at admission;
-* items without a budget get `default_capacity`, lowered by the `degrade` overload policy as the queue
-  fills (linearly from `degrade_start` fill down to `degrade_floor` when full);
-* `latency_ms` items get the largest level whose predicted batch time fits the tightest of their
-  budgets; if pinned work in the batch makes that impossible, they run first in a batch of their own;
-  if even the floor cannot fit, they run at the floor and will be counted as missed.
+* items whose kind picks the level at admission (`capacity`, `gflops`: `BudgetKind.level`,
+  server/core/budget_kinds.py) keep it;
+* items without a budget get `default_capacity`; unpinned ones (`BudgetKind.pinned`) are lowered by the
+  `degrade` overload policy as the queue fills (linearly from `degrade_start` fill down to `degrade_floor`
+  when full);
+* items of a deadline kind (`latency_ms`: `BudgetKind.deadline`) get the largest level whose predicted
+  batch time fits the tightest of their budgets; if pinned work in the batch makes that impossible, they
+  run first in a batch of their own; if even the floor cannot fit, they run at the floor and will be
+  counted as missed.
 * Under a stream of latency-budgeted requests (another one expected while the batch runs), a batch may
   take at most half of the tightest budget, less the decoding and batch wait a request spends before it
   is queued: a request that arrives just after a batch starts waits for all of it, then needs its own
@@ -103,11 +106,11 @@ class BatchPlanner:
         returns (run now, put back at the queue head)."""
         frames = items[0].frames
         cap = self.degrade_cap(depth)
-        fixed = [it for it in items if it.budget.type != "latency_ms"]
-        flexible = [it for it in items if it.budget.type == "latency_ms"]
+        fixed = [it for it in items if not it.budget.kind.deadline]
+        flexible = [it for it in items if it.budget.kind.deadline]
         for it in fixed:
             assert it.level is not None
-            if it.budget.type == "default" and it.level.capacity > cap + 1e-12:
+            if not it.budget.pinned and it.level.capacity > cap + 1e-12:
                 lowered = self.planner.level_of(max(cap, self.planner.cfg.min_capacity), frames)
                 level = self.no_slower(lowered, frames, len(items), ceiling=it.level.capacity)
                 it.degraded = level.capacity < it.level.capacity - 1e-12

@@ -13,11 +13,14 @@ from collections.abc import Awaitable
 from typing import Annotated, Any, TypeVar
 
 from fastapi import Depends, Request
+from pydantic import Field, create_model
 
 from mone.server.config import Settings
+from mone.server.core.budget_kinds import BUDGET_KINDS
 from mone.server.core.engine import Engine
 from mone.server.errors import ClientGoneError, NotFoundError, UnauthorizedError
 from mone.server.http.metrics import Metrics
+from mone.server.http.schemas import ClassifyParams
 from mone.server.media.decode import Decoded, Kind, decode
 from mone.server.media.decode_budget import header_pixels
 from mone.server.media.video import ClipDecoder
@@ -62,6 +65,24 @@ async def require_key(request: Request) -> None:
     want = settings.api_key.get_secret_value().encode()
     if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), want):
         raise UnauthorizedError("missing or wrong bearer token")
+
+
+def _classify_params() -> type[ClassifyParams]:
+    """`ClassifyParams` with one optional number per budget kind, named and described by the registry."""
+    budgets: dict[str, Any] = {
+        kind.name: (float | None, Field(None, description=kind.description, gt=kind.gt))
+        for kind in BUDGET_KINDS.values()
+    }
+    return create_model("ClassifyParams", __base__=ClassifyParams, **budgets)
+
+
+CLASSIFY_PARAMS = _classify_params()
+"""The form fields / query parameters of POST /v1/classify, budget kinds included."""
+
+
+def budget_params(params: ClassifyParams) -> dict[str, float | None]:
+    """The value of each budget kind in `params` (None where not given), for `parse_budget`."""
+    return {name: getattr(params, name) for name in BUDGET_KINDS}
 
 
 def check_model(name: str, settings: Settings) -> None:

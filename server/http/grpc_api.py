@@ -2,11 +2,11 @@
 server/http/proto/inference.proto) on
 `grpc_port`, served by grpc.aio on the app's event loop and started and stopped by its lifespan.
 
-The same engine, budgets, decoding and outputs as the REST routes (server/http/oip.py): the budget
-(`capacity`,
-`gflops`, `latency_ms`) and `top_k`, `kind`, `deadline_ms` go in the request's or an input's `parameters`;
-inputs come as `raw_input_contents` (what tritonclient sends) or typed `contents` (`bytes_contents` holds one
-encoded image or clip per element, `fp32_contents` the pixels); outputs go back as `raw_output_contents`.
+The same engine, budgets, decoding and outputs as the REST routes (server/http/oip.py): the budget (one
+of the kinds of server/core/budget_kinds.py: `capacity`, `gflops`, `latency_ms`) and `top_k`, `kind`,
+`deadline_ms` go in the request's or an input's `parameters`; inputs come as `raw_input_contents` (what
+tritonclient sends) or typed `contents` (`bytes_contents` holds one encoded image or clip per element,
+`fp32_contents` the pixels); outputs go back as `raw_output_contents`.
 Errors are gRPC status codes with the REST message; the call's `x-request-id` metadata (or a new id) comes
 back in the trailing metadata, with `mone-error-code` on errors, and each call writes an access-log line.
 With `api_key` set, ModelMetadata, ModelReady and ModelInfer need `authorization: Bearer <key>` metadata.

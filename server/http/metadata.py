@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from mone.server.core.budget_kinds import BUDGET_KINDS
 from mone.server.core.engine import Engine
 from mone.server.http.schemas import KindCost, ModelInfo, ProfileRow
 
@@ -77,6 +78,7 @@ def model_metadata(engine: Engine, name: str) -> ModelInfo:
             "min_capacity": cfg.min_capacity,
             "floor_gflops": {k: engine.planner.floor(f).gflops for k, f in engine.kinds.items()},
             "dense_gflops": {k: engine.planner.dense_gflops(f) for k, f in engine.kinds.items()},
+            "kinds": [kind.describe() for kind in BUDGET_KINDS.values()],
         },
         profile=profile(engine),
         latency_model=engine.latency.to_dict(),

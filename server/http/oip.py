@@ -4,10 +4,10 @@ Inputs: a `BYTES` tensor of encoded images/clips (shape [B]; base64 strings in J
 data), or an `FP32` tensor of the model's normalised input, shape [B, C, H, W] or [B, T, C, H, W].  The body
 is read as JSON whatever its content type, and may carry Triton's binary tensor data
 (server/http/oip_tensors.py).
-Budgets (`capacity`, `gflops`, `latency_ms`) and `top_k`, `kind`, `deadline_ms` go in `parameters`,
-request-level or per input (per input wins).  Outputs: `logits` (FP32 [B, classes]), `label` (BYTES [B]),
-`capacity` and `gflops` (FP32 [B], what was served); the response `parameters` carry the served budget and
-timing (per-request totals for B > 1).
+Budgets (one of the kinds of server/core/budget_kinds.py: `capacity`, `gflops`, `latency_ms`) and `top_k`,
+`kind`, `deadline_ms` go in `parameters`, request-level or per input (per input wins).  Outputs: `logits`
+(FP32 [B, classes]), `label` (BYTES [B]), `capacity` and `gflops` (FP32 [B], what was served); the response
+`parameters` carry the served budget and timing (per-request totals for B > 1).
 """
 
 from __future__ import annotations
@@ -24,6 +24,7 @@ from torch import Tensor
 from mone.server import __version__
 from mone.server.config import Settings
 from mone.server.core.budget import Budget, parse_budget
+from mone.server.core.budget_kinds import BUDGET_KINDS
 from mone.server.core.engine import Engine, InferResult
 from mone.server.errors import BadInputError, InvalidParamsError
 from mone.server.http.access import AccessRecord, record_of
@@ -297,13 +298,8 @@ def _number(params: Parameters, key: str) -> float | None:
 
 
 def _budget(params: Parameters, default_capacity: float, min_capacity: float) -> Budget:
-    return parse_budget(
-        _number(params, "capacity"),
-        _number(params, "gflops"),
-        _number(params, "latency_ms"),
-        default_capacity,
-        min_capacity,
-    )
+    given = {name: _number(params, name) for name in BUDGET_KINDS}
+    return parse_budget(given, default_capacity, min_capacity)
 
 
 def _options(params: Parameters) -> dict[str, Any]:

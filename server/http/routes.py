@@ -12,13 +12,16 @@ from starlette.datastructures import UploadFile
 
 from mone.model import capacity_distribution
 from mone.server.core.budget import parse_budget
+from mone.server.core.budget_kinds import BUDGET_KINDS
 from mone.server.core.engine import Engine, InferResult
 from mone.server.errors import BadInputError, InvalidParamsError, NotReadyError, TooLargeError
 from mone.server.http.access import record_of
 from mone.server.http.deps import (
+    CLASSIFY_PARAMS,
     EngineDep,
     MetricsDep,
     SettingsDep,
+    budget_params,
     cancel_on_disconnect,
     check_model,
     decode_payload,
@@ -52,7 +55,10 @@ CLASSIFY_BODY: dict[str, Any] = {
                     "required": ["file"],
                     "properties": {
                         "file": {"type": "string", "format": "binary"},
-                        **{k: {"type": "string"} for k in ClassifyParams.model_fields},
+                        **{
+                            k: {"type": "string", **({"description": f.description} if f.description else {})}
+                            for k, f in CLASSIFY_PARAMS.model_fields.items()
+                        },
                     },
                 }
             },
@@ -100,18 +106,28 @@ async def get_model(name: str, engine: EngineDep, settings: SettingsDep) -> Mode
     return model_metadata(engine, name)
 
 
-@v1.post("/classify", response_model=ClassifyResponse, openapi_extra=CLASSIFY_BODY)
+CLASSIFY_DESCRIPTION = (
+    "Classify an image or clip (multipart `file`, or the raw bytes as the body with the other fields as "
+    "query parameters) under at most one budget:\n\n"
+    + "\n".join(f"* `{k.name}` ({k.unit or 'e_c'}): {k.description}" for k in BUDGET_KINDS.values())
+)
+
+
+@v1.post(
+    "/classify",
+    response_model=ClassifyResponse,
+    openapi_extra=CLASSIFY_BODY,
+    description=CLASSIFY_DESCRIPTION,
+)
 async def post_classify(request: Request) -> Response:
-    """Classify an image or clip (multipart `file`, or the raw bytes as the body) under one budget."""
+    """Classify an image or clip under at most one budget (`CLASSIFY_DESCRIPTION`)."""
     arrival = time.monotonic()
     # The hot path: the engine and settings are fetched here, not declared as FastAPI dependencies, whose
     # resolution cost the event loop about 10 % of its time per request under load.
     engine, settings = await get_engine(request), await get_settings(request)
     data, fields = await _read_input(request, settings.max_body_bytes)
     params = _parse_params(fields, settings.default_top_k)
-    budget = parse_budget(
-        params.capacity, params.gflops, params.latency_ms, settings.default_capacity, engine.cfg.min_capacity
-    )
+    budget = parse_budget(budget_params(params), settings.default_capacity, engine.cfg.min_capacity)
     record = record_of(request)
     if record is not None:
         record.ask(budget)
@@ -156,7 +172,7 @@ def _parse_params(fields: dict[str, str], default_top_k: int) -> ClassifyParams:
     values: dict[str, Any] = {"top_k": default_top_k}
     values.update({k: v for k, v in fields.items() if v != ""})
     try:
-        return ClassifyParams.model_validate(values)
+        return CLASSIFY_PARAMS.model_validate(values)
     except ValidationError as exc:
         errors = [{"field": ".".join(map(str, e["loc"])), "message": e["msg"]} for e in exc.errors()]
         raise InvalidParamsError("invalid request parameters", errors=errors) from None

@@ -23,17 +23,14 @@ class ErrorResponse(BaseModel):
 
 # -- native API ----------------------------------------------------------------------------------------------
 class ClassifyParams(BaseModel):
-    """Form fields (multipart) or query parameters (raw body) of POST /v1/classify."""
+    """Form fields (multipart) or query parameters (raw body) of POST /v1/classify.
+
+    Besides these, one optional number per budget kind (`capacity`, `gflops`, `latency_ms`): the server adds
+    those fields from its registry of kinds (server/http/deps.py `CLASSIFY_PARAMS`), which this module, shared
+    with the client, cannot import; `/v1/models` lists them under `budgets.kinds`."""
 
     model_config = ConfigDict(extra="forbid")
 
-    capacity: float | None = Field(
-        None, description="effective capacity e_c in [1/2**(E-1), 1] for E experts (1/8 for 4)"
-    )
-    gflops: float | None = Field(None, description="GFLOPs budget per sample for this input", gt=0)
-    latency_ms: float | None = Field(
-        None, description="server-side latency budget (soft: served at the floor)", gt=0
-    )
     deadline_ms: float | None = Field(None, description="hard deadline: 504 if it cannot be met", gt=0)
     top_k: int = Field(5, ge=1, le=1000)
     routing: bool = Field(False, description="include the token -> expert map per frame")
@@ -43,7 +40,7 @@ class ClassifyParams(BaseModel):
 
 
 class RequestedBudget(BaseModel):
-    type: Literal["default", "capacity", "gflops", "latency_ms"]
+    type: str = Field(description="the budget kind asked for (`/v1/models` `budgets.kinds`), or default")
     value: float
 
 
@@ -115,7 +112,10 @@ class ModelInfo(BaseModel):
     labels: list[str]
     config: dict[str, Any]
     input: dict[str, Any]
-    budgets: dict[str, Any]
+    budgets: dict[str, Any] = Field(
+        description="default and lowest capacity, floor and dense GFLOPs per input kind, and `kinds`: the "
+        "budget kinds a request may name (name, unit, label, description, pinned)"
+    )
     profile: list[ProfileRow]
     latency_model: dict[str, Any] = Field(description="coefficients per frames-per-sample, refreshed online")
     evaluation: dict[str, Any] | None = Field(description="the checkpoint's capacity -> accuracy profile")

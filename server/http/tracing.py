@@ -108,7 +108,7 @@ class Tracing:
                 continue
             sample = {"mone.sample": i}
             self._span("queue", inside, ns(r.enqueued), ns(r.dequeued), sample)
-            batch_attrs = {
+            batch_attrs: dict[str, Any] = {
                 **sample,
                 "mone.batch.size": r.batch_size,
                 "mone.budget.type": r.budget.type,

@@ -164,6 +164,31 @@ def test_cli_classify_table_json_routing(
     assert np.asarray(clip_map).std() > 10
 
 
+def test_budget_kinds_from_the_server(
+    client: MoneClient, server_url: str, image_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    assert [k.name for k in client.budget_kinds()] == ["capacity", "gflops", "latency_ms"]
+    generic = client.classify(picture(), budget={"gflops": 0.06})
+    assert generic.native is not None
+    assert generic.native.requested.type == "gflops"
+    assert generic.gflops <= 0.06
+    with MoneClient(server_url, protocol="oip") as oip:
+        assert oip.classify(picture(), budget={"latency_ms": 500}).deadline_met is not None
+    with pytest.raises(ValueError, match="unknown budget kind 'joules'"):
+        client.classify(picture(), budget={"joules": 1.0})
+
+    code, out = run_cli(capsys, "--url", server_url, "classify", str(image_path), "--budget", "capacity=0.5")
+    assert code == 0
+    assert "capacity 0.500" in out
+    assert main(["--url", server_url, "classify", str(image_path), "--budget", "joules=1"]) == 2
+    assert "unknown budget kind 'joules'" in capsys.readouterr().err
+    code, out = run_cli(capsys, "--url", server_url, "models")
+    assert all(f"--budget {kind}=VALUE" in out for kind in ("capacity", "gflops", "latency_ms"))
+    bench = ["bench", str(image_path), "--requests", "2", "--concurrency", "1", "--mix", "joules=1"]
+    assert main(["--url", server_url, *bench]) == 2
+    assert "TYPE one of ('capacity', 'gflops', 'latency_ms')" in capsys.readouterr().err
+
+
 def test_cli_reports_errors(server_url: str, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     bad = tmp_path / "bad.png"
     bad.write_bytes(b"not a png")

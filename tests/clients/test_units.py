@@ -28,9 +28,11 @@ from mone.clients import (
     TransportError,
 )
 from mone.clients.bench import Budget, Report, Sample, parse_mix
+from mone.clients.cli import build_parser
 from mone.clients.errors import from_response
 from mone.clients.media import is_clip, sniff, to_payload
 from mone.clients.routing import render
+from mone.clients.schemas import NAMED_BUDGETS, BudgetKindInfo, ModelInfo, budget_kinds
 from tests.support.media import clip_frames, picture
 
 OK_BODY = {
@@ -164,6 +166,48 @@ def test_error_mapping_native_and_oip() -> None:
 def test_at_most_one_budget() -> None:
     with MoneClient("http://127.0.0.1:9") as client, pytest.raises(ValueError, match="at most one budget"):
         client.classify(picture(), capacity=0.5, gflops=0.1)
+
+
+def test_any_budget_kind_the_server_lists(stub: str) -> None:
+    with MoneClient(stub) as client:
+        client._budget_kinds = [BudgetKindInfo(name="capacity"), BudgetKindInfo(name="joules", unit="J")]
+        assert client.classify(picture(), budget={"joules": 2.0}).label == "shirt"
+        with pytest.raises(
+            ValueError, match="unknown budget kind 'watts': the server takes capacity, joules"
+        ):
+            client.classify(picture(), budget={"watts": 2.0})
+        with pytest.raises(ValueError, match="at most one budget, got capacity, joules"):
+            client.classify(picture(), capacity=0.5, budget={"joules": 2.0})
+    listed = ModelInfo.model_construct(
+        budgets={"kinds": [{"name": "joules", "unit": "J", "description": "d"}]}
+    )
+    assert [(k.name, k.unit) for k in budget_kinds(listed)] == [("joules", "J")]
+    older = ModelInfo.model_construct(budgets={"min_capacity": 0.125})
+    assert [k.name for k in budget_kinds(older)] == list(NAMED_BUDGETS)
+
+
+def test_cli_budget_kind_value() -> None:
+    parser = build_parser()
+    assert parser.parse_args(["classify", "a.png", "--budget", "latency_ms=50"]).budget == (
+        "latency_ms",
+        50.0,
+    )
+    for wrong in (
+        ["--budget", "latency_ms"],
+        ["--budget", "=5"],
+        ["--budget", "x=y"],
+        ["--gflops", "1", "--budget", "x=1"],
+    ):
+        with pytest.raises(SystemExit):
+            parser.parse_args(["classify", "a.png", *wrong])
+    assert parse_mix("joules=3:2,default", kinds=["joules"]) == [
+        Budget("joules", 3.0, 2.0),
+        Budget(None, None),
+    ]
+    assert Budget("joules", 3.0).option() == {"joules": 3.0}
+    assert Budget(None, None).option() is None
+    with pytest.raises(ValueError, match="bad mix entry"):
+        parse_mix("joules=3")
 
 
 def test_payloads() -> None:

@@ -86,12 +86,16 @@ def test_classify_sample_move_slider_clip_and_error(page: sync_api.Page) -> None
     assert "% saved" in page.text_content("#gflops")
     assert not page.text_content("#gflops").endswith("(0% saved)")
 
-    page.fill("#latency", "500")
+    # The budget kinds other than the slider's come from /v1/models `budgets.kinds`.
+    kinds = page.eval_on_selector_all("#budget-kind option", "options => options.map(o => o.value)")
+    assert kinds == ["gflops", "latency_ms"]
+    page.select_option("#budget-kind", "latency_ms")
+    page.fill("#budget-value", "500")
     wait_answers(page, 3)
     assert page.text_content("#requested") == "latency ≤ 500 ms"
     assert "deadline" in page.text_content("#latency-out")
 
-    page.click("#clear-latency")
+    page.click("#clear-budget")
     wait_answers(page, 4)
     page.click(".sample[data-kind='clip']")
     wait_answers(page, 5)

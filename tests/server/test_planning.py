@@ -22,19 +22,19 @@ def planner() -> Planner:
 
 
 def test_no_budget_means_default() -> None:
-    b = parse_budget(None, None, None, 0.75, CFG.min_capacity)
+    b = parse_budget({}, 0.75, CFG.min_capacity)
     assert (b.type, b.value, b.pinned) == ("default", 0.75, False)
 
 
 @pytest.mark.parametrize("capacity", [0.1, 1.5, -1.0, float("nan")])
 def test_capacity_outside_range_is_invalid(capacity: float) -> None:
     with pytest.raises(InvalidBudgetError):
-        parse_budget(capacity, None, None, 1.0, CFG.min_capacity)
+        parse_budget({"capacity": capacity}, 1.0, CFG.min_capacity)
 
 
 def test_two_budgets_are_invalid() -> None:
     with pytest.raises(InvalidBudgetError, match="at most one"):
-        parse_budget(0.5, 1.0, None, 1.0, CFG.min_capacity)
+        parse_budget({"capacity": 0.5, "gflops": 1.0}, 1.0, CFG.min_capacity)
 
 
 def test_levels_are_distinct_and_monotone(planner: Planner) -> None:
@@ -174,7 +174,7 @@ def _latency_items(n: int, budget_ms: float, now: float) -> list:
 
     loop = asyncio.new_event_loop()
     try:
-        budget = parse_budget(None, None, budget_ms, 1.0, CFG.min_capacity)
+        budget = parse_budget({"latency_ms": budget_ms}, 1.0, CFG.min_capacity)
         return [
             WorkItem(torch.zeros(1, 1, 28, 28), budget, now, now + 30, future=loop.create_future())
             for _ in range(n)
@@ -304,7 +304,7 @@ def _default_items(n: int) -> list:
     now = time.monotonic()
     try:
         items = [
-            WorkItem(torch.zeros(1, 1, 28, 28), parse_budget(None, None, None, 1.0, CFG.min_capacity), now,
+            WorkItem(torch.zeros(1, 1, 28, 28), parse_budget({}, 1.0, CFG.min_capacity), now,
                      now + 30, future=loop.create_future())
             for _ in range(n)
         ]  # fmt: skip

@@ -88,7 +88,9 @@ async def test_rel_metrics_account_for_every_request(
 
     # One request whose client leaves while it is queued, then a burst larger than the queue (some 429)
     # with short deadlines mixed in (504).
-    item = engine.submit(engine.runner.dummy(1), parse_budget(1.0, None, None, 1.0, engine.cfg.min_capacity))
+    item = engine.submit(
+        engine.runner.dummy(1), parse_budget({"capacity": 1.0}, 1.0, engine.cfg.min_capacity)
+    )
     engine.cancel(item)
     tasks = [asyncio.ensure_future(send()) for _ in range(12)]
     tasks += [asyncio.ensure_future(send("?deadline_ms=20")) for _ in range(3)]
