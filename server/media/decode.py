@@ -3,9 +3,9 @@
 The container is recognised from its magic bytes first, and only an allow-listed decoder is ever invoked
 (Pillow is told the one format to use; PyAV gets an explicit demuxer, so playlist demuxers such as HLS or
 concat that could open local files are never reached).  Every failure is a `ServeError` (4xx), never a
-500.  Runs in a worker thread; it is CPU work.  Clip decoding itself lives in `mone.server.media.video`.
-What a decoded
-picture or clip becomes (mode, size, frames, normalisation) is `mone.model.preprocess`, which training and
+500.  Runs in a worker thread; it is CPU work.  The kinds of input, and how each is decoded, are
+`mone.server.media.kinds`; clip decoding itself lives in `mone.server.media.video`.  What a decoded picture
+or clip becomes (mode, size, frames, normalisation) is `mone.model.preprocess`, which training and
 evaluation use too.
 """
 
@@ -20,31 +20,25 @@ from PIL import Image
 from torch import Tensor
 
 from mone.model import MoNEConfig
-from mone.model.preprocess import array_frames_to_tensor, frames_to_tensor, upright
+from mone.model.preprocess import upright
 from mone.server.config import Settings
 from mone.server.errors import BadInputError, OverLimitError, ServeError, TooLargeError, UnsupportedMediaError
-from mone.server.media.video import VIDEO_FORMATS, ClipDecoder, ClipShape, decode_video
+from mone.server.media.kinds import CONTENT_TYPES, INPUT_KINDS, kind_for
+from mone.server.media.video import VIDEO_FORMATS, ClipDecoder
 
 __all__ = ["CONTENT_TYPES", "IMAGE_FORMATS", "VIDEO_FORMATS", "Decoded", "Kind", "decode", "sniff"]
 
 Kind = Literal["auto", "image", "clip"]
-IMAGE_FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF"}
-CONTENT_TYPES = {
-    "jpeg": "image/jpeg",
-    "png": "image/png",
-    "webp": "image/webp",
-    "gif": "image/gif",
-    "mp4": "video/mp4",
-    "webm": "video/webm",
-}
+FORMAT_NAMES = {"jpeg": "JPEG", "png": "PNG", "webp": "WebP", "gif": "GIF", "mp4": "MP4", "webm": "WebM"}
+IMAGE_FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF"}  # sniffed name -> Pillow format
 
 
 @dataclass
 class Decoded:
-    """A decoded request input: (T, C, H, W) normalised frames."""
+    """A decoded request input: (T, C, H, W) normalised frames, and the kind it was decoded as."""
 
     tensor: Tensor
-    kind: Literal["image", "clip"]
+    kind: str
     format: str
 
     @property
@@ -70,9 +64,10 @@ def sniff(data: bytes) -> str | None:
 
 
 def decode(
-    data: bytes, cfg: MoNEConfig, settings: Settings, kind: Kind = "auto", clips: ClipDecoder | None = None
+    data: bytes, cfg: MoNEConfig, settings: Settings, kind: str = "auto", clips: ClipDecoder | None = None
 ) -> Decoded:
-    """Bytes of an image (JPEG/PNG/WebP/GIF frame 0) or clip (MP4/WebM/animated GIF) -> model input.
+    """Bytes of an input of one of the kinds of `INPUT_KINDS` (an image: JPEG/PNG/WebP/GIF frame 0; a clip:
+    MP4/WebM/animated GIF) -> model input.
 
     Clips go to `clips` (the server's `DecodePool` of killable worker processes) when given, else they are
     decoded in the calling thread.  Images are always decoded here: Pillow is bounded by the pixel limits.
@@ -81,20 +76,15 @@ def decode(
         raise BadInputError("empty payload")
     fmt = sniff(data)
     if fmt is None:
-        raise UnsupportedMediaError(
-            "unsupported format; images: JPEG, PNG, WebP, GIF; clips: MP4, WebM, animated GIF",
-            allowed=sorted(CONTENT_TYPES.values()),
+        taken = "; ".join(
+            f"{k.name}s: {', '.join(FORMAT_NAMES[f] for f in k.formats)}" for k in INPUT_KINDS.values()
         )
-    as_clip = kind == "clip" or (kind == "auto" and fmt in ("mp4", "webm"))
-    if as_clip:
-        if fmt not in VIDEO_FORMATS:
-            raise BadInputError(f"{fmt} is a still-image format; send it with kind=image")
-        frames = (clips or decode_video)(data, fmt, ClipShape.of(cfg), settings)
-        return Decoded(array_frames_to_tensor(frames, cfg), "clip", fmt)
-    if fmt not in IMAGE_FORMATS:
-        raise BadInputError(f"{fmt} is a video format; send it with kind=clip")
-    img = decode_image(data, fmt, settings)
-    return Decoded(frames_to_tensor([img], cfg), "image", fmt)
+        raise UnsupportedMediaError(f"unsupported format; {taken}", allowed=sorted(CONTENT_TYPES.values()))
+    as_kind = kind_for(fmt, kind)
+    if fmt not in as_kind.formats:
+        others = [k.name for k in INPUT_KINDS.values() if fmt in k.formats]
+        raise BadInputError(f"{fmt} cannot be read as kind={as_kind.name}; send it with kind={others[0]}")
+    return Decoded(as_kind.decode(data, fmt, cfg, settings, clips), as_kind.name, fmt)
 
 
 def decode_image(data: bytes, fmt: str, settings: Settings) -> Image.Image:
