@@ -135,10 +135,16 @@ class Pipeline:
             )
         if record is not None:
             record.ask(requests[0].budget)
-        results = await guard(asyncio.gather(*(self.engine.classify(r) for r in requests)))
+        if len(requests) == 1:  # the common case, without gather's future and task
+            results = await guard(self._one(requests[0]))
+        else:
+            results = await guard(asyncio.gather(*(self.engine.classify(r) for r in requests)))
         if record is not None:
             record.serve(results, decode_ms, arrival)
         return Served(results, decode_ms)
+
+    async def _one(self, request: InferRequest) -> list[InferResult]:
+        return [await self.engine.classify(request)]
 
     async def _decode(self, sample: Sample) -> tuple[Tensor, InputKind]:
         if isinstance(sample.data, Tensor):

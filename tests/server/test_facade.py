@@ -7,6 +7,7 @@ Inference Protocol, is an `InferRequest` whose kind is what decoding found; the 
 from __future__ import annotations
 
 import base64
+import hmac
 import re
 import time
 from collections.abc import AsyncIterator
@@ -22,6 +23,7 @@ from mone.server.core.budget import Budget
 from mone.server.core.engine import Engine
 from mone.server.core.request import InferRequest
 from mone.server.errors import error_body
+from mone.server.http import auth
 from mone.server.http.access import AccessRecord
 from mone.server.http.app import create_app
 from mone.server.http.pipeline import Options, Pipeline, Sample
@@ -46,6 +48,32 @@ def test_core_and_media_never_import_http() -> None:
     for room in ("core", "media"):
         for path in (SERVER / room).glob("*.py"):
             assert "mone.server.http" not in path.read_text(), path
+
+
+def test_only_the_pipeline_decodes_and_submits() -> None:
+    """The adapters hand samples to the pipeline; none decodes or submits to the engine itself."""
+    stages = re.compile(r"engine\.(classify|submit)\(|(?<![.\w])decode\(|BudgetedDecoder|PixelBudget")
+    for path in sorted((SERVER / "http").glob("*.py")):
+        if path.name != "pipeline.py":
+            assert not [line for line in path.read_text().splitlines() if stages.search(line)], path.name
+
+
+async def test_the_api_key_is_checked_once(checkpoint_dir: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    calls: list[bytes] = []
+    real = hmac.compare_digest
+
+    def spy(a: bytes, b: bytes) -> bool:
+        calls.append(b)
+        return real(a, b)
+
+    monkeypatch.setattr(auth.hmac, "compare_digest", spy)
+    app = create_app(fast_settings(checkpoint_dir, api_key="k-0123456789"))
+    transport = httpx.ASGITransport(app=app, raise_app_exceptions=False)  # no lifespan: no engine
+    async with httpx.AsyncClient(transport=transport, base_url="http://test") as c:
+        for path in ("/v1/models", "/v2/models/mone"):
+            calls.clear()
+            await c.get(path, headers={"authorization": "Bearer k-0123456789"})
+            assert calls == [b"k-0123456789"], path
 
 
 def test_a_request_knows_its_kind_and_frames() -> None:
