@@ -47,6 +47,7 @@ from mone.server.http.metrics import Metrics
 from mone.server.http.oip import (
     EXTENSIONS,
     OUTPUTS,
+    SERVER_NAME,
     oip_model_metadata,
     oip_samples,
     output_tensors,
@@ -121,7 +122,7 @@ class InferenceService:
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> Any:
-        answer = pb.ServerMetadataResponse(name="mone-serve", version=__version__, extensions=EXTENSIONS)
+        answer = pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
         return await self._call("ServerMetadata", context, False, lambda _: _done(answer))
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> Any:

@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from functools import partial
-from typing import Any
+from typing import Any, cast, get_args
 
 import torch
 from fastapi import APIRouter, Request, Response
@@ -56,7 +56,10 @@ from mone.server.http.schemas import (
     ServerMetadata,
     TensorMetadata,
 )
+from mone.server.media.decode import Kind
 
+SERVER_NAME = "mone-serve"
+KINDS: tuple[str, ...] = get_args(Kind)  # what `kind` an encoded input may ask for
 EXTENSIONS = ("binary_tensor_data",)
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
 # The API key of these routes is checked by AuthMiddleware (server/http/auth.py).
@@ -66,7 +69,7 @@ models = APIRouter(prefix="/v2/models", tags=["open inference protocol"])
 @router.get("", response_model=ServerMetadata)
 async def get_server_metadata() -> ServerMetadata:
     """Server metadata."""
-    return ServerMetadata(name="mone-serve", version=__version__, extensions=list(EXTENSIONS))
+    return ServerMetadata(name=SERVER_NAME, version=__version__, extensions=list(EXTENSIONS))
 
 
 @router.get("/health/live", response_model=LiveResponse)
@@ -222,14 +225,15 @@ def oip_samples(
         p = {**params, **tensor.parameters}
         options = partial(_sample_options, p, settings.default_capacity, engine.cfg.min_capacity)
         if tensor.elements is not None:
-            kind = str(p.get("kind", "auto"))
-            if kind not in ("auto", "image", "clip"):
-                raise BadInputError(f"kind must be auto, image or clip, got {kind!r}")
-            samples += [Sample(data, kind, options) for data in tensor.elements]  # type: ignore[arg-type]
+            asked = str(p.get("kind", "auto"))
+            if asked not in KINDS:
+                raise BadInputError(f"kind must be auto, image or clip, got {asked!r}")
+            kind = cast(Kind, asked)
+            samples += [Sample(data, kind, options) for data in tensor.elements]
         else:
             assert tensor.values is not None
-            pixels, kind = _pixels(tensor.name, tensor.values, engine)
-            samples += [Sample(x, kind, options) for x in pixels]
+            pixels, pixels_kind = _pixels(tensor.name, tensor.values, engine)
+            samples += [Sample(x, pixels_kind, options) for x in pixels]
     return samples
 
 
