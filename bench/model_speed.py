@@ -36,7 +36,7 @@ import torch
 from torch import Tensor
 
 from bench.references import FusedViT, PlainViT
-from mone.model import MoNE, MoNEConfig, gflops
+from mone.model import MoNE, MoNEConfig, expert_counts, gflops
 from mone.model.inference import calibrate_full_width
 from mone.server.core.capture import CapturedForward, CudaGraphs
 from mone.server.core.memory import release_free_memory
@@ -170,7 +170,8 @@ def run(
         captured = CapturedForward(net, CudaGraphs(device), [batch])
         clips = x.unsqueeze(1)
         for c in CAPACITIES:
-            fns[f"mone_graphs_{c}"] = functools.partial(captured, clips, [c] * batch)
+            split = expert_counts(c, cfg.num_tokens, cfg.num_experts)
+            fns[f"mone_graphs_{c}"] = functools.partial(captured, clips, [split] * batch)
     sync = synchroniser(device)
     t = median_times(fns, repeats, warmup=3 if compile_dense or graphs else 2, sync=sync)
     references = [name for name in fns if name.startswith("dense")]

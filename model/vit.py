@@ -274,13 +274,14 @@ class MoNE(nn.Module):
 
     # -- full model ------------------------------------------------------------------------------------
     def forward_features(
-        self, clips: Tensor, capacities: list[float]
+        self, clips: Tensor, capacities: list[float], splits: Sequence[tuple[int, ...]] | None = None
     ) -> tuple[Tensor, Tensor, list[tuple[int, ...]]]:
-        """Pooled clip features (B, D), the (B, T, N) expert map and per-sample token splits."""
+        """Pooled clip features (B, D), the (B, T, N) expert map and per-sample token splits (`splits` when
+        given, else those of `capacities`)."""
         B, T = clips.shape[:2]
         N, E = self.cfg.num_tokens, self.cfg.num_experts
         tokens = self.embed(clips.flatten(0, 1))  # (F, N, D)
-        per_sample = [expert_counts(c, N, E) for c in capacities]
+        per_sample = list(splits) if splits is not None else [expert_counts(c, N, E) for c in capacities]
         per_frame = [c for c in per_sample for _ in range(T)]
         pooled = tokens.new_empty(B * T, tokens.shape[-1])
         experts = torch.empty(B * T, N, dtype=torch.int8, device=tokens.device)
@@ -305,7 +306,14 @@ class MoNE(nn.Module):
     def forward_head(self, features: Tensor) -> Tensor:
         return cast(Tensor, self.head(features))
 
-    def forward(self, x: Tensor, capacity: float | Sequence[float] | Tensor = 1.0) -> MoNEOutput:
+    def forward(
+        self,
+        x: Tensor,
+        capacity: float | Sequence[float] | Tensor = 1.0,
+        splits: Sequence[tuple[int, ...]] | None = None,
+    ) -> MoNEOutput:
+        """Classify x at `capacity`; or, with `splits` (one token split k_1..k_E per sample, as
+        `expert_counts` gives them), at those splits as they are, and `capacity` is not used."""
         cfg = self.cfg
         if not isinstance(x, Tensor) or not x.is_floating_point():
             kind = f"a tensor of {x.dtype}" if isinstance(x, Tensor) else type(x).__name__
@@ -328,10 +336,14 @@ class MoNE(nn.Module):
             raise ValueError("a clip needs at least one frame, got 0")
         if cfg.temporal_depth and cfg.num_frames < T:
             raise ValueError(f"clip has {T} frames, the model takes at most {cfg.num_frames}")
-        capacities = _as_capacities(capacity, B, cfg.num_experts)
+        if splits is not None:
+            splits = _check_splits(splits, B, cfg.num_tokens, cfg.num_experts)
+            capacities = [realised_capacity(s) for s in splits]
+        else:
+            capacities = _as_capacities(capacity, B, cfg.num_experts)
         if not torch.isfinite(x).all():
             raise ValueError("x contains NaN or infinite values")
-        features, experts, splits = self.forward_features(x, capacities)
+        features, experts, splits = self.forward_features(x, capacities, splits)
         logits = self.forward_head(features)
         f64 = torch.float64
         return MoNEOutput(
@@ -342,6 +354,20 @@ class MoNE(nn.Module):
             experts=experts,
             gflops=torch.tensor([sample_gflops(cfg, s, T) for s in splits], dtype=f64),
         )
+
+
+def _check_splits(
+    splits: Sequence[tuple[int, ...]], batch: int, num_tokens: int, num_experts: int
+) -> list[tuple[int, ...]]:
+    """The token splits as tuples, or ValueError unless there is one per sample, each of `num_experts`
+    non-negative counts that sum to `num_tokens`."""
+    out = [tuple(int(k) for k in s) for s in splits]
+    if len(out) != batch:
+        raise ValueError(f"{len(out)} token splits for a batch of {batch}")
+    for s in out:
+        if len(s) != num_experts or min(s) < 0 or sum(s) != num_tokens:
+            raise ValueError(f"a token split is {num_experts} counts >= 0 that sum to {num_tokens}, got {s}")
+    return out
 
 
 def _as_capacities(capacity: float | Sequence[float] | Tensor, batch: int, num_experts: int) -> list[float]:

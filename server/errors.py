@@ -2,7 +2,7 @@
 
 Each error has a stable `code` (the `error.code` of the JSON body), a `reason` (the label of
 `mone_rejected_total`) and a `detail` object.  Which HTTP status a code maps to is decided once, in
-`STATUS`, and used only by the web layer.
+`STATUS`, and used only by the web layer; the JSON body of an error is built once, by `error_body`.
 """
 
 from __future__ import annotations
@@ -74,6 +74,11 @@ class OverloadedError(ServeError):
         super().__init__(message, retry_after_s=retry_after, **detail)
         self.retry_after = retry_after
 
+    @property
+    def retry_after_header(self) -> str:
+        """`retry_after` as a Retry-After value: whole seconds, at least 1."""
+        return str(int(max(1, round(self.retry_after))))
+
 
 class DeadlineExceededError(ServeError):
     """The request's hard deadline expired (or cannot be met) before it ran."""
@@ -126,3 +131,17 @@ STATUS: dict[str, int] = {
     NotReadyError.code: 503,
     DeadlineExceededError.code: 504,
 }
+
+# Failures that are not the server refusing a request (not counted in mone_rejected_total).
+NOT_REJECTIONS = (ClientGoneError.code, InternalError.code)
+
+
+def error_body(
+    code: str, message: str, detail: dict[str, Any] | None = None, *, oip: bool = False
+) -> dict[str, Any]:
+    """The JSON body of an error: `{"error": {"code", "message", "detail"}}`; for the Open Inference
+    Protocol (`oip`, the /v2 routes) `{"error": "<message>", "code", "detail"}`, so that KServe/Triton
+    clients can read it."""
+    if oip:
+        return {"error": message, "code": code, "detail": detail or {}}
+    return {"error": {"code": code, "message": message, "detail": detail or {}}}

@@ -22,18 +22,15 @@ from typing import Any, Literal
 from torch import Tensor
 
 from mone.server.core.budget import Budget, Level
+from mone.server.core.request import InferRequest
 
 
 @dataclass(eq=False)
 class WorkItem:
-    """One sample travelling from admission to its result."""
+    """One request travelling from admission to its result."""
 
-    x: Tensor  # (T, C, H, W)
-    budget: Budget
-    arrival: float  # time.monotonic() when the request arrived
+    request: InferRequest
     deadline: float  # hard deadline (monotonic); 504 when passed before running
-    top_k: int = 5
-    routing: bool = False
     level: Level | None = None  # planned at admission (BudgetKind.level), or when the batch forms (deadline)
     future: asyncio.Future[Any] = field(default_factory=lambda: asyncio.get_running_loop().create_future())
     enqueued: float = 0.0
@@ -44,8 +41,22 @@ class WorkItem:
     outcome: str | None = None  # succeeded / failed / cancelled, set exactly once
 
     @property
+    def x(self) -> Tensor:
+        """The input, (T, C, H, W)."""
+        return self.request.x
+
+    @property
+    def budget(self) -> Budget:
+        return self.request.budget
+
+    @property
+    def arrival(self) -> float:
+        """time.monotonic() when the request arrived."""
+        return self.request.arrival
+
+    @property
     def frames(self) -> int:
-        return int(self.x.shape[0])
+        return self.request.frames
 
     @property
     def latency_deadline(self) -> float | None:

@@ -35,7 +35,7 @@ from typing import Protocol
 import torch
 from torch import Tensor
 
-from mone.model import MoNE, MoNEConfig, expert_counts, realised_capacity, sample_gflops
+from mone.model import MoNE, MoNEConfig, realised_capacity, sample_gflops
 
 log = logging.getLogger("mone.capture")
 
@@ -110,7 +110,6 @@ class Piece:
 
     key: Key
     rows: list[int]  # indices into the batch
-    capacity: float  # any capacity of the group: all give its token split
 
 
 class CapturedForward:
@@ -149,29 +148,28 @@ class CapturedForward:
         """The captured batch size that holds `n` samples (n at most the largest size)."""
         return next(b for b in self.sizes if b >= n)
 
-    def plan(self, frames: int, capacities: Sequence[float]) -> list[Piece]:
-        """The pieces a batch runs as: grouped by token split in order of first appearance, each group cut
-        into pieces of at most the largest size, each piece keyed by the size it pads to."""
-        N, E = self.cfg.num_tokens, self.cfg.num_experts
+    def plan(self, frames: int, splits: Sequence[tuple[int, ...]]) -> list[Piece]:
+        """The pieces a batch of these token splits runs as: grouped by split in order of first appearance,
+        each group cut into pieces of at most the largest size, each piece keyed by the size it pads to."""
         groups: dict[tuple[int, ...], list[int]] = {}
-        for i, c in enumerate(capacities):
-            groups.setdefault(expert_counts(c, N, E), []).append(i)
+        for i, split in enumerate(splits):
+            groups.setdefault(tuple(split), []).append(i)
         top = self.sizes[-1]
         pieces = []
         for split, rows in groups.items():
             for s in range(0, len(rows), top):
                 part = rows[s : s + top]
-                pieces.append(Piece((self.bucket(len(part)), frames, split), part, capacities[part[0]]))
+                pieces.append(Piece((self.bucket(len(part)), frames, split), part))
         return pieces
 
     def __call__(
-        self, x: Tensor, capacities: Sequence[float]
+        self, x: Tensor, splits: Sequence[tuple[int, ...]]
     ) -> tuple[Tensor, Tensor, list[tuple[int, ...]]]:
         """Logits (B, classes), experts (B, T, N) int8 on the model's device, and each sample's token split,
-        for x (B, T, C, H, W) on the model's device."""
+        for x (B, T, C, H, W) on the model's device run at `splits` (one per sample, as planned)."""
         B, T = x.shape[:2]
-        N, E = self.cfg.num_tokens, self.cfg.num_experts
-        pieces = self.plan(T, capacities)
+        N = self.cfg.num_tokens
+        pieces = self.plan(T, splits)
         logits: Tensor | None = None
         experts = torch.empty(B, T, N, dtype=torch.int8, device=x.device)
         for piece in pieces:
@@ -180,7 +178,7 @@ class CapturedForward:
             xs = x if whole else x.index_select(0, self._index(piece.rows, x.device))
             out = self._run(piece, xs)
             if out is None:
-                res = self.model(xs, capacity=[piece.capacity] * n)
+                res = self.model(xs, splits=[piece.key[2]] * n)
                 out_logits, out_experts = res.logits, res.experts
                 self.eager += 1
             else:
@@ -195,8 +193,7 @@ class CapturedForward:
                 logits.index_copy_(0, index, out_logits)
                 experts.index_copy_(0, index, out_experts)
         assert logits is not None
-        splits = [expert_counts(c, N, E) for c in capacities]
-        return logits, experts, splits
+        return logits, experts, [tuple(s) for s in splits]
 
     @staticmethod
     def _index(rows: list[int], device: torch.device) -> Tensor:
@@ -208,7 +205,7 @@ class CapturedForward:
             return None
         entry = self.graphs.get(piece.key)
         if entry is None:
-            entry = self._capture(piece.key, piece.capacity, xs)
+            entry = self._capture(piece.key, xs)
             if entry is None:
                 return None
         self.graphs.move_to_end(piece.key)
@@ -217,17 +214,17 @@ class CapturedForward:
         self.replays += 1
         return entry.logits, entry.experts
 
-    def _capture(self, key: Key, capacity: float, like: Tensor) -> _Entry | None:
+    def _capture(self, key: Key, like: Tensor) -> _Entry | None:
         assert self.backend is not None
-        b = key[0]
+        b, split = key[0], key[2]
         dtype = next(self.model.parameters()).dtype
         static = torch.zeros((b, *like.shape[1:]), dtype=dtype, device=like.device)
         static[: like.shape[0]].copy_(like)
-        caps = [capacity] * b
+        splits = [split] * b
         model = self.model
 
         def forward() -> Outputs:
-            out = model(static, capacity=caps)
+            out = model(static, splits=splits)
             return out.logits, out.experts
 
         keep = model.full_width_rows

@@ -1,8 +1,11 @@
 """The engine: admission, budget planning, the batch loop and the accounting of every accepted request.
 
-It knows nothing about HTTP.  Callers hand it a decoded (T, C, H, W) input and a `Budget` and await an
-`InferResult`; failures are `ServeError`s.  Inference runs on a single worker thread so that the event loop
-(health, metrics, admission) stays responsive while the model computes.
+It knows nothing about HTTP.  Callers hand it an `InferRequest` (server/core/request.py: a decoded
+(T, C, H, W) input, its kind, a `Budget` and the request's options) and await an `InferResult`
+(`Engine.classify`); failures are `ServeError`s.  What the HTTP layer may use is the engine's public face:
+`classify`, `shed_if_full`, `coming`, `ready`, `stuck`, `queue_depth`, `cfg`, `labels`, `describe` and
+`profile`; the runner, planner, latency model and batcher are its own.  Inference runs on a single worker
+thread so that the event loop (health, metrics, admission) stays responsive while the model computes.
 
 Accounting: every accepted request ends exactly once as succeeded, failed or cancelled.
 """
@@ -13,12 +16,11 @@ import asyncio
 import contextlib
 import logging
 import time
+from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from functools import partial
-from typing import Protocol
-
-from torch import Tensor
+from typing import Any, Protocol
 
 from mone.model import MoNEConfig
 from mone.server.config import Settings
@@ -27,6 +29,7 @@ from mone.server.core.budget import Budget, Level, Planner
 from mone.server.core.latency import LatencyModel
 from mone.server.core.memory import release_free_memory
 from mone.server.core.priority import lower_thread_priority
+from mone.server.core.request import InferRequest
 from mone.server.core.runner import Runner, SampleOutput, warm_up_and_calibrate
 from mone.server.core.scheduling import BatchPlanner
 from mone.server.errors import (
@@ -37,7 +40,7 @@ from mone.server.errors import (
     OverloadedError,
     ServeError,
 )
-from mone.server.media.decode_budget import PixelBudget
+from mone.server.media.kinds import INPUT_KINDS
 
 log = logging.getLogger("mone.engine")
 ANSWER_SLICE = 4  # results handed to their requests per event-loop iteration (see `Engine._answer`)
@@ -125,10 +128,9 @@ def fit_settings(settings: Settings, cfg: MoNEConfig) -> Settings:
 class InferResult:
     """One served sample and its account."""
 
+    request: InferRequest
     output: SampleOutput
-    budget: Budget
     level: Level
-    frames: int
     dense_gflops: float
     queue_ms: float
     compute_ms: float
@@ -141,6 +143,57 @@ class InferResult:
     enqueued: float = 0.0
     dequeued: float = 0.0
     forward: tuple[float, float] = (0.0, 0.0)
+
+    @property
+    def budget(self) -> Budget:
+        """The budget asked for."""
+        return self.request.budget
+
+    @property
+    def kind(self) -> str:
+        """What the input was, as decoding found it."""
+        return self.request.kind
+
+    @property
+    def frames(self) -> int:
+        return self.request.frames
+
+
+@dataclass(frozen=True)
+class KindCost:
+    """What one sample of an input kind costs at a capacity."""
+
+    gflops: float
+    latency_ms_batch1: float
+    latency_ms_max_batch: float
+
+
+@dataclass(frozen=True)
+class ProfilePoint:
+    """One capacity of the model's profile: its token split and its cost per input kind."""
+
+    capacity: float
+    realised: float
+    distribution: tuple[float, ...]
+    counts: tuple[int, ...]
+    costs: dict[str, KindCost]
+
+
+@dataclass(frozen=True)
+class ModelDescription:
+    """What the engine serves and how: the model metadata routes show."""
+
+    cfg: MoNEConfig
+    device: str
+    ready: bool
+    labels: list[str]
+    default_capacity: float
+    floor_gflops: dict[str, float]  # per input kind
+    dense_gflops: dict[str, float]
+    latency_model: dict[str, Any]
+    evaluation: dict[str, Any] | None  # the checkpoint's accuracy profile
+    batching: dict[str, Any]
+    checkpoint: dict[str, Any]
 
 
 @dataclass
@@ -172,7 +225,6 @@ class Engine:
         self.planner = Planner(self.cfg)
         self.latency = LatencyModel()
         self.scheduler = BatchPlanner(self.planner, self.latency, self.settings)
-        self.decode_budget = PixelBudget(settings.max_decode_pixels, settings.request_timeout_s)
         self.stats = Stats()
         self.ready = False
         self._batcher: Batcher | None = None
@@ -193,12 +245,60 @@ class Engine:
 
     @property
     def kinds(self) -> dict[str, int]:
-        """Input kinds and their frames per sample."""
-        return {"image": 1, "clip": self.cfg.num_frames}
+        """Input kinds and their frames per sample (`INPUT_KINDS`)."""
+        return {kind.name: kind.frames(self.cfg) for kind in INPUT_KINDS.values()}
 
     @property
     def queue_depth(self) -> int:
+        """Requests queued, not yet taken into a batch."""
         return len(self._batcher) if self._batcher else 0
+
+    @property
+    def labels(self) -> list[str]:
+        """The class labels, by class index."""
+        labels: list[str] = self.runner.checkpoint.labels
+        return labels
+
+    def describe(self) -> ModelDescription:
+        """The model, its budgets, latency model, batching and checkpoint, for metadata routes."""
+        cfg, s, ck = self.cfg, self.settings, self.runner.checkpoint
+        return ModelDescription(
+            cfg=cfg,
+            device=str(self.runner.device),
+            ready=self.ready,
+            labels=ck.labels,
+            default_capacity=s.default_capacity,
+            floor_gflops={k: self.planner.floor(f).gflops for k, f in self.kinds.items()},
+            dense_gflops={k: self.planner.dense_gflops(f) for k, f in self.kinds.items()},
+            latency_model=self.latency.to_dict(),
+            evaluation=ck.profile,
+            batching={
+                "max_batch_size": s.max_batch_size,
+                "max_batch_wait_ms": s.max_batch_wait_ms,
+                "max_queue_size": s.max_queue_size,
+                "overload_policy": s.overload_policy,
+            },
+            checkpoint=self.runner.describe(),
+        )
+
+    def profile(self, capacities: Iterable[float]) -> list[ProfilePoint]:
+        """Per capacity: its token split, and per input kind its GFLOPs and the predicted latency of a batch
+        of one and of a full batch."""
+        b = self.settings.max_batch_size
+        points = []
+        for c in capacities:
+            costs: dict[str, KindCost] = {}
+            level: Level | None = None
+            for kind, frames in self.kinds.items():
+                level = self.planner.level_of(c, frames)
+                costs[kind] = KindCost(
+                    gflops=level.gflops,
+                    latency_ms_batch1=self.latency.predict(frames, 1, level.gflops) * 1e3,
+                    latency_ms_max_batch=self.latency.predict(frames, 1, b * level.gflops) * 1e3,
+                )
+            assert level is not None
+            points.append(ProfilePoint(c, level.realised, self.planner.distribution(c), level.counts, costs))
+        return points
 
     # -- lifecycle -----------------------------------------------------------------------------------------
     async def start(self) -> None:
@@ -229,18 +329,9 @@ class Engine:
         self.runner.close()
 
     # -- admission -----------------------------------------------------------------------------------------
-    async def infer(
-        self,
-        x: Tensor,
-        budget: Budget,
-        *,
-        arrival: float | None = None,
-        top_k: int = 5,
-        routing: bool = False,
-        deadline_ms: float | None = None,
-    ) -> InferResult:
-        """Serve one (T, C, H, W) input under `budget`.  Cancelling the awaiting task cancels the request."""
-        item = self.submit(x, budget, arrival=arrival, top_k=top_k, routing=routing, deadline_ms=deadline_ms)
+    async def classify(self, request: InferRequest) -> InferResult:
+        """Serve one request.  Cancelling the awaiting task cancels the request."""
+        item = self.submit(request)
         try:
             result: InferResult = await item.future
         except asyncio.CancelledError:
@@ -248,22 +339,13 @@ class Engine:
             raise
         return result
 
-    def submit(
-        self,
-        x: Tensor,
-        budget: Budget,
-        *,
-        arrival: float | None = None,
-        top_k: int = 5,
-        routing: bool = False,
-        deadline_ms: float | None = None,
-    ) -> WorkItem:
-        """Admit one input (or raise a ServeError); the returned item's future resolves to its result."""
+    def submit(self, request: InferRequest) -> WorkItem:
+        """Admit one request (or raise a ServeError); the returned item's future resolves to its result."""
         if not self.ready or self._batcher is None:
             raise NotReadyError("the model is not ready")
         now = time.monotonic()
-        arrival = now if arrival is None else arrival
-        frames = int(x.shape[0])
+        budget, arrival, deadline_ms = request.budget, request.arrival, request.deadline_ms
+        frames = request.frames
         limit = min(
             self.settings.max_request_frames, self.cfg.num_frames if self.cfg.temporal_depth else 10**9
         )
@@ -284,7 +366,7 @@ class Engine:
                     f"deadline of {deadline_ms:g} ms cannot be met", deadline_ms=deadline_ms
                 )
             )
-        item = WorkItem(x, budget, arrival, deadline, top_k=top_k, routing=routing, level=level)
+        item = WorkItem(request, deadline, level=level)
         if budget.kind.deadline:
             self.scheduler.note_arrival(now)
         self._batcher.put(item)
@@ -387,13 +469,15 @@ class Engine:
         self._batcher.requeue_front(back)
         self.events.load(self.queue_depth, self.stats.inflight)
         levels = [it.level for it in run if it.level is not None]
-        args = ([it.x for it in run], [lv.capacity for lv in levels], [it.top_k for it in run])
+        assert len(levels) == len(run), "every item of a batch is planned before it runs"
+        # The token split of each sample was planned once (`Level.counts`); the runner hands it to the model.
+        requests, splits = [it.request for it in run], [lv.counts for lv in levels]
         groups, gflops = len({lv.counts for lv in levels}), sum(lv.gflops for lv in levels)
         self._batch_predicted_s = self.latency.predict(run[0].frames, groups, gflops)
         started = self._batch_started = time.monotonic()
         try:
             out = await asyncio.get_running_loop().run_in_executor(
-                self._executor, self.runner.run, *args, [it.routing for it in run]
+                self._executor, self.runner.run, requests, splits
             )
         finally:
             self._batch_started, self._stuck_logged = None, False
@@ -478,10 +562,9 @@ class Engine:
         if item.budget.kind.deadline:
             met = (now - item.arrival) * 1e3 <= item.budget.value
         result = InferResult(
+            request=item.request,
             output=sample,
-            budget=item.budget,
             level=item.level,
-            frames=item.frames,
             dense_gflops=self.planner.dense_gflops(item.frames),
             queue_ms=(item.dequeued - item.enqueued) * 1e3,
             compute_ms=seconds * 1e3,

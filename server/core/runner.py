@@ -29,13 +29,24 @@ from typing import Any
 import torch
 from torch import Tensor
 
-from mone.model import Checkpoint, MoNE, MoNEConfig, gflops, load_checkpoint, save_checkpoint
+from mone.model import (
+    Checkpoint,
+    MoNE,
+    MoNEConfig,
+    expert_counts,
+    gflops,
+    load_checkpoint,
+    sample_gflops,
+    save_checkpoint,
+)
 from mone.model.inference import calibrate_full_width
 from mone.server.config import Settings
+from mone.server.core.budget import Budget
 from mone.server.core.capture import CapturedForward, CudaGraphs, accounting, capture_sizes
 from mone.server.core.latency import LatencyModel
 from mone.server.core.precision import cast_model, dtype_name, resolve_dtype
 from mone.server.core.priority import current_thread_nice, set_thread_priority
+from mone.server.core.request import InferRequest
 
 log = logging.getLogger("mone.runner")
 AUTO_STREAMS_MAX = 4  # beyond this, side-by-side forwards would queue for the GIL between their operations
@@ -248,28 +259,28 @@ class Runner:
             self._pool.shutdown(wait=True)
             self._pool = None
 
-    def split(self, frames: int, capacities: Sequence[float]) -> list[list[int]]:
-        """The sub-batches a batch of these capacities runs as."""
-        if self._pool is None or len(capacities) < 2:  # no stream threads: one stream, or closed
-            return [list(range(len(capacities)))]
-        costs = [gflops(self.cfg, c, frames) for c in capacities]
+    def split(self, frames: int, splits: Sequence[tuple[int, ...]]) -> list[list[int]]:
+        """The sub-batches a batch of these token splits runs as."""
+        if self._pool is None or len(splits) < 2:  # no stream threads: one stream, or closed
+            return [list(range(len(splits)))]
+        costs = [sample_gflops(self.cfg, s, frames) for s in splits]
         # Whether splitting pays is judged on the dense work: what streams save is per-operation overhead,
         # and a lower capacity has as many operations (more, with more token groups), not fewer.
-        work = len(capacities) * gflops(self.cfg, 1.0, frames)
+        work = len(splits) * gflops(self.cfg, 1.0, frames)
         return split_batch(costs, self.streams, self.min_stream_gflops, work=work)
 
-    def run(
-        self, xs: list[Tensor], capacities: list[float], top_ks: list[int], routing: list[bool]
-    ) -> BatchOutput:
-        """Forward one batch of same-shaped (T, C, H, W) inputs with one e_c each."""
+    def run(self, batch: Sequence[InferRequest], splits: Sequence[tuple[int, ...]]) -> BatchOutput:
+        """Forward one batch of requests of same-shaped (T, C, H, W) inputs, each at the token split its
+        planning chose (`Level.counts`): the model gets the splits as they are."""
         start = time.perf_counter()
+        xs, top_ks, routing = [r.x for r in batch], [r.top_k for r in batch], [r.routing for r in batch]
         k = min(max(top_ks), self.cfg.num_classes)
         want_experts = any(routing)
-        pieces = self.split(int(xs[0].shape[0]), capacities)
+        pieces = self.split(int(xs[0].shape[0]), splits)
         if len(pieces) == 1:
-            parts = [self._forward(xs, capacities, self.threads, k, want_experts)]
+            parts = [self._forward(xs, splits, self.threads, k, want_experts)]
         else:
-            parts = self._forward_split(xs, capacities, pieces, k, want_experts)
+            parts = self._forward_split(xs, splits, pieces, k, want_experts)
         if self.device.type == "cuda":  # the outputs are on the host already; the clock waits for the device
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start
@@ -295,7 +306,7 @@ class Runner:
     def _forward_split(
         self,
         xs: list[Tensor],
-        capacities: list[float],
+        splits: Sequence[tuple[int, ...]],
         pieces: list[list[int]],
         k: int,
         experts: bool,
@@ -305,8 +316,8 @@ class Runner:
         assert self._pool is not None
         threads = max(1, (self.threads or 1) // len(pieces))
 
-        def piece_args(piece: list[int]) -> tuple[list[Tensor], list[float]]:
-            return [xs[i] for i in piece], [capacities[i] for i in piece]
+        def piece_args(piece: list[int]) -> tuple[list[Tensor], list[tuple[int, ...]]]:
+            return [xs[i] for i in piece], [splits[i] for i in piece]
 
         futures: list[Future[_Part]] = [
             self._pool.submit(self._forward, *piece_args(piece), threads, k, experts) for piece in pieces[1:]
@@ -327,17 +338,17 @@ class Runner:
         return parts
 
     def _forward(
-        self, xs: list[Tensor], capacities: list[float], threads: int | None, k: int, experts: bool
+        self, xs: list[Tensor], splits: Sequence[tuple[int, ...]], threads: int | None, k: int, experts: bool
     ) -> _Part:
         if threads is not None:
             _use_threads(threads)
         with torch.inference_mode():
             x = self._to_device(xs)
             if self.graphs is not None:
-                logits, expert_map, splits = self.graphs(x, capacities)
-                capacity, counts, gf = accounting(self.cfg, splits, int(x.shape[1]))
+                logits, expert_map, ran = self.graphs(x, splits)
+                capacity, counts, gf = accounting(self.cfg, ran, int(x.shape[1]))
             else:
-                out = self.model(x, capacity=capacities)
+                out = self.model(x, splits=splits)
                 logits, expert_map = out.logits, out.experts
                 capacity, counts, gf = out.capacity, out.expert_counts, out.gflops
             logits = logits.float()
@@ -365,8 +376,9 @@ class Runner:
         """The smallest batch at capacity 1.0, up to `max_batch`, that runs on every stream; 0 if none."""
         if self.streams < 2:
             return 0
+        dense = self.token_split(1.0)
         for b in range(self.streams, max_batch + 1):
-            if len(self.split(frames, [1.0] * b)) == self.streams:
+            if len(self.split(frames, [dense] * b)) == self.streams:
                 return b
         return 0
 
@@ -374,12 +386,23 @@ class Runner:
         c = self.cfg
         return torch.zeros(frames, c.in_chans, c.img_size, c.img_size)
 
+    def token_split(self, capacity: float) -> tuple[int, ...]:
+        """The token split of `capacity` (warm-up and calibration: served requests come planned)."""
+        return expert_counts(capacity, self.cfg.num_tokens, self.cfg.num_experts)
+
+    def dummy_batch(self, frames: int, capacities: Sequence[float]) -> list[InferRequest]:
+        """Requests of zero inputs at `capacities`, top-1, for warm-up and calibration."""
+        x = self.dummy(frames)
+        kind = "image" if frames == 1 else "clip"  # the calibration's inputs: one image, or one full clip
+        return [InferRequest(x, kind, Budget("capacity", c), top_k=1) for c in capacities]
+
+    def run_dummy(self, frames: int, capacities: Sequence[float]) -> BatchOutput:
+        """One forward of a batch of zero inputs at `capacities`."""
+        return self.run(self.dummy_batch(frames, capacities), [self.token_split(c) for c in capacities])
+
     def time_batch(self, frames: int, batch: int, capacity: float, repeats: int) -> float:
         """Median seconds of `repeats` forwards of a uniform batch."""
-        xs = [self.dummy(frames)] * batch
-        times = [
-            self.run(xs, [capacity] * batch, [1] * batch, [False] * batch).seconds for _ in range(repeats)
-        ]
+        times = [self.run_dummy(frames, [capacity] * batch).seconds for _ in range(repeats)]
         return statistics.median(times)
 
     def describe(self) -> dict[str, Any]:
@@ -423,8 +446,8 @@ def warm_up_and_calibrate(
         if b > 1:
             caps = [cfg.min_capacity, 1.0] * (b // 2) + [1.0] * (b % 2)
             if runner.graphs is not None:
-                runner.run([runner.dummy(frames)] * b, caps, [1] * b, [False] * b)
-            out = runner.run([runner.dummy(frames)] * b, caps, [1] * b, [False] * b)
+                runner.run_dummy(frames, caps)
+            out = runner.run_dummy(frames, caps)
             latency.observe(
                 frames, 2, sum(gflops(cfg, c, frames) for c in caps), out.seconds, calibration=True
             )

@@ -93,7 +93,7 @@ class AccessRecord:
         self.ask(results[0].budget)
         self.results, self.arrival = results, arrival
         self.samples = len(results)
-        kinds = {"image" if r.frames == 1 else "clip" for r in results}
+        kinds = {r.kind for r in results}
         self.kind = kinds.pop() if len(kinds) == 1 else "mixed"
         self.capacity = min(r.level.capacity for r in results)
         self.gflops = sum(r.output.gflops for r in results)

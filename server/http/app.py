@@ -25,6 +25,7 @@ from mone.server.config import Settings, get_settings
 from mone.server.core.engine import Engine
 from mone.server.core.runner import Runner, load_model, resolve_device
 from mone.server.errors import (
+    NOT_REJECTIONS,
     STATUS,
     ClientGoneError,
     InternalError,
@@ -32,10 +33,11 @@ from mone.server.errors import (
     OverloadedError,
     ServeError,
     UnauthorizedError,
+    error_body,
 )
 from mone.server.http import oip, routes
 from mone.server.http.access import RequestIdMiddleware, configure_access_log, record_of
-from mone.server.http.auth import AuthMiddleware
+from mone.server.http.auth import WWW_AUTHENTICATE, AuthMiddleware
 from mone.server.http.health import (
     HealthListener,
     HealthState,
@@ -45,6 +47,7 @@ from mone.server.http.health import (
 )
 from mone.server.http.limits import BodyLimitMiddleware
 from mone.server.http.metrics import Metrics, MetricsMiddleware
+from mone.server.http.pipeline import Pipeline
 from mone.server.media.decode_pool import DecodePool
 
 if TYPE_CHECKING:
@@ -53,7 +56,6 @@ if TYPE_CHECKING:
     from mone.server.http.grpc_api import GrpcServer
 
 log = logging.getLogger("mone.app")
-NOT_REJECTIONS = (ClientGoneError.code, InternalError.code)
 WEB_DIR = Path(__file__).resolve().parents[2] / "clients" / "web"  # clients/ beside server/
 INFERENCE_PATHS = re.compile(r"^/(v1/classify|v2/models/[^/]+(/versions/[^/]+)?/infer)$")
 
@@ -63,13 +65,8 @@ def error_response(
 ) -> JSONResponse:
     """The native error schema; under /v2 the Open Inference Protocol's `{"error": "<message>"}` (plus
     `code` and `detail`), so that KServe/Triton clients can read it."""
-    status = STATUS.get(code, 500)
-    body: dict[str, object]
-    if path.startswith("/v2"):
-        body = {"error": message, "code": code, "detail": detail or {}}
-    else:
-        body = {"error": {"code": code, "message": message, "detail": detail or {}}}
-    return JSONResponse(body, status_code=status)
+    body = error_body(code, message, detail, oip=path.startswith("/v2"))
+    return JSONResponse(body, status_code=STATUS.get(code, 500))
 
 
 def create_app(settings: Settings | None = None, tracer_provider: TracerProvider | None = None) -> FastAPI:
@@ -109,6 +106,8 @@ def create_app(settings: Settings | None = None, tracer_provider: TracerProvider
             checkpoint = load_model(settings, device)
             engine = Engine(Runner.from_settings(checkpoint, device, settings), settings, events=metrics)
             app.state.engine = engine
+            # Every inference request's stages; it owns the budget of pixels in decoding.
+            app.state.pipeline = Pipeline(engine, settings, clips)
             metrics.set_model(settings.model_name, checkpoint.config.variant, str(device))
             if clips is not None:
                 await asyncio.to_thread(clips.wait_ready)
@@ -208,9 +207,9 @@ def serve_error_response(exc: ServeError, path: str, metrics: Metrics) -> JSONRe
         metrics.reject(exc.reason)
     response = error_response(exc.code, exc.message, exc.detail, path)
     if isinstance(exc, OverloadedError):
-        response.headers["Retry-After"] = str(int(max(1, round(exc.retry_after))))
+        response.headers["Retry-After"] = exc.retry_after_header
     if isinstance(exc, UnauthorizedError):
-        response.headers["WWW-Authenticate"] = 'Bearer realm="mone-serve"'
+        response.headers["WWW-Authenticate"] = WWW_AUTHENTICATE
     return response
 
 

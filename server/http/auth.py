@@ -2,8 +2,9 @@
 
 Sitting outside the body limit and the routes, it answers 401 (with `WWW-Authenticate`) to a caller without
 the key whatever else is wrong with the request: an unauthenticated caller learns nothing about body limits,
-readiness or overload.  The key is compared in constant time.  Health and readiness stay open for probes;
-`/metrics` is protected unless `metrics_public` is set.
+readiness or overload.  It is the one check of the key on HTTP (no route repeats it; gRPC checks its
+`authorization` metadata with `bearer_ok`, server/http/grpc_api.py).  The key is compared in constant time.
+Health and readiness stay open for probes; `/metrics` is protected unless `metrics_public` is set.
 """
 
 from __future__ import annotations
@@ -13,10 +14,11 @@ import json
 
 from starlette.types import ASGIApp, Receive, Scope, Send
 
-from mone.server.errors import UnauthorizedError
+from mone.server.errors import UnauthorizedError, error_body
 from mone.server.http.metrics import Metrics
 
 PROTECTED = ("/v1/", "/v2/models")
+WWW_AUTHENTICATE = 'Bearer realm="mone-serve"'
 
 
 def bearer_ok(header: bytes, key: bytes) -> bool:
@@ -46,16 +48,12 @@ class AuthMiddleware:
             return
         self.metrics.reject(UnauthorizedError.reason)
         message = "missing or wrong bearer token"
-        body: dict[str, object]
-        if scope["path"].startswith("/v2"):
-            body = {"error": message, "code": UnauthorizedError.code, "detail": {}}
-        else:
-            body = {"error": {"code": UnauthorizedError.code, "message": message, "detail": {}}}
+        body = error_body(UnauthorizedError.code, message, oip=scope["path"].startswith("/v2"))
         payload = json.dumps(body).encode()
         headers = [
             (b"content-type", b"application/json"),
             (b"content-length", str(len(payload)).encode()),
-            (b"www-authenticate", b'Bearer realm="mone-serve"'),
+            (b"www-authenticate", WWW_AUTHENTICATE.encode()),
         ]
         await send({"type": "http.response.start", "status": 401, "headers": headers})
         await send({"type": "http.response.body", "body": payload})

@@ -15,7 +15,6 @@ With `api_key` set, ModelMetadata, ModelReady and ModelInfer need `authorization
 from __future__ import annotations
 
 import asyncio
-import hmac
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
@@ -30,27 +29,32 @@ from mone.server import __version__
 from mone.server.config import Settings
 from mone.server.core.engine import Engine
 from mone.server.errors import (
+    NOT_REJECTIONS,
     STATUS,
     BadInputError,
     ClientGoneError,
     InternalError,
+    NotReadyError,
     OverloadedError,
     ServeError,
     UnauthorizedError,
 )
 from mone.server.http.access import AccessRecord, usable_id
 from mone.server.http.access import log as access_log
+from mone.server.http.auth import bearer_ok
 from mone.server.http.deps import check_model
 from mone.server.http.metrics import Metrics
 from mone.server.http.oip import (
     EXTENSIONS,
     OUTPUTS,
+    SERVER_NAME,
     oip_model_metadata,
+    oip_samples,
     output_tensors,
     response_parameters,
-    serve,
 )
 from mone.server.http.oip_tensors import InputTensor, raw_input, unsupported
+from mone.server.http.pipeline import Pipeline
 from mone.server.http.proto import inference_pb2 as pb
 from mone.server.http.proto import inference_pb2_grpc
 from mone.server.http.schemas import Parameters
@@ -77,7 +81,6 @@ CODES: dict[str, grpc.StatusCode] = {
     "deadline_exceeded": grpc.StatusCode.DEADLINE_EXCEEDED,
     "internal": grpc.StatusCode.INTERNAL,
 }
-NOT_REJECTIONS = (ClientGoneError.code, InternalError.code)
 
 
 class InferenceService:
@@ -96,6 +99,13 @@ class InferenceService:
         engine: Engine = self.app.state.engine
         return engine
 
+    @property
+    def pipeline(self) -> Pipeline:
+        pipeline: Pipeline | None = getattr(self.app.state, "pipeline", None)
+        if pipeline is None:
+            raise NotReadyError("the model is not ready")
+        return pipeline
+
     # -- the RPCs ------------------------------------------------------------------------------------------
     async def ServerLive(self, request: pb.ServerLiveRequest, context: grpc.aio.ServicerContext) -> Any:
         live = self.engine.stuck() is None  # not live while an inference batch is stuck, as /healthz
@@ -112,7 +122,7 @@ class InferenceService:
     async def ServerMetadata(
         self, request: pb.ServerMetadataRequest, context: grpc.aio.ServicerContext
     ) -> Any:
-        answer = pb.ServerMetadataResponse(name="mone-serve", version=__version__, extensions=EXTENSIONS)
+        answer = pb.ServerMetadataResponse(name=SERVER_NAME, version=__version__, extensions=EXTENSIONS)
         return await self._call("ServerMetadata", context, False, lambda _: _done(answer))
 
     async def ModelReady(self, request: pb.ModelReadyRequest, context: grpc.aio.ServicerContext) -> Any:
@@ -148,21 +158,23 @@ class InferenceService:
     # -- inference -----------------------------------------------------------------------------------------
     async def _infer(self, request: pb.ModelInferRequest, record: AccessRecord) -> pb.ModelInferResponse:
         arrival = time.monotonic()
-        engine, settings = self.engine, self.settings
+        pipeline, settings = self.pipeline, self.settings
         check_model(request.model_name, settings)
-        engine.shed_if_full()  # an overloaded server refuses before decoding
+        pipeline.admit()  # an overloaded server refuses before reading the inputs
         inputs = _inputs(request)
         wanted = [o.name for o in request.outputs] or list(OUTPUTS)
         for name in wanted:
             if name not in OUTPUTS:
                 raise BadInputError(f"no output named {name!r}; the outputs are {', '.join(OUTPUTS)}")
-        clips = getattr(self.app.state, "clips", None)
         params = _parameters(request.parameters)
-        results, decode_ms = await serve(inputs, params, engine, settings, clips, arrival, _same, record)
+        # A cancelled call cancels its handler task, and with it the wait for the results: no guard.
+        served = await pipeline.classify(
+            oip_samples(inputs, params, pipeline.engine, settings), arrival=arrival, record=record
+        )
         answer = pb.ModelInferResponse(model_name=request.model_name, model_version="1", id=request.id)
-        for key, value in response_parameters(results, decode_ms, arrival).items():
+        for key, value in response_parameters(served.results, served.decode_ms, arrival).items():
             _set_parameter(answer.parameters[key], value)
-        for out in output_tensors(results, engine):
+        for out in output_tensors(served.results, pipeline.engine):
             if out.name in wanted:
                 answer.outputs.add(name=out.name, datatype=out.datatype, shape=out.shape)
                 answer.raw_output_contents.append(out.raw())
@@ -192,7 +204,7 @@ class InferenceService:
                 self.metrics.reject(exc.reason)
             trailing.append(("mone-error-code", exc.code))
             if isinstance(exc, OverloadedError):
-                trailing.append(("retry-after", str(int(max(1, round(exc.retry_after))))))
+                trailing.append(("retry-after", exc.retry_after_header))
             context.set_trailing_metadata(tuple(trailing))
             await context.abort(CODES.get(exc.code, grpc.StatusCode.INTERNAL), exc.message)
         except asyncio.CancelledError:  # the client cancelled, or its deadline passed: the engine dropped it
@@ -234,19 +246,12 @@ class InferenceService:
             log.exception("tracing %s failed", route)
 
     def _check_key(self, metadata: Mapping[str, str]) -> None:
-        if self._key is None:
-            return
-        scheme, _, token = metadata.get("authorization", "").partition(" ")
-        if scheme.lower() != "bearer" or not hmac.compare_digest(token.strip().encode(), self._key):
+        if self._key is not None and not bearer_ok(metadata.get("authorization", "").encode(), self._key):
             raise UnauthorizedError("missing or wrong bearer token")
 
 
 async def _done(answer: R) -> R:
     return answer
-
-
-async def _same(work: Awaitable[Any]) -> Any:
-    return await work  # a cancelled call cancels its handler task, and with it the engine's wait
 
 
 def _metadata(context: grpc.aio.ServicerContext) -> dict[str, str]:

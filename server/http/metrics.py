@@ -95,10 +95,9 @@ class Metrics:
         self.compute_duration.observe(seconds)
 
     def request_done(self, result: InferResult) -> None:
-        kind = "image" if result.frames == 1 else "clip"
         gf = result.output.gflops
         self.queue_duration.observe(result.queue_ms / 1e3)
-        self.request_gflops.labels(kind=kind).observe(gf)
+        self.request_gflops.labels(kind=result.kind).observe(gf)
         self.capacity.observe(result.output.realised)
         self.gflops.inc(gf)
         self.gflops_dense.inc(result.dense_gflops)

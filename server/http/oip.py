@@ -12,32 +12,28 @@ Budgets (one of the kinds of server/core/budget_kinds.py: `capacity`, `gflops`, 
 
 from __future__ import annotations
 
-import asyncio
 import time
-from collections.abc import Awaitable, Callable
+from functools import partial
 from typing import Any
 
 import torch
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from torch import Tensor
 
 from mone.server import __version__
 from mone.server.config import Settings
-from mone.server.core.budget import Budget, parse_budget
+from mone.server.core.budget import parse_budget
 from mone.server.core.budget_kinds import BUDGET_KINDS
 from mone.server.core.engine import Engine, InferResult
 from mone.server.errors import BadInputError, InvalidParamsError
-from mone.server.http.access import AccessRecord, record_of
+from mone.server.http.access import record_of
 from mone.server.http.deps import (
     EngineDep,
     SettingsDep,
     cancel_on_disconnect,
     check_model,
-    decode_payload,
-    get_clip_decoder,
-    get_engine,
+    get_pipeline,
     get_settings,
-    require_key,
 )
 from mone.server.http.oip_tensors import (
     BINARY_CONTENT_TYPE,
@@ -48,6 +44,7 @@ from mone.server.http.oip_tensors import (
     parse_http_body,
     wants_binary,
 )
+from mone.server.http.pipeline import Options, Sample
 from mone.server.http.schemas import (
     InferRequest,
     InferResponse,
@@ -59,17 +56,20 @@ from mone.server.http.schemas import (
     ServerMetadata,
     TensorMetadata,
 )
-from mone.server.media.video import ClipDecoder
+from mone.server.media.kinds import INPUT_KINDS
 
+SERVER_NAME = "mone-serve"
+KINDS: tuple[str, ...] = ("auto", *INPUT_KINDS)  # what `kind` an encoded input may ask for
 EXTENSIONS = ("binary_tensor_data",)
 router = APIRouter(prefix="/v2", tags=["open inference protocol"])
-models = APIRouter(prefix="/v2/models", tags=["open inference protocol"], dependencies=[Depends(require_key)])
+# The API key of these routes is checked by AuthMiddleware (server/http/auth.py).
+models = APIRouter(prefix="/v2/models", tags=["open inference protocol"])
 
 
 @router.get("", response_model=ServerMetadata)
 async def get_server_metadata() -> ServerMetadata:
     """Server metadata."""
-    return ServerMetadata(name="mone-serve", version=__version__, extensions=list(EXTENSIONS))
+    return ServerMetadata(name=SERVER_NAME, version=__version__, extensions=list(EXTENSIONS))
 
 
 @router.get("/health/live", response_model=LiveResponse)
@@ -176,27 +176,24 @@ async def post_infer(name: str, request: Request) -> Response:
     """Inference; the budget goes in `parameters`.  The body is JSON whatever its content type says, or JSON
     followed by binary tensor data (`Inference-Header-Content-Length`)."""
     arrival = time.monotonic()
-    engine, settings = await get_engine(request), await get_settings(request)
+    pipeline, settings = await get_pipeline(request), await get_settings(request)
     check_model(name, settings)
-    engine.shed_if_full()  # an overloaded server refuses before decoding
+    pipeline.admit()  # an overloaded server refuses before parsing the body
     body, inputs = parse_http_body(await request.body(), request.headers.get(HEADER_LENGTH))
     params = body.parameters or {}
     binary = _binary_outputs(body, params)
-    results, decode_ms = await serve(
-        inputs,
-        params,
-        engine,
-        settings,
-        get_clip_decoder(request),
-        arrival,
-        lambda work: cancel_on_disconnect(request, work),
-        record_of(request),
+    served = await pipeline.classify(
+        oip_samples(inputs, params, pipeline.engine, settings),
+        arrival=arrival,
+        record=record_of(request),
+        guard=lambda work: cancel_on_disconnect(request, work),
     )
-    outputs = [o for o in output_tensors(results, engine) if o.name in binary]
+    results = served.results
+    outputs = [o for o in output_tensors(results, pipeline.engine) if o.name in binary]
     head: dict[str, Any] = {"model_name": name, "model_version": "1"}
     if body.id is not None:
         head["id"] = body.id
-    head["parameters"] = response_parameters(results, decode_ms, arrival)
+    head["parameters"] = response_parameters(results, served.decode_ms, arrival)
     content, header_length = http_body(head, outputs, [binary[o.name] for o in outputs])
     if header_length is None:
         return Response(content, media_type="application/json")
@@ -218,57 +215,30 @@ def _binary_outputs(body: InferRequest, params: Parameters) -> dict[str, bool]:
     return wanted
 
 
-async def serve(
-    inputs: list[InputTensor],
-    params: Parameters,
-    engine: Engine,
-    settings: Settings,
-    clips: ClipDecoder | None,
-    arrival: float,
-    guard: Callable[[Awaitable[list[InferResult]]], Awaitable[list[InferResult]]],
-    record: AccessRecord | None = None,
-) -> tuple[list[InferResult], float]:
-    """Decode the inputs, run every sample under its budget (per input parameters win over the request's)
-    and return the results in input order, with the decoding time in ms.  `guard` wraps the wait (the HTTP
-    route cancels it when the client disconnects); `record` gets the account for the access log."""
-    jobs: list[tuple[Tensor, Parameters]] = []
-    with engine.coming():
-        for tensor in inputs:
-            p = {**params, **tensor.parameters}
-            samples = await _input_samples(tensor, p, engine, settings, clips)
-            jobs += [(x, p) for x in samples]
-    if not jobs:
-        raise InvalidParamsError("the request holds no samples (an empty batch)")
-    decode_ms = (time.monotonic() - arrival) * 1e3
-    planned = [
-        (x, _budget(p, settings.default_capacity, engine.cfg.min_capacity), _options(p)) for x, p in jobs
-    ]
-    if record is not None and planned:
-        record.ask(planned[0][1])
-    work = [engine.infer(x, budget, arrival=arrival, **options) for x, budget, options in planned]
-    results = await guard(asyncio.gather(*work))
-    if record is not None:
-        record.serve(results, decode_ms, arrival)
-    return results, decode_ms
+def oip_samples(
+    inputs: list[InputTensor], params: Parameters, engine: Engine, settings: Settings
+) -> list[Sample]:
+    """The samples of a request's inputs, each with its input's parameters over the request's (per input
+    wins); their options are parsed after decoding, sample by sample."""
+    samples: list[Sample] = []
+    for tensor in inputs:
+        p = {**params, **tensor.parameters}
+        options = partial(_sample_options, p, settings.default_capacity, engine.cfg.min_capacity)
+        if tensor.elements is not None:
+            asked = str(p.get("kind", "auto"))
+            if asked not in KINDS:
+                raise BadInputError(f"kind must be auto, image or clip, got {asked!r}")
+            kind = asked
+            samples += [Sample(data, kind, options) for data in tensor.elements]
+        else:
+            assert tensor.values is not None
+            pixels, pixels_kind = _pixels(tensor.name, tensor.values, engine)
+            samples += [Sample(x, pixels_kind, options) for x in pixels]
+    return samples
 
 
-async def _input_samples(
-    t: InputTensor, params: Parameters, engine: Engine, settings: Settings, clips: ClipDecoder | None
-) -> list[Tensor]:
-    if t.elements is not None:
-        kind = str(params.get("kind", "auto"))
-        if kind not in ("auto", "image", "clip"):
-            raise BadInputError(f"kind must be auto, image or clip, got {kind!r}")
-        out = []
-        for data in t.elements:
-            decoded = await decode_payload(data, engine, settings, kind, clips)  # type: ignore[arg-type]
-            out.append(decoded.tensor)
-        return out
-    assert t.values is not None
-    return _pixels(t.name, t.values, engine)
-
-
-def _pixels(name: str, x: Tensor, engine: Engine) -> list[Tensor]:
+def _pixels(name: str, x: Tensor, engine: Engine) -> tuple[list[Tensor], str]:
+    """The samples of an FP32 input: [B, C, H, W] images or [B, T, C, H, W] clips."""
     c = engine.cfg
     frame = [c.in_chans, c.img_size, c.img_size]
     shape = list(x.shape)
@@ -281,8 +251,9 @@ def _pixels(name: str, x: Tensor, engine: Engine) -> list[Tensor]:
         raise InvalidParamsError(f"input {name!r}: shape {shape} is {what}")
     if not torch.isfinite(x).all():
         raise InvalidParamsError(f"input {name!r}: data contains NaN or infinity")
-    x = x if x.dim() == 5 else x.unsqueeze(1)  # (B, T, C, H, W)
-    return list(x.unbind(0))
+    if x.dim() == 5:
+        return list(x.unbind(0)), "clip"
+    return list(x.unsqueeze(1).unbind(0)), "image"  # (B, T=1, C, H, W)
 
 
 def _number(params: Parameters, key: str) -> float | None:
@@ -297,14 +268,13 @@ def _number(params: Parameters, key: str) -> float | None:
         raise InvalidParamsError(f"parameter {key} must be a number, got {v!r}") from None
 
 
-def _budget(params: Parameters, default_capacity: float, min_capacity: float) -> Budget:
-    given = {name: _number(params, name) for name in BUDGET_KINDS}
-    return parse_budget(given, default_capacity, min_capacity)
-
-
-def _options(params: Parameters) -> dict[str, Any]:
+def _sample_options(params: Parameters, default_capacity: float, min_capacity: float) -> Options:
+    """A sample's budget, `top_k` (default 1) and `deadline_ms` from its parameters."""
+    budget = parse_budget(
+        {name: _number(params, name) for name in BUDGET_KINDS}, default_capacity, min_capacity
+    )
     top_k = _number(params, "top_k")
-    return {"top_k": int(top_k) if top_k else 1, "deadline_ms": _number(params, "deadline_ms")}
+    return Options(budget, int(top_k) if top_k else 1, deadline_ms=_number(params, "deadline_ms"))
 
 
 OUTPUTS = ("logits", "label", "capacity", "gflops")
@@ -312,7 +282,7 @@ OUTPUTS = ("logits", "label", "capacity", "gflops")
 
 def output_tensors(results: list[InferResult], engine: Engine) -> list[OutputTensor]:
     """`logits`, `label`, `capacity` and `gflops`, one row per sample."""
-    labels = engine.runner.checkpoint.labels
+    labels = engine.labels
     B, K = len(results), engine.cfg.num_classes
     return [
         OutputTensor("logits", "FP32", [B, K], values=[v for r in results for v in r.output.logits]),

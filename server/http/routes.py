@@ -5,7 +5,7 @@ from __future__ import annotations
 import time
 from typing import Any
 
-from fastapi import APIRouter, Depends, Request, Response
+from fastapi import APIRouter, Request, Response
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.datastructures import UploadFile
@@ -24,13 +24,11 @@ from mone.server.http.deps import (
     budget_params,
     cancel_on_disconnect,
     check_model,
-    decode_payload,
-    get_clip_decoder,
-    get_engine,
+    get_pipeline,
     get_settings,
-    require_key,
 )
 from mone.server.http.metadata import model_metadata
+from mone.server.http.pipeline import Options, Sample
 from mone.server.http.schemas import (
     ClassifyParams,
     ClassifyResponse,
@@ -43,7 +41,7 @@ from mone.server.http.schemas import (
 )
 
 router = APIRouter(tags=["native"])
-v1 = APIRouter(prefix="/v1", tags=["native"], dependencies=[Depends(require_key)])
+v1 = APIRouter(prefix="/v1", tags=["native"])  # the API key: AuthMiddleware (server/http/auth.py)
 
 CLASSIFY_BODY: dict[str, Any] = {
     "requestBody": {
@@ -122,31 +120,22 @@ CLASSIFY_DESCRIPTION = (
 async def post_classify(request: Request) -> Response:
     """Classify an image or clip under at most one budget (`CLASSIFY_DESCRIPTION`)."""
     arrival = time.monotonic()
-    # The hot path: the engine and settings are fetched here, not declared as FastAPI dependencies, whose
+    # The hot path: the pipeline and settings are fetched here, not declared as FastAPI dependencies, whose
     # resolution cost the event loop about 10 % of its time per request under load.
-    engine, settings = await get_engine(request), await get_settings(request)
+    pipeline, settings = await get_pipeline(request), await get_settings(request)
+    engine = pipeline.engine
     data, fields = await _read_input(request, settings.max_body_bytes)
     params = _parse_params(fields, settings.default_top_k)
     budget = parse_budget(budget_params(params), settings.default_capacity, engine.cfg.min_capacity)
-    record = record_of(request)
-    if record is not None:
-        record.ask(budget)
-    engine.shed_if_full()  # an overloaded server refuses before decoding
-    with engine.coming():
-        decoded = await decode_payload(data, engine, settings, params.kind, get_clip_decoder(request))
-    decode_ms = (time.monotonic() - arrival) * 1e3
-    work = engine.infer(
-        decoded.tensor,
-        budget,
+    options = Options(budget, params.top_k, routing=params.routing, deadline_ms=params.deadline_ms)
+    served = await pipeline.classify(
+        [Sample(data, params.kind, options)],
         arrival=arrival,
-        top_k=params.top_k,
-        routing=params.routing,
-        deadline_ms=params.deadline_ms,
+        record=record_of(request),
+        guard=lambda work: cancel_on_disconnect(request, work),
     )
-    result = await cancel_on_disconnect(request, work)
-    if record is not None:
-        record.serve([result], decode_ms, arrival)
-    answer = build_response(result, settings.model_name, engine.runner.checkpoint.labels, decode_ms, arrival)
+    [result] = served.results
+    answer = build_response(result, settings.model_name, engine.labels, served.decode_ms, arrival)
     # Serialised here, once: returned as a model, FastAPI would validate it against `response_model` again
     # (a second pass over every field) before encoding it.
     return Response(answer.model_dump_json(), media_type="application/json")
@@ -189,7 +178,7 @@ def build_response(
         routing = out.experts.view(T, g, g).tolist()
     return ClassifyResponse(
         model=model,
-        kind="image" if result.frames == 1 else "clip",
+        kind=result.kind,
         frames=result.frames,
         requested=RequestedBudget(type=result.budget.type, value=result.budget.value),
         served=ServedBudget(

@@ -73,7 +73,7 @@ class Prediction(BaseModel):
 
 class ClassifyResponse(BaseModel):
     model: str
-    kind: Literal["image", "clip"]
+    kind: str = Field(description="the kind the input was decoded as (`/v1/models` `input.kinds`)")
     frames: int
     requested: RequestedBudget
     served: ServedBudget

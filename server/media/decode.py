@@ -14,7 +14,6 @@ from __future__ import annotations
 import io
 import warnings
 from dataclasses import dataclass
-from typing import Literal
 
 from PIL import Image
 from torch import Tensor
@@ -22,13 +21,19 @@ from torch import Tensor
 from mone.model import MoNEConfig
 from mone.model.preprocess import upright
 from mone.server.config import Settings
-from mone.server.errors import BadInputError, OverLimitError, ServeError, TooLargeError, UnsupportedMediaError
+from mone.server.errors import (
+    BadInputError,
+    InvalidParamsError,
+    OverLimitError,
+    ServeError,
+    TooLargeError,
+    UnsupportedMediaError,
+)
 from mone.server.media.kinds import CONTENT_TYPES, INPUT_KINDS, kind_for
 from mone.server.media.video import VIDEO_FORMATS, ClipDecoder
 
-__all__ = ["CONTENT_TYPES", "IMAGE_FORMATS", "VIDEO_FORMATS", "Decoded", "Kind", "decode", "sniff"]
+__all__ = ["CONTENT_TYPES", "IMAGE_FORMATS", "VIDEO_FORMATS", "Decoded", "decode", "sniff"]
 
-Kind = Literal["auto", "image", "clip"]
 FORMAT_NAMES = {"jpeg": "JPEG", "png": "PNG", "webp": "WebP", "gif": "GIF", "mp4": "MP4", "webm": "WebM"}
 IMAGE_FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF"}  # sniffed name -> Pillow format
 
@@ -80,6 +85,8 @@ def decode(
             f"{k.name}s: {', '.join(FORMAT_NAMES[f] for f in k.formats)}" for k in INPUT_KINDS.values()
         )
         raise UnsupportedMediaError(f"unsupported format; {taken}", allowed=sorted(CONTENT_TYPES.values()))
+    if kind != "auto" and kind not in INPUT_KINDS:
+        raise InvalidParamsError(f"kind must be auto or one of {', '.join(INPUT_KINDS)}, got {kind!r}")
     as_kind = kind_for(fmt, kind)
     if fmt not in as_kind.formats:
         others = [k.name for k in INPUT_KINDS.values() if fmt in k.formats]

@@ -6,6 +6,9 @@ pixel), and decodes run concurrently on a thread pool sized by the host's cores.
 sum of the pixels being decoded (`max_decode_pixels`): a request whose image does not fit waits, in
 arrival order, until earlier decodes finish, and gets 503 + Retry-After if it waits longer than
 `request_timeout_s`.  Small images (a 28x28 item is 784 pixels) share the budget freely.
+
+`BudgetedDecoder` is the decode stage of every request: it holds the server's one `PixelBudget` (the app
+owns it, through its request pipeline) and decodes each payload under it, off the event loop unless small.
 """
 
 from __future__ import annotations
@@ -18,8 +21,15 @@ from contextlib import asynccontextmanager
 
 from PIL import Image
 
+from mone.model import MoNEConfig
+from mone.server.config import Settings
 from mone.server.errors import OverloadedError
-from mone.server.media.decode import IMAGE_FORMATS, sniff
+from mone.server.media.decode import IMAGE_FORMATS, Decoded, decode, sniff
+from mone.server.media.video import ClipDecoder
+
+# A small image is decoded on the event loop (`inline_decode_pixels`): a 28x28 PNG takes about 50 us, less
+# than handing it to a thread and back.  The byte cap bounds what Pillow may scan (a GIF's frame count).
+INLINE_DECODE_BYTES = 64 << 10
 
 
 def header_pixels(data: bytes) -> int:
@@ -89,3 +99,36 @@ class PixelBudget:
             self._waiters.popleft()
             self.used += n
             fut.set_result(None)
+
+
+class BudgetedDecoder:
+    """Decodes request payloads within the server's budget of pixels in decoding.
+
+    Args:
+        cfg: the model's config (input size, channels, frames per clip).
+        settings: the decode limits, `max_decode_pixels`, `request_timeout_s` and `inline_decode_pixels`.
+        clips: the pool of clip decode workers; None decodes clips in a thread of this process.
+        budget: the pixel budget (default: one of `max_decode_pixels`, waited on up to `request_timeout_s`).
+    """
+
+    def __init__(
+        self,
+        cfg: MoNEConfig,
+        settings: Settings,
+        clips: ClipDecoder | None = None,
+        budget: PixelBudget | None = None,
+    ) -> None:
+        self.cfg = cfg
+        self.settings = settings
+        self.clips = clips
+        self.budget = budget or PixelBudget(settings.max_decode_pixels, settings.request_timeout_s)
+
+    async def decode(self, data: bytes, kind: str = "auto") -> Decoded:
+        """Decode off the event loop (clips in `clips`, the worker processes, when given), images within the
+        budget of pixels; small images on the loop itself."""
+        cfg, settings, clips = self.cfg, self.settings, self.clips
+        pixels = header_pixels(data) if kind != "clip" else 0
+        async with self.budget.hold(pixels):
+            if 0 < pixels <= settings.inline_decode_pixels and len(data) <= INLINE_DECODE_BYTES:
+                return decode(data, cfg, settings, kind, clips)
+            return await asyncio.to_thread(decode, data, cfg, settings, kind, clips)

@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from mone.model import MoNE, MoNEConfig, gflops, inference
-from mone.model.capacity import expert_counts
+from mone.model.capacity import expert_counts, realised_capacity
 from mone.model.flops import count_flops
 from mone.model.routing import Layout, expert_preferred_routing
 from tests.model.reference import reference_forward
@@ -145,6 +145,34 @@ def test_mixed_capacity_batch_equals_each_alone(net: MoNE) -> None:
             torch.testing.assert_close(batched.logits[i : i + 1], alone.logits, atol=1e-5, rtol=1e-5)
             assert torch.equal(batched.experts[i], alone.experts[0])
             assert batched.gflops[i] == alone.gflops[0]
+
+
+def test_forward_with_splits_equals_forward_with_capacities(net: MoNE) -> None:
+    """The token splits a server plans once (`Level.counts`) give the very forward their capacities give."""
+    x = images(5)
+    caps = [1.0, 0.3, 0.5, 0.3, 0.125]
+    cfg = net.cfg
+    splits = [expert_counts(c, cfg.num_tokens, cfg.num_experts) for c in caps]
+    with torch.no_grad():
+        by_capacity = net(x, caps)
+        by_split = net(x, splits=splits)
+    assert torch.equal(by_split.logits, by_capacity.logits)
+    assert torch.equal(by_split.experts, by_capacity.experts)
+    assert torch.equal(by_split.expert_counts, by_capacity.expert_counts)
+    assert torch.equal(by_split.capacity, by_capacity.capacity)
+    assert torch.equal(by_split.gflops, by_capacity.gflops)
+    assert by_split.requested.tolist() == [realised_capacity(s) for s in splits]
+
+
+def test_bad_splits_are_a_clear_value_error(net: MoNE) -> None:
+    n, e = net.cfg.num_tokens, net.cfg.num_experts
+    good = (0,) * (e - 1) + (n,)
+    with pytest.raises(ValueError, match="2 token splits for a batch of 3"):
+        net(images(3), splits=[good, good])
+    with pytest.raises(ValueError, match="sum to"):
+        net(images(1), splits=[(1,) * e])
+    with pytest.raises(ValueError, match="sum to"):
+        net(images(1), splits=[(-1,) * (e - 1) + (n + e - 1,)])
 
 
 def test_routing_with_underflowed_probabilities_keeps_every_count() -> None:

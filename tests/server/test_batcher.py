@@ -13,13 +13,18 @@ import torch
 
 from mone.server.core.batcher import Batch, Batcher, WorkItem
 from mone.server.core.budget import Budget
+from mone.server.core.request import InferRequest
 
 pytestmark = pytest.mark.anyio
 
 
 def item(frames: int = 1, deadline_s: float = 10.0) -> WorkItem:
     now = time.monotonic()
-    return WorkItem(torch.zeros(frames, 1, 4, 4), Budget("default", 1.0), now, now + deadline_s)
+    kind = "image" if frames == 1 else "clip"
+    return WorkItem(
+        InferRequest(torch.zeros(frames, 1, 4, 4), kind, Budget("default", 1.0), arrival=now),
+        now + deadline_s,
+    )
 
 
 async def batch_beside(b: Batcher, side: Coroutine[Any, Any, None]) -> tuple[Batch, float]:

@@ -10,7 +10,9 @@ import torch
 from torch import Tensor
 
 from mone.model import MoNE, MoNEConfig, expert_counts
+from mone.server.core.budget import Budget
 from mone.server.core.capture import CapturedForward, Outputs, accounting, capture_sizes
+from mone.server.core.request import InferRequest
 from mone.server.core.runner import Runner
 from tests.support.models import make_model
 
@@ -58,9 +60,14 @@ def captured(
     return CapturedForward(net, backend, sizes or capture_sizes(8), **kwargs), backend  # type: ignore[arg-type]
 
 
+def splits(cfg: MoNEConfig, caps: list[float]) -> list[tuple[int, ...]]:
+    """The token split of each capacity, as planning hands them to the forward."""
+    return [expert_counts(c, cfg.num_tokens, cfg.num_experts) for c in caps]
+
+
 def run(cf: CapturedForward, x: Tensor, caps: list[float]) -> tuple[Tensor, Tensor, list[tuple[int, ...]]]:
     with torch.inference_mode():
-        return cf(x, caps)
+        return cf(x, splits(cf.cfg, caps))
 
 
 def test_capture_sizes_pad_to_at_most_twice() -> None:
@@ -77,7 +84,7 @@ def test_plan_groups_by_token_split_and_cuts_large_groups() -> None:
     cfg = net.cfg
     cf, _ = captured(net, [1, 2, 4])
     caps = [1.0, 0.5, 1.0, 0.5, 1.0, 1.0, 1.0, 0.25]
-    pieces = cf.plan(1, caps)
+    pieces = cf.plan(1, splits(cfg, caps))
     split = {c: expert_counts(c, cfg.num_tokens, cfg.num_experts) for c in (1.0, 0.5, 0.25)}
     assert [(p.key, p.rows) for p in pieces] == [
         ((4, 1, split[1.0]), [0, 2, 4, 5]),
@@ -88,7 +95,7 @@ def test_plan_groups_by_token_split_and_cuts_large_groups() -> None:
     # Capacities that floor to the same token split share a key.
     near = 0.5 + 1e-4
     assert expert_counts(near, cfg.num_tokens, cfg.num_experts) == split[0.5]
-    assert [p.key for p in cf.plan(1, [0.5, near])] == [(2, 1, split[0.5])]
+    assert [p.key for p in cf.plan(1, splits(cfg, [0.5, near]))] == [(2, 1, split[0.5])]
 
 
 @pytest.mark.parametrize(
@@ -122,7 +129,7 @@ def test_graphs_are_reused_and_stale_rows_do_not_leak() -> None:
     assert torch.equal(experts, ref_experts)
     run(cf, images(5), [0.5] * 5)  # pads to 8: a new key
     assert cf.captures == 2
-    split = cf.plan(1, [0.5])[0].key[2]
+    split = cf.plan(1, splits(net.cfg, [0.5]))[0].key[2]
     assert sorted(cf.graphs) == [(4, 1, split), (8, 1, split)]
 
 
@@ -205,10 +212,14 @@ def test_runner_with_captured_forward_answers_as_the_eager_runner(checkpoint_dir
     plain = Runner(ck, torch.device("cpu"))
     graphed = Runner(load_checkpoint(checkpoint_dir), torch.device("cpu"))  # type: ignore[arg-type]
     graphed.graphs = CapturedForward(graphed.model, FakeGraphs(graphed.model), capture_sizes(8))
-    xs = [x[0] for x in images(5, seed=3)]
+    xs = list(images(5, seed=3))  # (T=1, C, H, W) each
     caps = [1.0, 0.25, 0.5, 1.0, 0.25]
-    a = plain.run(xs, caps, [3] * 5, [True] * 5)
-    b = graphed.run(xs, caps, [3] * 5, [True] * 5)
+    batch = [
+        InferRequest(x, "image", Budget("capacity", c), top_k=3, routing=True)
+        for x, c in zip(xs, caps, strict=True)
+    ]
+    a = plain.run(batch, splits(ck.config, caps))
+    b = graphed.run(batch, splits(ck.config, caps))
     assert graphed.graphs.replays == 3
     for s, t in zip(a.samples, b.samples, strict=True):
         assert s.top_indices == t.top_indices

@@ -5,20 +5,17 @@ from __future__ import annotations
 
 import asyncio
 import threading
-from types import SimpleNamespace
-from typing import Any, cast
+from typing import Any
 
 import pytest
 from PIL import Image
 
-import mone.server.http.deps
+import mone.server.media.decode_budget
 from mone.model import MoNEConfig
 from mone.server.config import Settings
-from mone.server.core.engine import Engine
 from mone.server.errors import OverloadedError
-from mone.server.http.deps import decode_payload
 from mone.server.media.decode import Decoded, decode
-from mone.server.media.decode_budget import PixelBudget, header_pixels
+from mone.server.media.decode_budget import BudgetedDecoder, PixelBudget, header_pixels
 from tests.support.media import encode
 
 pytestmark = pytest.mark.anyio
@@ -98,18 +95,18 @@ async def test_small_images_decode_on_the_loop_and_the_rest_in_a_thread(
     it holds its pixels of the decoding budget while it decodes and gives them back."""
     seen: list[tuple[threading.Thread, int]] = []
     cfg = MoNEConfig.from_variant("Mi/4", num_classes=10)
-    engine = SimpleNamespace(cfg=cfg, decode_budget=PixelBudget(10**6, 5.0))
+    settings = Settings(inline_decode_pixels=inline_pixels)
+    budget = PixelBudget(10**6, 5.0)
 
     def recording(*args: Any) -> Decoded:
-        seen.append((threading.current_thread(), engine.decode_budget.used))
+        seen.append((threading.current_thread(), budget.used))
         return decode(*args)
 
-    monkeypatch.setattr(mone.server.http.deps, "decode", recording)
-    settings = Settings(inline_decode_pixels=inline_pixels)
+    monkeypatch.setattr(mone.server.media.decode_budget, "decode", recording)
     data = encode(Image.new("L", size, 128), "PNG")
-    out = await decode_payload(data, cast(Engine, engine), settings)
+    out = await BudgetedDecoder(cfg, settings, budget=budget).decode(data)
     assert out.tensor.shape[-2:] == (28, 28)
     [(thread, held)] = seen
     assert (thread is threading.current_thread()) == on_loop
     assert held == size[0] * size[1]
-    assert engine.decode_budget.used == 0
+    assert budget.used == 0

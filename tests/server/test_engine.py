@@ -24,8 +24,9 @@ from mone.model.flops import count_flops
 from mone.model.preprocess import pil_to_tensor
 from mone.server.core import engine as engine_module
 from mone.server.core.budget import Budget
-from mone.server.core.engine import Engine
+from mone.server.core.engine import Engine, InferResult
 from mone.server.core.priority import thread_ids, thread_nice
+from mone.server.core.request import InferRequest
 from mone.server.core.runner import Runner
 from mone.server.errors import DeadlineExceededError, InternalError, OverloadedError
 from tests.support.media import fashion_images
@@ -39,6 +40,11 @@ def inputs(n: int, frames: int = 1) -> list[Tensor]:
     """n normalised (frames, 1, 28, 28) inputs made from test pictures."""
     xs = [pil_to_tensor(Image.fromarray(p), CFG) for p in fashion_images(n * frames)]
     return [torch.stack(xs[i * frames : (i + 1) * frames]) for i in range(n)]
+
+
+async def infer(engine: Engine, x: Tensor, budget: Budget, **options: Any) -> InferResult:
+    """Classify one input: an image when it has one frame, else a clip."""
+    return await engine.classify(InferRequest(x, "image" if x.shape[0] == 1 else "clip", budget, **options))
 
 
 async def start_engine(checkpoint_dir: Path, **overrides: Any) -> Engine:
@@ -98,10 +104,10 @@ async def test_mixed_budget_batch_on_streams_equals_alone(checkpoint_dir: Path) 
 async def batch_equals_alone(engine: Engine) -> None:
     xs = inputs(6) + inputs(2, frames=1)
     budgets = [Budget("capacity", c) for c in (0.125, 0.3, 0.5, 0.5, 0.8, 1.0, 0.2, 0.9)]
-    together = await asyncio.gather(*(engine.infer(x, b) for x, b in zip(xs, budgets, strict=True)))
+    together = await asyncio.gather(*(infer(engine, x, b) for x, b in zip(xs, budgets, strict=True)))
     assert max(r.batch_size for r in together) > 1, "the requests were meant to share a batch"
     for x, b, r in zip(xs, budgets, together, strict=True):
-        alone = await engine.infer(x, b)
+        alone = await infer(engine, x, b)
         assert alone.batch_size == 1
         torch.testing.assert_close(torch.tensor(r.output.logits), torch.tensor(alone.output.logits))
         assert r.output.counts == alone.output.counts
@@ -124,7 +130,7 @@ async def test_a_batch_is_answered_in_slices(checkpoint_dir: Path, monkeypatch: 
                 await asyncio.sleep(0)
 
         tick_task = asyncio.create_task(ticker())
-        items = [e.submit(x, Budget("capacity", 1.0)) for x in inputs(8)]
+        items = [e.submit(InferRequest(x, "image", Budget("capacity", 1.0))) for x in inputs(8)]
         answered_at: list[int] = []
         for item in items:
             item.future.add_done_callback(lambda _: answered_at.append(ticks))
@@ -152,7 +158,7 @@ async def test_a_failure_while_answering_leaves_no_request_waiting(checkpoint_di
 
     e._succeed = flaky  # type: ignore[method-assign]
     try:
-        items = [e.submit(x, Budget("capacity", 1.0)) for x in inputs(4)]
+        items = [e.submit(InferRequest(x, "image", Budget("capacity", 1.0))) for x in inputs(4)]
         async with asyncio.timeout(30):
             out = await asyncio.gather(*(item.future for item in items), return_exceptions=True)
     finally:
@@ -193,7 +199,7 @@ async def test_capacity_one_is_the_dense_vit(engine: Engine) -> None:
     xs = inputs(4)
     with torch.inference_mode():
         want = dense_vit(net, torch.stack(xs)[:, 0])
-    results = await asyncio.gather(*(engine.infer(x, Budget("capacity", 1.0)) for x in xs))
+    results = await asyncio.gather(*(infer(engine, x, Budget("capacity", 1.0)) for x in xs))
     got = torch.tensor([r.output.logits for r in results])
     torch.testing.assert_close(got, want, rtol=1e-4, atol=1e-4)
 
@@ -203,7 +209,7 @@ async def test_reported_gflops_match_a_flop_counter(engine: Engine, frames: int)
     net = engine.runner.model
     x = inputs(1, frames)[0]
     for c in (0.125, 0.4, 0.7, 1.0):
-        r = await engine.infer(x, Budget("capacity", c))
+        r = await infer(engine, x, Budget("capacity", c))
         measured = count_flops(lambda c=c: net(x.unsqueeze(0), capacity=c)) / 1e9
         assert r.output.gflops == pytest.approx(measured, rel=0.01)
         assert r.output.gflops == pytest.approx(gflops(engine.cfg, c, frames), rel=1e-9)
@@ -212,9 +218,9 @@ async def test_reported_gflops_match_a_flop_counter(engine: Engine, frames: int)
 async def test_gflops_budget_is_honoured(engine: Engine) -> None:
     x = inputs(1)[0]
     for budget in (0.03, 0.05, 0.08, 0.2):
-        r = await engine.infer(x, Budget("gflops", budget))
+        r = await infer(engine, x, Budget("gflops", budget))
         assert r.output.gflops <= budget
-    r = await engine.infer(x, Budget("gflops", 0.2))
+    r = await infer(engine, x, Budget("gflops", 0.2))
     assert r.output.realised == 1.0
 
 
@@ -223,7 +229,7 @@ async def test_a_lone_request_waits_for_batch_mates_only_when_told_to(
     checkpoint_dir: Path, wait: str
 ) -> None:
     engine = await start_engine(checkpoint_dir, max_batch_wait_ms=600.0, batch_wait=wait)
-    result = await engine.infer(inputs(1)[0], Budget("default", 1.0))
+    result = await infer(engine, inputs(1)[0], Budget("default", 1.0))
     await engine.stop(drain_s=5)
     if wait == "incoming":
         assert result.queue_ms < 300, "nothing else on its way: the batch runs at once"
@@ -236,7 +242,7 @@ async def test_reject_policy_answers_429_and_accounts_for_everything(checkpoint_
     slow_down(engine, 0.05)
     x = inputs(1)[0]
     results = await asyncio.gather(
-        *(engine.infer(x, Budget("default", 1.0)) for _ in range(8)), return_exceptions=True
+        *(infer(engine, x, Budget("default", 1.0)) for _ in range(8)), return_exceptions=True
     )
     rejected = [r for r in results if isinstance(r, OverloadedError)]
     assert rejected
@@ -261,7 +267,7 @@ async def test_degrade_policy_lowers_unpinned_capacity_only(checkpoint_dir: Path
     slow_down(engine, 0.02)
     x = inputs(1)[0]
     budgets = [Budget("default", 1.0), Budget("capacity", 1.0)] * 4
-    results = await asyncio.gather(*(engine.infer(x, b) for b in budgets))
+    results = await asyncio.gather(*(infer(engine, x, b) for b in budgets))
     await engine.stop(drain_s=5)
     unpinned = [r for r in results if r.budget.type == "default"]
     pinned = [r for r in results if r.budget.type == "capacity"]
@@ -274,10 +280,10 @@ async def test_hard_deadline_expires_while_queued(checkpoint_dir: Path) -> None:
     engine = await start_engine(checkpoint_dir, max_batch_size=1, max_batch_wait_ms=0.0)
     sizes = slow_down(engine, 0.2)
     x = inputs(1)[0]
-    first = asyncio.ensure_future(engine.infer(x, Budget("default", 1.0)))
+    first = asyncio.ensure_future(infer(engine, x, Budget("default", 1.0)))
     await asyncio.sleep(0.02)
     with pytest.raises(DeadlineExceededError):
-        await engine.infer(x, Budget("default", 1.0), deadline_ms=400.0, arrival=time.monotonic() - 0.35)
+        await infer(engine, x, Budget("default", 1.0), deadline_ms=400.0, arrival=time.monotonic() - 0.35)
     await first
     await engine.stop(drain_s=5)
     assert sizes == [1], "the expired request must not run"
@@ -288,9 +294,9 @@ async def test_cancelled_while_queued_never_runs(checkpoint_dir: Path) -> None:
     engine = await start_engine(checkpoint_dir, max_batch_size=1, max_batch_wait_ms=0.0)
     sizes = slow_down(engine, 0.15)
     x = inputs(1)[0]
-    running = asyncio.ensure_future(engine.infer(x, Budget("default", 1.0)))
+    running = asyncio.ensure_future(infer(engine, x, Budget("default", 1.0)))
     await asyncio.sleep(0.02)
-    queued = asyncio.ensure_future(engine.infer(x, Budget("default", 1.0)))
+    queued = asyncio.ensure_future(infer(engine, x, Budget("default", 1.0)))
     await asyncio.sleep(0.02)
     queued.cancel()
     await running
@@ -306,15 +312,15 @@ async def test_latency_budget_is_planned_within_budget(checkpoint_dir: Path) -> 
     x = inputs(1)[0]
     floor = engine.latency.predict(1, 1, engine.planner.floor(1).gflops) * 1e3
     dense = engine.latency.predict(1, 1, engine.planner.dense_gflops(1)) * 1e3
-    generous = await engine.infer(x, Budget("latency_ms", 50 * dense + 100))
+    generous = await infer(engine, x, Budget("latency_ms", 50 * dense + 100))
     assert generous.output.realised == 1.0
     mid_budget = (floor + dense) / 2 + 1.5  # wait time and margin on top of the compute
-    mid = await engine.infer(x, Budget("latency_ms", mid_budget))
+    mid = await infer(engine, x, Budget("latency_ms", mid_budget))
     assert mid.planned_ms is not None
     # Within budget whenever the floor allows: on a busy machine the wait before the batch forms can eat
     # the slack, and then the planner must have gone down to the floor, never overshot above it.
     assert mid.planned_ms <= mid_budget or mid.output.realised == pytest.approx(0.125)
-    tiny = await engine.infer(x, Budget("latency_ms", 0.01))
+    tiny = await infer(engine, x, Budget("latency_ms", 0.01))
     assert tiny.output.realised == pytest.approx(0.125)
     assert tiny.deadline_met is False
     await engine.stop(drain_s=5)
@@ -326,7 +332,7 @@ async def test_hard_deadline_that_cannot_be_met_is_504_without_running(checkpoin
     for g in (0.01, 1.0):  # teach the latency model that every batch takes at least 2 s
         engine.latency.observe(1, 1, g, 2.0 + g, calibration=True)
     with pytest.raises(DeadlineExceededError):
-        await engine.infer(inputs(1)[0], Budget("default", 1.0))
+        await infer(engine, inputs(1)[0], Budget("default", 1.0))
     await engine.stop(drain_s=5)
     assert sizes == []
     assert engine.stats.failed == 1
@@ -340,7 +346,7 @@ async def test_pinned_work_does_not_hold_a_latency_budget_hostage(checkpoint_dir
     engine.latency.observe = lambda *a, **k: None  # type: ignore[method-assign]  # keep the model fixed
     x = inputs(1)[0]
     budgets = [Budget("capacity", 1.0)] * 6 + [Budget("latency_ms", 40.0)]
-    results = await asyncio.gather(*(engine.infer(x, b) for b in budgets))
+    results = await asyncio.gather(*(infer(engine, x, b) for b in budgets))
     await engine.stop(drain_s=5)
     fast = results[-1]
     assert fast.planned_ms is not None
@@ -365,8 +371,8 @@ async def test_a_failing_batch_fails_only_its_requests(checkpoint_dir: Path) -> 
     engine.runner.run = flaky  # type: ignore[method-assign]
     x = inputs(1)[0]
     with pytest.raises(InternalError):
-        await engine.infer(x, Budget("default", 1.0))
-    ok = await engine.infer(x, Budget("default", 1.0))
+        await infer(engine, x, Budget("default", 1.0))
+    ok = await infer(engine, x, Budget("default", 1.0))
     await engine.stop(drain_s=5)
     assert ok.output.realised == 1.0
     s = engine.stats
@@ -378,7 +384,7 @@ async def test_a_failing_batch_fails_only_its_requests(checkpoint_dir: Path) -> 
 async def test_each_response_matches_its_own_input(engine: Engine, capacities: list[float]) -> None:
     xs = inputs(len(capacities))
     results = await asyncio.gather(
-        *(engine.infer(x, Budget("capacity", c)) for x, c in zip(xs, capacities, strict=True))
+        *(infer(engine, x, Budget("capacity", c)) for x, c in zip(xs, capacities, strict=True))
     )
     with torch.inference_mode():
         for x, c, r in zip(xs, capacities, results, strict=True):
@@ -397,7 +403,7 @@ async def test_failing_hooks_do_not_break_serving(checkpoint_dir: Path) -> None:
     settings = fast_settings(checkpoint_dir, calibrate=False)
     engine = Engine(Runner(load_checkpoint(checkpoint_dir), torch.device("cpu")), settings, events=Broken())
     await engine.start()
-    results = await asyncio.gather(*(engine.infer(x, Budget("capacity", 0.5)) for x in inputs(3)))
+    results = await asyncio.gather(*(infer(engine, x, Budget("capacity", 0.5)) for x in inputs(3)))
     await engine.stop(drain_s=5)
     assert all(r.output.realised < 0.6 for r in results)
     assert engine.stats.succeeded == 3
@@ -413,9 +419,9 @@ async def test_inference_threads_run_at_a_lower_priority(checkpoint_dir: Path, n
     before = thread_ids()
     engine = await start_engine(checkpoint_dir, threads=2, inference_nice=nice, stream_min_gflops=0.0)
     try:
-        await engine.infer(inputs(1)[0], Budget("capacity", 1.0))
+        await infer(engine, inputs(1)[0], Budget("capacity", 1.0))
         # Four at once share a batch, which runs on two streams: the second one's thread joins in.
-        await asyncio.gather(*(engine.infer(x, Budget("capacity", 1.0)) for x in inputs(4)))
+        await asyncio.gather(*(infer(engine, x, Budget("capacity", 1.0)) for x in inputs(4)))
         started = {tid: thread_nice(tid) for tid in thread_ids() - before}
         streams = {t.native_id for t in threading.enumerate() if t.name.startswith("mone-stream")}
     finally:
@@ -443,14 +449,14 @@ async def test_free_memory_goes_back_once_per_idle_spell(
         assert len(calls) == 1  # after start-up: calibration and warm-up batches are behind us
         assert calls[0].startswith("mone-infer")
         for x in inputs(12):  # one request every 0.05 s: never 0.4 s idle
-            await engine.infer(x, Budget("capacity", 1.0))
+            await infer(engine, x, Budget("capacity", 1.0))
             await asyncio.sleep(0.05)
         assert len(calls) == 1
         await asyncio.sleep(0.9)
         assert len(calls) == 2
         await asyncio.sleep(0.9)
         assert len(calls) == 2  # one idle spell, one release
-        await engine.infer(inputs(1)[0], Budget("capacity", 0.5))
+        await infer(engine, inputs(1)[0], Budget("capacity", 0.5))
         await asyncio.sleep(0.9)
         assert len(calls) == 3
     finally:
@@ -464,7 +470,7 @@ async def test_free_memory_release_can_be_turned_off(
     monkeypatch.setattr("mone.server.core.engine.release_free_memory", lambda: calls.append(1) or True)
     engine = await start_engine(checkpoint_dir, release_memory_idle_s=0.0)
     try:
-        await engine.infer(inputs(1)[0], Budget("capacity", 1.0))
+        await infer(engine, inputs(1)[0], Budget("capacity", 1.0))
         await asyncio.sleep(0.3)
     finally:
         await engine.stop(drain_s=5)

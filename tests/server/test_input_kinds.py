@@ -3,6 +3,7 @@ with a container that belongs to another kind."""
 
 from __future__ import annotations
 
+import httpx
 import numpy as np
 import pytest
 from PIL import Image
@@ -58,3 +59,13 @@ def test_a_container_of_another_kind_names_the_kind_to_ask_for() -> None:
     mp4 = encode_clip([np.zeros((16, 16, 3), np.uint8)] * 4)
     with pytest.raises(BadInputError, match="mp4 cannot be read as kind=image; send it with kind=clip"):
         decode(mp4, CFG, Settings(), kind="image")
+
+
+@pytest.mark.anyio
+async def test_models_list_the_input_kinds(client: httpx.AsyncClient) -> None:
+    info = (await client.get("/v1/models")).json()["models"][0]
+    cfg = MoNEConfig.from_dict(info["config"])
+    assert info["input"]["kinds"] == list(INPUT_KINDS)
+    for kind in INPUT_KINDS.values():
+        assert info["input"][kind.name] == kind.describe(cfg)
+    assert info["input"]["image"]["size"] == [cfg.img_size, cfg.img_size]  # what clients read to resize

@@ -9,8 +9,9 @@ import pytest
 import torch
 
 from mone.model import MoNEConfig, gflops
-from mone.server.core.budget import Planner, parse_budget
+from mone.server.core.budget import Budget, Planner, parse_budget
 from mone.server.core.latency import LatencyModel
+from mone.server.core.request import InferRequest
 from mone.server.errors import InvalidBudgetError
 
 CFG = MoNEConfig.from_variant("Mi/4", num_classes=10)
@@ -167,6 +168,11 @@ def test_random_init_and_missing_checkpoint(tmp_path: Path) -> None:
         load_model(Settings(checkpoint=tmp_path / "absent"), torch.device("cpu"))
 
 
+def request(budget: Budget, arrival: float) -> InferRequest:
+    """An image request of zeros."""
+    return InferRequest(torch.zeros(1, 1, 28, 28), "image", budget, arrival=arrival)
+
+
 def _latency_items(n: int, budget_ms: float, now: float) -> list:
     import asyncio
 
@@ -175,10 +181,7 @@ def _latency_items(n: int, budget_ms: float, now: float) -> list:
     loop = asyncio.new_event_loop()
     try:
         budget = parse_budget({"latency_ms": budget_ms}, 1.0, CFG.min_capacity)
-        return [
-            WorkItem(torch.zeros(1, 1, 28, 28), budget, now, now + 30, future=loop.create_future())
-            for _ in range(n)
-        ]
+        return [WorkItem(request(budget, now), now + 30, future=loop.create_future()) for _ in range(n)]
     finally:
         loop.close()
 
@@ -304,7 +307,7 @@ def _default_items(n: int) -> list:
     now = time.monotonic()
     try:
         items = [
-            WorkItem(torch.zeros(1, 1, 28, 28), parse_budget({}, 1.0, CFG.min_capacity), now,
+            WorkItem(request(parse_budget({}, 1.0, CFG.min_capacity), now),
                      now + 30, future=loop.create_future())
             for _ in range(n)
         ]  # fmt: skip

@@ -15,7 +15,9 @@ from mone.model import MoNE, MoNEConfig, load_checkpoint
 from mone.model.checkpoint import Checkpoint
 from mone.model.preprocess import pil_to_tensor
 from mone.server.config import Settings
+from mone.server.core.budget import Budget
 from mone.server.core.precision import LOGIT_TOLERANCE, ROUTED_TOLERANCE, cast_model, resolve_dtype
+from mone.server.core.request import InferRequest
 from mone.server.core.runner import Runner
 from mone.server.http.app import create_app
 from tests.support.media import fashion_images
@@ -35,7 +37,8 @@ def shipped_inputs(ck: Checkpoint) -> list[torch.Tensor]:
 
 
 def logits_of(runner: Runner, xs: list[torch.Tensor], capacity: float) -> tuple[torch.Tensor, list[float]]:
-    out = runner.run(xs, [capacity] * len(xs), [1] * len(xs), [False] * len(xs))
+    batch = [InferRequest(x, "image", Budget("capacity", capacity), top_k=1) for x in xs]
+    out = runner.run(batch, [runner.token_split(capacity)] * len(xs))
     return torch.tensor([s.logits for s in out.samples]), [s.realised for s in out.samples]
 
 

@@ -17,6 +17,7 @@ import torch
 from fastapi import FastAPI
 
 from mone.server.core.budget import parse_budget
+from mone.server.core.request import InferRequest
 from mone.server.http.app import create_app
 from tests.server.rel_load import parse, server_account, total
 from tests.support.media import fashion_images, png
@@ -88,9 +89,8 @@ async def test_rel_metrics_account_for_every_request(
 
     # One request whose client leaves while it is queued, then a burst larger than the queue (some 429)
     # with short deadlines mixed in (504).
-    item = engine.submit(
-        engine.runner.dummy(1), parse_budget({"capacity": 1.0}, 1.0, engine.cfg.min_capacity)
-    )
+    budget = parse_budget({"capacity": 1.0}, 1.0, engine.cfg.min_capacity)
+    item = engine.submit(InferRequest(engine.runner.dummy(1), "image", budget))
     engine.cancel(item)
     tasks = [asyncio.ensure_future(send()) for _ in range(12)]
     tasks += [asyncio.ensure_future(send("?deadline_ms=20")) for _ in range(3)]

@@ -12,9 +12,11 @@ import pytest
 import torch
 from torch import Tensor
 
-from mone.model import MoNEConfig, gflops, load_checkpoint
+from mone.model import MoNEConfig, expert_counts, gflops, load_checkpoint
 from mone.server.cli import build_parser, settings_from_args
+from mone.server.core.budget import Budget
 from mone.server.core.priority import lower_thread_priority, thread_nice
+from mone.server.core.request import InferRequest
 from mone.server.core.runner import AUTO_STREAMS_MAX, STREAM_BALANCE, Runner, resolve_streams, split_batch
 
 CFG = MoNEConfig.from_variant("Mi/4", num_classes=10)
@@ -91,6 +93,22 @@ def inputs(n: int, seed: int = 0) -> list[Tensor]:
     return [torch.randn(1, CFG.in_chans, CFG.img_size, CFG.img_size, generator=g) for _ in range(n)]
 
 
+def splits(caps: list[float]) -> list[tuple[int, ...]]:
+    """The token split of each capacity, as planning hands them to the runner."""
+    return [expert_counts(c, CFG.num_tokens, CFG.num_experts) for c in caps]
+
+
+def batch(
+    xs: list[Tensor], caps: list[float], top_ks: list[int], routing: list[bool]
+) -> tuple[list[InferRequest], list[tuple[int, ...]]]:
+    """Image requests of `xs` and their token splits, as the engine hands them to the runner."""
+    requests = [
+        InferRequest(x, "image", Budget("capacity", c), top_k=k, routing=r)
+        for x, c, k, r in zip(xs, caps, top_ks, routing, strict=True)
+    ]
+    return requests, splits(caps)
+
+
 def runner(checkpoint_dir: Path, **kwargs: Any) -> Runner:
     r = Runner(load_checkpoint(checkpoint_dir), torch.device("cpu"), **kwargs)
     r.setup_threads(2)
@@ -111,10 +129,10 @@ def test_a_split_batch_answers_what_the_whole_batch_does(pair: tuple[Runner, Run
     xs = inputs(len(caps))
     top_ks = [1, 3, 5, 10, 2, 4, 5] * 3
     routing = [i % 2 == 0 for i in range(len(caps))]
-    assert len(split.split(1, caps)) == 2
-    assert len(whole.split(1, caps)) == 1
-    a = whole.run(xs, caps, top_ks, routing)
-    b = split.run(xs, caps, top_ks, routing)
+    assert len(split.split(1, splits(caps))) == 2
+    assert len(whole.split(1, splits(caps))) == 1
+    a = whole.run(*batch(xs, caps, top_ks, routing))
+    b = split.run(*batch(xs, caps, top_ks, routing))
     for i, (s, t) in enumerate(zip(a.samples, b.samples, strict=True)):
         assert torch.allclose(torch.tensor(s.logits), torch.tensor(t.logits), atol=1e-5), i
         assert s.top_indices == t.top_indices
@@ -134,18 +152,18 @@ def test_sub_batches_run_on_their_own_threads(pair: tuple[Runner, Runner]) -> No
     seen: dict[int, tuple[int, int]] = {}
     forward = split.model.forward
 
-    def record(x: Tensor, capacity: Any = 1.0) -> Any:
+    def record(x: Tensor, capacity: Any = 1.0, splits: Any = None) -> Any:
         seen[threading.get_ident()] = (int(x.shape[0]), torch.get_num_threads())
-        return forward(x, capacity=capacity)
+        return forward(x, capacity=capacity, splits=splits)
 
     split.model.forward = record  # type: ignore[method-assign]
-    split.run(inputs(16), [1.0] * 16, [1] * 16, [False] * 16)
+    split.run(*batch(inputs(16), [1.0] * 16, [1] * 16, [False] * 16))
     assert len(seen) == 2
     assert threading.get_ident() in seen
     assert sorted(n for n, _ in seen.values()) == [8, 8]
     assert {t for _, t in seen.values()} == {1}  # two threads in all, one each
     seen.clear()
-    split.run(inputs(1), [1.0], [1], [False])  # one sample: whole, on every thread
+    split.run(*batch(inputs(1), [1.0], [1], [False]))  # one sample: whole, on every thread
     assert seen == {threading.get_ident(): (1, 2)}
 
 
@@ -155,19 +173,19 @@ def test_a_failing_sub_batch_fails_the_batch_and_the_streams_live_on(pair: tuple
     main = threading.get_ident()
     finished: list[int] = []
 
-    def flaky(x: Tensor, capacity: Any = 1.0) -> Any:
+    def flaky(x: Tensor, capacity: Any = 1.0, splits: Any = None) -> Any:
         if threading.get_ident() != main:
             raise RuntimeError("boom")
-        out = forward(x, capacity=capacity)
+        out = forward(x, capacity=capacity, splits=splits)
         finished.append(threading.get_ident())
         return out
 
     split.model.forward = flaky  # type: ignore[method-assign]
     with pytest.raises(RuntimeError, match="boom"):
-        split.run(inputs(8), [1.0] * 8, [1] * 8, [False] * 8)
+        split.run(*batch(inputs(8), [1.0] * 8, [1] * 8, [False] * 8))
     assert finished == [main]  # the other sub-batch was waited for before the error came out
     split.model.forward = forward  # type: ignore[method-assign]
-    out = split.run(inputs(8), [1.0] * 8, [1] * 8, [False] * 8)
+    out = split.run(*batch(inputs(8), [1.0] * 8, [1] * 8, [False] * 8))
     assert len(out.samples) == 8
 
 
@@ -177,15 +195,15 @@ def test_stream_threads_run_at_the_priority_of_the_thread_that_set_them_up(check
     seen: dict[str, int] = {}
     forward = r.model.forward
 
-    def record(x: Tensor, capacity: Any = 1.0) -> Any:
+    def record(x: Tensor, capacity: Any = 1.0, splits: Any = None) -> Any:
         seen[threading.current_thread().name] = thread_nice(threading.get_native_id())
-        return forward(x, capacity=capacity)
+        return forward(x, capacity=capacity, splits=splits)
 
     def inference_thread() -> None:
         lower_thread_priority(5)
         r.setup_threads(2)
         r.model.forward = record  # type: ignore[method-assign]
-        r.run(inputs(8), [1.0] * 8, [1] * 8, [False] * 8)
+        r.run(*batch(inputs(8), [1.0] * 8, [1] * 8, [False] * 8))
 
     base = thread_nice(threading.get_native_id())
     t = threading.Thread(target=inference_thread, name="infer")
@@ -201,8 +219,8 @@ def test_warm_up_reaches_every_stream(checkpoint_dir: Path) -> None:
     try:
         b = r.smallest_split(1, 32)
         assert b > 0
-        assert len(r.split(1, [1.0] * b)) == 2
-        assert len(r.split(1, [1.0] * (b - 1))) == 1
+        assert len(r.split(1, splits([1.0] * b))) == 2
+        assert len(r.split(1, splits([1.0] * (b - 1)))) == 1
         assert r.smallest_split(1, b - 1) == 0
     finally:
         r.close()
@@ -220,5 +238,5 @@ def test_the_runner_splits_every_capacity_alike(pair: tuple[Runner, Runner]) -> 
     _, split = pair
     split.min_stream_gflops = 6 * gflops(CFG, 1.0, 1)
     for c in (1.0, 0.5, 0.25, 0.125):
-        assert len(split.split(1, [c] * 12)) == 2, c
-        assert len(split.split(1, [c] * 11)) == 1, c
+        assert len(split.split(1, splits([c] * 12))) == 2, c
+        assert len(split.split(1, splits([c] * 11))) == 1, c
