@@ -42,7 +42,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("files", nargs="+", type=Path, metavar="FILE")
     _add_budget(p)
     p.add_argument("--deadline-ms", type=float, help="hard deadline: 504 instead of a late answer")
-    p.add_argument("--kind", choices=["auto", "image", "clip"], help="auto: MP4/WebM are clips (GIF: image)")
+    p.add_argument(
+        "--kind",
+        help="auto, or an input kind the server lists (`mone models`: image, clip); auto: MP4/WebM are "
+        "clips, GIF an image",
+    )
     p.add_argument("--top-k", type=int, default=5)
     p.add_argument("--routing", action="store_true", help="write FILE.routing.png: patches shaded by expert")
     p.add_argument("--out", type=Path, default=None, help="folder for routing maps (default: next to FILE)")

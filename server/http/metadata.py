@@ -45,8 +45,7 @@ def profile(engine: Engine, evaluation: dict[str, Any] | None) -> list[ProfileRo
             realised_capacity=p.realised,
             capacity_distribution=list(p.distribution),
             expert_counts=list(p.counts),
-            image=_cost(p.costs["image"]),
-            clip=_cost(p.costs["clip"]),
+            **{name: _cost(p.costs[name]) for name in INPUT_KINDS},  # one field per input kind
             accuracy=_accuracy_at(evaluation, p.capacity, "accuracy"),
             clip_accuracy=_accuracy_at(evaluation, p.capacity, "clip_accuracy"),
         )

@@ -33,6 +33,7 @@ from mone.server.core.request import InferRequest
 from mone.server.errors import InvalidParamsError
 from mone.server.http.access import AccessRecord
 from mone.server.media.decode_budget import BudgetedDecoder
+from mone.server.media.kinds import INPUT_KINDS
 from mone.server.media.video import ClipDecoder
 
 
@@ -147,8 +148,8 @@ class Pipeline:
 
     async def _decode(self, sample: Sample) -> tuple[Tensor, str]:
         if isinstance(sample.data, Tensor):
-            if sample.kind not in ("image", "clip"):
-                raise ValueError(f"decoded pixels are an image or a clip, not {sample.kind!r}")
-            return sample.data, "image" if sample.kind == "image" else "clip"
+            if sample.kind not in INPUT_KINDS:
+                raise ValueError(f"decoded pixels are one of {', '.join(INPUT_KINDS)}, not {sample.kind!r}")
+            return sample.data, sample.kind
         decoded = await self.decoder.decode(sample.data, sample.kind)
         return decoded.tensor, decoded.kind

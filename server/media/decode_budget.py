@@ -25,6 +25,7 @@ from mone.model import MoNEConfig
 from mone.server.config import Settings
 from mone.server.errors import OverloadedError
 from mone.server.media.decode import IMAGE_FORMATS, Decoded, decode, sniff
+from mone.server.media.kinds import INPUT_KINDS
 from mone.server.media.video import ClipDecoder
 
 # A small image is decoded on the event loop (`inline_decode_pixels`): a 28x28 PNG takes about 50 us, less
@@ -127,7 +128,8 @@ class BudgetedDecoder:
         """Decode off the event loop (clips in `clips`, the worker processes, when given), images within the
         budget of pixels; small images on the loop itself."""
         cfg, settings, clips = self.cfg, self.settings, self.clips
-        pixels = header_pixels(data) if kind != "clip" else 0
+        held = kind == "auto" or (kind in INPUT_KINDS and INPUT_KINDS[kind].in_process)
+        pixels = header_pixels(data) if held else 0
         async with self.budget.hold(pixels):
             if 0 < pixels <= settings.inline_decode_pixels and len(data) <= INLINE_DECODE_BYTES:
                 return decode(data, cfg, settings, kind, clips)

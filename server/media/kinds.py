@@ -52,6 +52,8 @@ class InputKind:
         auto: those of `formats` that are this kind when the request says `kind=auto`.
         frames: frames per sample the model sees, from its config.
         decode: bytes of one of `formats` -> (T, C, H, W) normalised frames; errors are `ServeError`s.
+        in_process: decoded in the server's own process, so held against its budget of pixels in decoding
+            (`mone.server.media.decode_budget`); clips are decoded in worker processes instead.
         extra: what `/v1/models` publishes of it besides its formats, from the model's config.
     """
 
@@ -60,6 +62,7 @@ class InputKind:
     auto: tuple[str, ...]
     frames: Callable[[MoNEConfig], int]
     decode: Decoder
+    in_process: bool
     extra: Callable[[MoNEConfig], dict[str, Any]]
 
     def describe(self, cfg: MoNEConfig) -> dict[str, Any]:
@@ -93,6 +96,7 @@ IMAGE = InputKind(
     auto=("jpeg", "png", "webp", "gif"),
     frames=lambda cfg: 1,
     decode=_decode_image,
+    in_process=True,
     extra=lambda cfg: {
         "channels": cfg.in_chans,
         "size": [cfg.img_size, cfg.img_size],
@@ -106,6 +110,7 @@ CLIP = InputKind(
     auto=("mp4", "webm"),
     frames=lambda cfg: cfg.num_frames,
     decode=_decode_clip,
+    in_process=False,
     extra=lambda cfg: {"frames": cfg.num_frames},
 )
 
