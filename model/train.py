@@ -468,6 +468,120 @@ class Prefetch:
         self._thread.join()
 
 
+def run_length(
+    cfg: TrainConfig,
+    mcfg: MoNEConfig,
+    schedule: CapacitySchedule,
+    image_steps: int,
+    clip_steps: int,
+    budget: float,
+) -> tuple[int, float]:
+    """The run's length in steps (what the learning-rate schedule spans) and its epochs (inf under a FLOPs
+    budget, which ends the run instead)."""
+    if budget:
+        # Steps the budget buys, for the warm-up cap only: the schedule follows the FLOPs spent.
+        per_epoch = 3 * (image_steps * cfg.batch_size * schedule.mean_gflops(mcfg))
+        per_epoch += 3 * clip_steps * cfg.clip_batch_size * schedule.mean_gflops(mcfg, cfg.num_frames)
+        total = max(round(budget / per_epoch * (image_steps + clip_steps)), 1)
+        epochs: float = math.inf
+    else:
+        total = (image_steps + clip_steps) * cfg.epochs
+        epochs = cfg.epochs
+    if cfg.max_steps:
+        total = min(total, cfg.max_steps)
+    return total, epochs
+
+
+def epoch_plan(
+    cfg: TrainConfig, data: Data, epoch: int, image_steps: int, clip_steps: int
+) -> list[tuple[str, Tensor]]:
+    """The epoch's steps in order: ("image", indices of a shuffled batch) or ("clip", drawn clip items);
+    reproducible from the seed and the epoch."""
+    gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
+    perm = torch.randperm(len(data.train), generator=gen)
+    n_clip_items = len(data.clips) if data.clips is not None else len(data.train)
+    plan, b = [], 0
+    for clip in step_plan(cfg, image_steps, clip_steps):
+        if clip:
+            plan.append(("clip", torch.randint(n_clip_items, (cfg.clip_batch_size,), generator=gen)))
+        else:
+            plan.append(("image", perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]))
+            b += 1
+    return plan
+
+
+def train_step(
+    model: nn.Module,
+    net: MoNE,
+    opt: torch.optim.Optimizer,
+    x: Tensor,
+    targets: Tensor,
+    caps: list[float],
+    cfg: TrainConfig,
+    dd: Dist,
+) -> float:
+    """One optimiser step over the step's capacities (the first is the distillation teacher); returns the
+    summed loss.  `model` is `net`, or `net` under DistributedDataParallel."""
+    opt.zero_grad(set_to_none=True)
+    amp = dd.device.type == "cuda"
+    teacher = None
+    step_loss = 0.0
+    for j, capacity in enumerate(caps):
+        # Under DDP, all but the step's last backward accumulate gradients without an all-reduce.
+        sync = dd.world == 1 or j == len(caps) - 1
+        ctx = contextlib.nullcontext() if sync else model.no_sync()  # type: ignore[operator]
+        with ctx:
+            with torch.autocast(dd.device.type, dtype=torch.bfloat16, enabled=amp):
+                logits = model(x, capacity).logits.float()
+            loss = capacity_loss(logits, targets, teacher, cfg.distill, cfg.distill_temperature)
+            loss.backward()  # type: ignore[no-untyped-call]
+        if j == 0 and cfg.distill:
+            teacher = logits.detach()
+        step_loss += loss.item()
+    opt.step()
+    with torch.no_grad():
+        # Project alpha onto [0, 1): the forward clamps it, and below 0 the clamp would cut the router's only
+        # gradient path (Eq. 1) for good.
+        net.alpha.clamp_(0.0, 1.0 - 1e-6)
+    return step_loss
+
+
+def resume(
+    cfg: TrainConfig, out: Path, net: MoNE, opt: torch.optim.Optimizer, ema: EMA | None, dd: Dist
+) -> dict[str, Any]:
+    """The run's state (epoch, step, wall time, training GFLOPs): where `out` left off when resuming (the
+    weights, optimiser and EMA are loaded too), else the start."""
+    state: dict[str, Any] = {"epoch": 0, "step": 0, "wall_s": 0.0, "train_gflops": 0.0}
+    if not (cfg.resume and (out / STATE_FILE).is_file()):
+        return state
+    ck = load_checkpoint(out / "last")
+    net.load_state_dict(ck.model.state_dict())
+    saved = torch.load(out / STATE_FILE, weights_only=True, map_location=dd.device)
+    opt.load_state_dict(saved["optimizer"])
+    if ema is not None and "ema" in saved:
+        ema.load_state_dict(saved["ema"])
+    state = {k: saved[k] for k in state}
+    if dd.main:
+        log.info("resumed %s at epoch %d, step %d", out, state["epoch"], state["step"])
+    return state
+
+
+def run_progress(
+    cfg: TrainConfig, dd: Dist, step: int, total: int, spent_gflops: float, budget: float, elapsed: float
+) -> float:
+    """Share of the run done: steps (or FLOPs with a budget), or wall time if that is further."""
+    done = spent_gflops / budget if budget else step / total
+    if cfg.max_steps:
+        done = max(done, step / cfg.max_steps)
+    if cfg.max_minutes:
+        if dd.world > 1:  # every rank must see the same clock, or they would stop at different steps
+            t = torch.tensor([elapsed], dtype=torch.float64, device=dd.device)
+            dist.all_reduce(t, op=dist.ReduceOp.MAX)
+            elapsed = float(t.item())
+        done = max(done, elapsed / (60.0 * cfg.max_minutes))
+    return done
+
+
 def train(cfg: TrainConfig) -> Path:
     """Run (or resume) training; returns the directory of the final checkpoint."""
     torch.set_num_threads(cfg.threads)
@@ -488,17 +602,7 @@ def train(cfg: TrainConfig) -> Path:
         torch.set_float32_matmul_precision("high")  # TF32 for the fp32 validation forwards
     opt = torch.optim.AdamW(param_groups(net, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.999))
     ema = EMA(net, cfg.ema_decay) if cfg.ema_decay else None
-    state: dict[str, Any] = {"epoch": 0, "step": 0, "wall_s": 0.0, "train_gflops": 0.0}
-    if cfg.resume and (out / STATE_FILE).is_file():
-        ck = load_checkpoint(out / "last")
-        net.load_state_dict(ck.model.state_dict())
-        saved = torch.load(out / STATE_FILE, weights_only=True, map_location=dd.device)
-        opt.load_state_dict(saved["optimizer"])
-        if ema is not None and "ema" in saved:
-            ema.load_state_dict(saved["ema"])
-        state = {k: saved[k] for k in state}
-        if dd.main:
-            log.info("resumed %s at epoch %d, step %d", out, state["epoch"], state["step"])
+    state = resume(cfg, out, net, opt, ema, dd)
     model: nn.Module = net
     if dd.world > 1:
         model = nn.parallel.DistributedDataParallel(
@@ -508,51 +612,19 @@ def train(cfg: TrainConfig) -> Path:
         out.mkdir(parents=True, exist_ok=True)
     image_steps, clip_steps = steps_per_epoch(len(data.train), cfg)
     budget = budget_gflops(cfg, net.cfg, len(data.train))
-    if budget:
-        # Steps the budget buys, for the warm-up cap only: the schedule follows the FLOPs spent.
-        frames = cfg.num_frames
-        per_epoch = 3 * (image_steps * cfg.batch_size * schedule.mean_gflops(net.cfg))
-        per_epoch += 3 * clip_steps * cfg.clip_batch_size * schedule.mean_gflops(net.cfg, frames)
-        total = max(round(budget / per_epoch * (image_steps + clip_steps)), 1)
-        epochs = math.inf
-    else:
-        total = (image_steps + clip_steps) * cfg.epochs
-        epochs = cfg.epochs
-    if cfg.max_steps:
-        total = min(total, cfg.max_steps)
+    total, epochs = run_length(cfg, net.cfg, schedule, image_steps, clip_steps, budget)
     warm = min(cfg.warmup_steps, max(total // 10, 1))
     vclips = val_clips(data, cfg)
-    amp = dd.device.type == "cuda"
     logf = (out / "log.jsonl").open("a") if dd.main else None
     step = int(state["step"])
     t_start = time.monotonic() - float(state["wall_s"])
 
     def progress() -> float:
-        """Share of the run done: steps (or FLOPs with a budget), or wall time if that is further."""
-        done = state["train_gflops"] / budget if budget else step / total
-        if cfg.max_steps:
-            done = max(done, step / cfg.max_steps)
-        if cfg.max_minutes:
-            elapsed = time.monotonic() - t_start
-            if dd.world > 1:  # every rank must see the same clock, or they would stop at different steps
-                t = torch.tensor([elapsed], dtype=torch.float64, device=dd.device)
-                dist.all_reduce(t, op=dist.ReduceOp.MAX)
-                elapsed = float(t.item())
-            done = max(done, elapsed / (60.0 * cfg.max_minutes))
-        return done
+        return run_progress(cfg, dd, step, total, state["train_gflops"], budget, time.monotonic() - t_start)
 
     epoch = int(state["epoch"])
     while epoch < epochs and progress() < 1.0:
-        gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch)
-        perm = torch.randperm(len(data.train), generator=gen)
-        n_clip_items = len(data.clips) if data.clips is not None else len(data.train)
-        plan, b = [], 0
-        for clip in step_plan(cfg, image_steps, clip_steps):
-            if clip:
-                plan.append(("clip", torch.randint(n_clip_items, (cfg.clip_batch_size,), generator=gen)))
-            else:
-                plan.append(("image", perm[b * cfg.batch_size : (b + 1) * cfg.batch_size]))
-                b += 1
+        plan = epoch_plan(cfg, data, epoch, image_steps, clip_steps)
         # Capacities and augmentation use their own stream, so both kinds of step stay reproducible.
         cap_gen = torch.Generator().manual_seed(cfg.seed * 1000 + epoch + 7)
         bar = None
@@ -575,26 +647,7 @@ def train(cfg: TrainConfig) -> Path:
                     lr = lr_at(step, total, cfg)
                 for g in opt.param_groups:
                     g["lr"] = lr
-                opt.zero_grad(set_to_none=True)
-                teacher = None
-                step_loss = 0.0
-                for j, capacity in enumerate(caps):
-                    # Under DDP, all but the step's last backward accumulate gradients without an all-reduce.
-                    sync = dd.world == 1 or j == len(caps) - 1
-                    ctx = contextlib.nullcontext() if sync else model.no_sync()  # type: ignore[operator]
-                    with ctx:
-                        with torch.autocast(dd.device.type, dtype=torch.bfloat16, enabled=amp):
-                            logits = model(x, capacity).logits.float()
-                        loss = capacity_loss(logits, targets, teacher, cfg.distill, cfg.distill_temperature)
-                        loss.backward()  # type: ignore[no-untyped-call]
-                    if j == 0 and cfg.distill:
-                        teacher = logits.detach()
-                    step_loss += loss.item()
-                opt.step()
-                with torch.no_grad():
-                    # Project alpha onto [0, 1): the forward clamps it, and below 0 the clamp would cut the
-                    # router's only gradient path (Eq. 1) for good.
-                    net.alpha.clamp_(0.0, 1.0 - 1e-6)
+                step_loss = train_step(model, net, opt, x, targets, caps, cfg, dd)
                 if ema is not None:
                     ema.update(net, step)
                 frames = x.shape[1] if x.dim() == 5 else 1
@@ -609,14 +662,9 @@ def train(cfg: TrainConfig) -> Path:
                     bar.set_postfix(loss=f"{mean_loss:.3f}", cap=f"{min(caps):.2f}", img_s=f"{rate:.0f}")
                     bar.update(1)
                 if logf is not None and cfg.log_every and step % cfg.log_every == 0:
-                    rec: dict[str, Any] = {
-                        "step": step,
-                        "epoch": epoch,
-                        "loss": round(step_loss / len(caps), 4),
-                    }
-                    rec.update(capacity=caps[-1], capacities=caps)
-                    rec.update(kind=kind, lr=lr, alpha=round(net.alpha.item(), 4))
-                    logf.write(json.dumps(rec) + "\n")
+                    rec = {"step": step, "epoch": epoch, "loss": round(step_loss / len(caps), 4)}
+                    rec |= {"capacity": caps[-1], "capacities": caps, "kind": kind, "lr": lr}
+                    logf.write(json.dumps(rec | {"alpha": round(net.alpha.item(), 4)}) + "\n")
                     logf.flush()
         finally:
             batches.close()
@@ -626,12 +674,12 @@ def train(cfg: TrainConfig) -> Path:
         state.update(epoch=epoch, step=step, wall_s=time.monotonic() - t_start)
         train_s = time.monotonic() - t_epoch
         if dd.main:
-            metrics = validate(net, data, cfg, vclips)
-            if ema is not None:
-                metrics.update(validate(cast(MoNE, ema.model), data, cfg, vclips, prefix="ema_"))
             summary = {"epoch": epoch, "step": step, "train_loss": round(loss_sum / max(loss_n, 1), 4)}
-            summary.update(metrics, wall_s=round(state["wall_s"], 1))
-            summary.update(train_gflops=round(state["train_gflops"], 1), epoch_train_s=round(train_s, 1))
+            summary.update(validate(net, data, cfg, vclips))
+            if ema is not None:
+                summary.update(validate(cast(MoNE, ema.model), data, cfg, vclips, prefix="ema_"))
+            summary.update(wall_s=round(state["wall_s"], 1), train_gflops=round(state["train_gflops"], 1))
+            summary.update(epoch_train_s=round(train_s, 1))
             if budget:
                 summary.update(budget_gflops=round(budget, 1))
             summary.update(frames_per_s=round(seen * dd.world / max(train_s, 1e-9), 1))

@@ -16,11 +16,12 @@ from typing import TYPE_CHECKING, Any
 
 from mone.server import __version__
 from mone.server.config import Settings
-from mone.server.http.access import AccessRecord
 
 if TYPE_CHECKING:
     from opentelemetry.sdk.trace import TracerProvider
     from opentelemetry.trace import Span, Tracer
+
+    from mone.server.http.access import AccessRecord
 
 
 def provider_from_settings(settings: Settings) -> TracerProvider | None:
