@@ -44,7 +44,7 @@ import itertools
 import math
 import statistics
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, cast
 
@@ -329,9 +329,18 @@ def calibrate_full_width(
     capacity: float = 0.5,
     repeats: int = 3,
     budget_s: float = 5.0,
+    forward: Callable[[Tensor, float], object] | None = None,
+    margin: float = 1.0,
 ) -> float:
     """Measure where one product per expert starts to beat full width with masks on this device, set
     `net.full_width_rows` to it and return it.
+
+    `forward(x, capacity)` runs each timed forward (default `net(x, capacity)`): a server that runs several
+    forwards side by side passes one that runs them so, since what a product costs includes what the
+    forwards cost each other (their Python between operations shares one interpreter lock).  `margin` > 1
+    counts the split as faster only when it wins by that factor: it has more operations, whose cost grows
+    with whatever else runs Python beside them (a server's event loop), so a narrow win measured here is a
+    loss under load.
 
     Both ways are timed on random images at `capacity` (every expert in use) for growing batch sizes,
     until the split wins at two sizes in a row, the sizes run out or `budget_s` is spent.  Where the two
@@ -360,12 +369,12 @@ def calibrate_full_width(
             for rows in (math.inf, 0.0) * (repeats + 1):  # the first round warms up
                 net.full_width_rows = rows
                 t0 = time.perf_counter()
-                net(x, capacity)
+                (forward or net)(x, capacity)
                 if device.type == "cuda":
                     torch.cuda.synchronize(device)
                 times.setdefault(rows, []).append(time.perf_counter() - t0)
             full, split = (statistics.median(times[r][1:]) for r in (math.inf, 0.0))
-            if split < full:
+            if split * margin < full:
                 if first_split is None:
                     first_split, first_times = b, (full, split)
                 wins += 1

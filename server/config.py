@@ -125,11 +125,20 @@ class Settings(BaseSettings):
         "thread with threads/streams intra-op threads (0: auto, min(threads, 4); 1: never split); "
         "always 1 on a GPU",
     )
-    stream_min_gflops: float = Field(
-        default=0.5,
+    stream_min_gflops: float | None = Field(
+        default=None,
         ge=0.0,
         description="least work of a sub-batch, in GFLOPs at capacity 1.0 whatever the capacities served: "
-        "smaller batches run whole, where splitting would cost more in per-operation overhead than it saves",
+        "smaller batches run whole, where splitting would cost more in per-operation overhead than it saves "
+        "(default: measured at start-up, the smallest batch that runs faster split than whole; 0.5 when "
+        "start-up does not calibrate)",
+    )
+    serial_max_gflops: float | None = Field(
+        default=None,
+        ge=0.0,
+        description="CPU: a batch that runs whole with at most this much work (GFLOPs at capacity 1.0) runs "
+        "on one intra-op thread, where waking the others costs more than they save (default: measured at "
+        "start-up; 0: never)",
     )
     inference_nice: int = Field(
         default=10,

@@ -9,13 +9,21 @@ all cores waits at a barrier after every operation for the slowest thread, and r
 operations on one core while the others wait; sub-batches on one core each never wait for one another.
 S/16 at batch 32 on 2 cores: 2622 ms as two single-threaded halves against 3112 ms as one two-threaded
 forward (cap 1.0; 2211 against 2502 ms at 0.5).  Every sample goes through the same per-sample arithmetic
-either way.  A batch of one sample, or one too small to be worth splitting (`stream_min_gflops`), runs whole
-on all the threads.
+either way.  A batch of one sample, or one too small to be worth splitting (`stream_min_gflops`), runs
+whole: on one intra-op thread when its work is small enough that waking the other threads costs more than
+they save (`serial_max_gflops`), else on all of them.
+
+Both thresholds are measured at start-up on the inference thread (`Runner.calibrate_threads`), at capacity
+1.0, since a lower capacity has as many operations.  With OpenMP's threads sleeping between operations
+(`OMP_WAIT_POLICY=PASSIVE`, which `mone-serve` sets), every operation of a two-threaded forward pays a
+wake-up: the shipped Mi/4 at batch 1 took 7.6 ms on two threads against 4.0 ms on one, and at batch 4
+10.9 ms as one two-threaded forward against 6.4 ms as two single-threaded halves (2 vCPUs, AMD EPYC).
 """
 
 from __future__ import annotations
 
 import logging
+import math
 import statistics
 import tempfile
 import threading
@@ -51,6 +59,14 @@ from mone.server.core.request import InferRequest
 log = logging.getLogger("mone.runner")
 AUTO_STREAMS_MAX = 4  # beyond this, side-by-side forwards would queue for the GIL between their operations
 STREAM_BALANCE = 1.15  # split only when the largest sub-batch is within this factor of an even share
+STREAM_MIN_GFLOPS = 0.5  # `stream_min_gflops` when start-up does not measure it
+THREAD_BATCHES = (1, 2, 4, 8, 16, 32, 64)  # batch sizes `calibrate_threads` may time
+# A split of the experts into several products must win the start-up measurement by this factor to be used
+# (`calibrate_full_width`'s margin): under load the event loop's Python competes with every operation, and
+# the split has more of them.  Shipped Mi/4, 16 clients (2 vCPUs): full width everywhere served 367 req/s at
+# capacity 0.5 and 351 at 0.25, against 330 and 326 with the threshold measured without a margin (47 rows),
+# which a margin of 1.3 no longer picks; S/16's split wins by far more.
+SPLIT_MARGIN = 1.3
 
 
 class CheckpointMissingError(RuntimeError):
@@ -182,7 +198,8 @@ class Runner:
         checkpoint: the loaded model.
         device: where inputs go.
         streams: sub-batches run side by side on the CPU (0: auto; see `resolve_streams`).
-        min_stream_gflops: least work of a sub-batch.
+        min_stream_gflops: least work of a sub-batch (None: STREAM_MIN_GFLOPS until `calibrate_threads`).
+        serial_gflops: a batch run whole with at most this much dense work gets one intra-op thread.
         dtype: the inference dtype (server/core/precision.py); fp32 leaves the model as loaded.
         cuda_graphs: on a CUDA device, capture the forward per batch size, frames and token split
             (server/core/capture.py), up to `max_graphs` graphs of batches up to `max_batch`.
@@ -194,7 +211,8 @@ class Runner:
         device: torch.device,
         *,
         streams: int = 1,
-        min_stream_gflops: float = 0.0,
+        min_stream_gflops: float | None = 0.0,
+        serial_gflops: float | None = 0.0,
         dtype: str = "fp32",
         cuda_graphs: bool = False,
         max_batch: int = 32,
@@ -205,7 +223,8 @@ class Runner:
         self.model = cast_model(checkpoint.model.to(device).eval(), self.dtype)
         self.cfg = checkpoint.config
         self.device = device
-        self.min_stream_gflops = min_stream_gflops
+        self.min_stream_gflops = STREAM_MIN_GFLOPS if min_stream_gflops is None else min_stream_gflops
+        self.serial_gflops = serial_gflops or 0.0
         self.threads: int | None = None  # intra-op threads of a whole batch; set by `setup_threads`
         self.streams = 1
         self._streams_setting = streams
@@ -223,6 +242,7 @@ class Runner:
             device,
             streams=settings.inference_streams,
             min_stream_gflops=settings.stream_min_gflops,
+            serial_gflops=settings.serial_max_gflops,
             dtype=settings.inference_dtype,
             cuda_graphs=settings.cuda_graphs,
             max_batch=settings.max_batch_size,
@@ -244,13 +264,100 @@ class Runner:
             )
         log.info("%d intra-op threads, %d stream(s)", self.threads, self.streams)
 
+    def calibrate_threads(
+        self,
+        max_batch: int,
+        repeats: int = 3,
+        min_stream: float | None = None,
+        serial: float | None = None,
+    ) -> None:
+        """On the inference thread: `serial_gflops` and `min_stream_gflops` as given, else measured on images
+        at capacity 1.0.  Serial: the largest batch, of growing sizes, that runs whole no slower on one
+        intra-op thread than on all of them.  Streams: the smallest batch that runs faster split over the
+        streams than whole (as it would run whole, serial or not); never split when none does."""
+        dense = gflops(self.cfg, 1.0, 1)
+        sizes = [b for b in THREAD_BATCHES if b <= max(max_batch, 1)]
+        if serial is None:
+            serial = 0.0
+            if self.device.type == "cpu" and (self.threads or 1) > 1:
+                for b in sizes:
+                    if self._time_whole(b, 1, repeats) > self._time_whole(b, self.threads, repeats):
+                        break
+                    serial = b * dense
+        self.serial_gflops = serial
+        if min_stream is None:
+            min_stream = STREAM_MIN_GFLOPS if self._pool is None else math.inf
+            for b in (b for b in sizes if self._pool is not None and b >= self.streams):
+                whole = self._time_whole(b, 1 if b * dense <= serial else self.threads, repeats)
+                if self._time_split(b, repeats) < whole:
+                    min_stream = b * dense / self.streams
+                    break
+        self.min_stream_gflops = min_stream
+        _use_threads(self.threads or 1)
+        log.info(
+            "one intra-op thread for batches up to %.3g GFLOPs; %d streams from %.3g GFLOPs a stream",
+            self.serial_gflops,
+            self.streams,
+            self.min_stream_gflops,
+        )
+
+    def _time_whole(self, batch: int, threads: int | None, repeats: int) -> float:
+        """Median seconds of a batch of `batch` zero images at capacity 1.0, run whole on `threads`."""
+        xs, splits = [self.dummy(1)] * batch, [self.token_split(1.0)] * batch
+        self._forward(xs, splits, threads, 1, False)  # warm-up at this thread count
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            self._forward(xs, splits, threads, 1, False)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    def _time_split(self, batch: int, repeats: int) -> float:
+        """Median seconds of the same batch split over the streams."""
+        xs, splits = [self.dummy(1)] * batch, [self.token_split(1.0)] * batch
+        costs = [sample_gflops(self.cfg, s, 1) for s in splits]
+        pieces = split_batch(costs, self.streams, 0.0)
+        self._forward_split(xs, splits, pieces, 1, False)
+        times = []
+        for _ in range(repeats):
+            start = time.perf_counter()
+            self._forward_split(xs, splits, pieces, 1, False)
+            times.append(time.perf_counter() - start)
+        return statistics.median(times)
+
+    def _side_by_side(self, x: Tensor, capacity: float) -> None:
+        """`x` at `capacity` on every stream at once, each on `piece_threads` (calibration)."""
+        assert self._pool is not None
+
+        def piece() -> None:
+            _use_threads(self.piece_threads)
+            with torch.inference_mode():
+                self.model(x, capacity)
+
+        futures = [self._pool.submit(piece) for _ in range(self.streams - 1)]
+        piece()
+        for future in futures:
+            future.result()
+
+    @property
+    def piece_threads(self) -> int:
+        """Intra-op threads of one sub-batch of a split batch (and of a batch run serially)."""
+        return max(1, (self.threads or 1) // self.streams)
+
     def set_full_width_rows(self, rows: float | None, max_batch: int, repeats: int = 2) -> None:
         """What one more matrix product costs the model, in rows of full-width work (`plan_runs` in
-        model/inference.py): `rows` when given, else measured here, on the inference thread with its intra-op
-        threads."""
+        model/inference.py): `rows` when given, else measured here as most forwards run once batches split
+        over the streams: one on every stream at once, each with the intra-op threads of a sub-batch."""
         if rows is None:
-            batches = [b for b in (1, 2, 4, 8, 16, 32, 64) if b <= max(max_batch, 1)]
-            rows = calibrate_full_width(self.model, batches, repeats=repeats, budget_s=3.0)
+            batches = [b for b in THREAD_BATCHES if b <= max(max_batch, 1)]
+            _use_threads(self.piece_threads)
+            try:
+                forward = self._side_by_side if self._pool is not None else None
+                rows = calibrate_full_width(
+                    self.model, batches, repeats=repeats, budget_s=3.0, forward=forward, margin=SPLIT_MARGIN
+                )
+            finally:
+                _use_threads(self.threads or 1)
         self.model.full_width_rows = rows
         log.info("one more matrix product costs %.0f token rows of full-width work", rows)
 
@@ -276,9 +383,11 @@ class Runner:
         xs, top_ks, routing = [r.x for r in batch], [r.top_k for r in batch], [r.routing for r in batch]
         k = min(max(top_ks), self.cfg.num_classes)
         want_experts = any(routing)
-        pieces = self.split(int(xs[0].shape[0]), splits)
+        frames = int(xs[0].shape[0])
+        pieces = self.split(frames, splits)
         if len(pieces) == 1:
-            parts = [self._forward(xs, splits, self.threads, k, want_experts)]
+            serial = len(splits) * gflops(self.cfg, 1.0, frames) <= self.serial_gflops
+            parts = [self._forward(xs, splits, 1 if serial else self.threads, k, want_experts)]
         else:
             parts = self._forward_split(xs, splits, pieces, k, want_experts)
         if self.device.type == "cuda":  # the outputs are on the host already; the clock waits for the device
@@ -412,6 +521,9 @@ class Runner:
             "sha256": ck.sha256,
             "meta": ck.meta,
             "full_width_rows": self.model.full_width_rows,
+            "serial_gflops": self.serial_gflops,
+            "streams": self.streams,
+            "stream_min_gflops": self.min_stream_gflops if math.isfinite(self.min_stream_gflops) else None,
             "dtype": dtype_name(self.dtype),
             "cuda_graphs": self.graphs is not None,
         }
@@ -424,6 +536,12 @@ def warm_up_and_calibrate(
     sample), plus one mixed batch per kind so that the cost of an extra token split is identifiable."""
     s, cfg = settings, runner.cfg
     runner.setup_threads(s.threads)
+    if s.calibrate:  # else the runner keeps the settings' thresholds (STREAM_MIN_GFLOPS and 0 when unset)
+        if s.warmup_iters:
+            runner.time_batch(1, 1, 1.0, s.warmup_iters)
+        runner.calibrate_threads(
+            s.max_batch_size, max(3, s.calibration_repeats), s.stream_min_gflops, s.serial_max_gflops
+        )
     if s.full_width_rows is not None or s.calibrate:
         runner.set_full_width_rows(s.full_width_rows, s.max_batch_size, s.calibration_repeats)
     for frames in kinds:

@@ -8,6 +8,7 @@ experts and however many frames it runs at a time.
 from __future__ import annotations
 
 import math
+import time
 
 import pytest
 import torch
@@ -107,3 +108,25 @@ def test_the_cost_of_a_product_is_solved_from_two_times() -> None:
     assert _product_cost(59.0, 4 * 10 + 0.5 * 49, 49, 0.5, 4) == pytest.approx(10.0)
     assert _product_cost(59.0, 0.5 * 49, 49, 0.5, 4) == 0.0  # products cost nothing
     assert _product_cost(10.0, 50.0, 49, 0.5, 4) == math.inf  # the split is slower than any C explains
+
+
+def test_a_split_must_win_by_the_margin(net: MoNE) -> None:
+    """The timed forward is the caller's (a server times its streams side by side); with a margin, a split
+    that wins narrowly counts as a loss and every size measured stays at full width."""
+    keep = net.full_width_rows
+    calls: list[float] = []
+
+    def forward(x: torch.Tensor, capacity: float) -> None:
+        calls.append(net.full_width_rows)
+        time.sleep(0.010 if net.full_width_rows == math.inf else 0.008)  # the split 1.25x faster
+
+    narrow = calibrate_full_width(net, batches=(1, 2), repeats=1, forward=forward)
+    assert narrow < 1e6  # the split won: a finite threshold
+    assert set(calls) == {math.inf, 0.0}  # both ways were timed through `forward`
+    wide = calibrate_full_width(net, batches=(1, 2), repeats=1, forward=forward, margin=1.6)
+    counts = expert_counts(0.5, net.cfg.num_tokens, net.cfg.num_experts)
+    groups = sum(1 for k in counts if k > 0)
+    saved = (1 - realised_capacity(counts)) * net.cfg.num_tokens / (groups - 1)
+    assert wide == pytest.approx(2 * saved * 2)  # full width won at the largest size measured
+    assert wide > narrow
+    net.full_width_rows = keep

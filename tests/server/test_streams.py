@@ -240,3 +240,47 @@ def test_the_runner_splits_every_capacity_alike(pair: tuple[Runner, Runner]) -> 
     for c in (1.0, 0.5, 0.25, 0.125):
         assert len(split.split(1, splits([c] * 12))) == 2, c
         assert len(split.split(1, splits([c] * 11))) == 1, c
+
+
+# -- how many threads a batch gets (serial_gflops, calibrate_threads) ---------------------------------------
+def test_small_batches_run_on_one_intra_op_thread(pair: tuple[Runner, Runner]) -> None:
+    whole, _ = pair
+    seen: list[int | None] = []
+    forward = whole._forward
+
+    def recording(xs: list[Tensor], s: Any, threads: int | None, k: int, experts: bool) -> Any:
+        seen.append(threads)
+        return forward(xs, s, threads, k, experts)
+
+    whole._forward = recording  # type: ignore[method-assign]
+    whole.serial_gflops = 2 * gflops(CFG, 1.0, 1)
+    for n in (1, 2, 3):  # a low capacity has as many operations: judged on dense work
+        whole.run(*batch(inputs(n), [0.25] * n, [1] * n, [False] * n))
+    assert seen == [1, 1, 2]
+    serial = whole.run(*batch(inputs(2), [0.5, 1.0], [3, 3], [False, False]))
+    whole.serial_gflops = 0.0
+    threaded = whole.run(*batch(inputs(2), [0.5, 1.0], [3, 3], [False, False]))
+    for a, b in zip(serial.samples, threaded.samples, strict=True):  # the same arithmetic on fewer threads
+        assert torch.allclose(torch.tensor(a.logits), torch.tensor(b.logits), atol=1e-5)
+
+
+def test_thresholds_are_measured_where_one_way_stops_winning(
+    pair: tuple[Runner, Runner], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    _, split = pair
+    dense = gflops(CFG, 1.0, 1)
+    # One thread wins up to batch 4; splitting wins from batch 8 on.
+    whole_ms = {(1, 1): 1, (1, 2): 2, (2, 1): 2, (2, 2): 3, (4, 1): 4, (4, 2): 5, (8, 1): 9, (8, 2): 8}
+    whole_ms |= {(b, t): b for b in (16, 32) for t in (1, 2)}
+    split_ms = {2: 9, 4: 9, 8: 5, 16: 10, 32: 20}
+    monkeypatch.setattr(split, "_time_whole", lambda b, threads, repeats: whole_ms[(b, threads)])
+    monkeypatch.setattr(split, "_time_split", lambda b, repeats: split_ms[b])
+    split.calibrate_threads(max_batch=32)
+    assert split.serial_gflops == pytest.approx(4 * dense)
+    assert split.min_stream_gflops == pytest.approx(8 * dense / 2)
+    split_ms.update({8: 99, 16: 99, 32: 99})  # splitting never wins: batches stay whole
+    split.calibrate_threads(max_batch=32)
+    assert split.min_stream_gflops == float("inf")
+    assert len(split.split(1, splits([1.0] * 32))) == 1
+    split.calibrate_threads(max_batch=32, min_stream=0.5, serial=0.0)  # given, nothing measured
+    assert (split.min_stream_gflops, split.serial_gflops) == (0.5, 0.0)
