@@ -174,7 +174,7 @@ def start_mone(
     cmd = [
         sys.executable,
         "-m",
-        "server",
+        "mone.server",
         "--checkpoint",
         str(ckpt),
         "--port",

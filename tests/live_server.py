@@ -33,7 +33,7 @@ def start_server(
     cmd = [
         sys.executable,
         "-m",
-        "server",
+        "mone.server",
         "--checkpoint",
         str(checkpoint),
         "--port",

@@ -62,6 +62,23 @@ def test_no_code_imports_the_bare_folder_names() -> None:
     assert bare == []
 
 
+def test_no_process_is_started_under_a_bare_folder_name() -> None:
+    # `python -m server` from a checkout runs the folder as a package named `server`, beside `mone.server`.
+    bare = []
+    for top in (*FOLDERS, "bench", "tests", "scripts", "docker", "docs"):
+        for path in (ROOT / top).rglob("*"):
+            if path.suffix not in {".py", ".sh", ".md", ".yaml", ".yml", ""} or not path.is_file():
+                continue
+            if "proto" in path.parts or "runs" in path.parts:
+                continue
+            text = path.read_text(errors="replace")
+            for name in FOLDERS:
+                for bad in (f'"-m", "{name}', f"-m {name}.", f"-m {name} ", f'"-m",\n        "{name}"'):
+                    if bad in text:
+                        bare.append(f"{path.relative_to(ROOT)}: {bad!r}")
+    assert bare == []
+
+
 @pytest.mark.slow
 def test_the_wheel_holds_only_the_mone_namespace(tmp_path: Path) -> None:
     subprocess.run(
