@@ -11,31 +11,24 @@ evaluation use too.
 
 from __future__ import annotations
 
-import io
-import warnings
 from dataclasses import dataclass
 
-from PIL import Image
 from torch import Tensor
 
 from mone.model import MoNEConfig
-from mone.model.preprocess import upright
 from mone.server.config import Settings
 from mone.server.errors import (
     BadInputError,
     InvalidParamsError,
-    OverLimitError,
-    ServeError,
-    TooLargeError,
     UnsupportedMediaError,
 )
+from mone.server.media.image import IMAGE_FORMATS
 from mone.server.media.kinds import CONTENT_TYPES, INPUT_KINDS, kind_for
 from mone.server.media.video import VIDEO_FORMATS, ClipDecoder
 
 __all__ = ["CONTENT_TYPES", "IMAGE_FORMATS", "VIDEO_FORMATS", "Decoded", "decode", "sniff"]
 
 FORMAT_NAMES = {"jpeg": "JPEG", "png": "PNG", "webp": "WebP", "gif": "GIF", "mp4": "MP4", "webm": "WebM"}
-IMAGE_FORMATS = {"jpeg": "JPEG", "png": "PNG", "webp": "WEBP", "gif": "GIF"}  # sniffed name -> Pillow format
 
 
 @dataclass
@@ -92,38 +85,3 @@ def decode(
         others = [k.name for k in INPUT_KINDS.values() if fmt in k.formats]
         raise BadInputError(f"{fmt} cannot be read as kind={as_kind.name}; send it with kind={others[0]}")
     return Decoded(as_kind.decode(data, fmt, cfg, settings, clips), as_kind.name, fmt)
-
-
-def decode_image(data: bytes, fmt: str, settings: Settings) -> Image.Image:
-    """Frame 0 of an allow-listed image, EXIF orientation applied, after the size and frame checks."""
-    if len(data) > settings.max_image_bytes:
-        raise TooLargeError(f"image is {len(data)} bytes, the limit is {settings.max_image_bytes}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data), formats=[IMAGE_FORMATS[fmt]])
-            _check_image_size(img.size, settings)
-            n_frames = int(getattr(img, "n_frames", 1))
-            if n_frames > settings.max_animated_frames:
-                raise OverLimitError(
-                    f"image has {n_frames} frames, the limit is {settings.max_animated_frames}",
-                    frames=n_frames,
-                )
-            return upright(img)
-    except ServeError:
-        raise
-    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as exc:
-        raise TooLargeError(f"image too large: {exc}") from exc
-    except Exception as exc:  # Pillow raises many types on malformed files; all are bad input
-        raise BadInputError(f"could not decode {fmt} image: {exc}") from exc
-
-
-def _check_image_size(size: tuple[int, int], settings: Settings) -> None:
-    w, h = size
-    if max(w, h) > settings.max_image_side or w * h > settings.max_image_pixels:
-        raise TooLargeError(
-            f"image too large: {w}x{h}; limits are {settings.max_image_side} px per side and "
-            f"{settings.max_image_pixels} pixels",
-            width=w,
-            height=h,
-        )

@@ -24,7 +24,8 @@ from PIL import Image
 from mone.model import MoNEConfig
 from mone.server.config import Settings
 from mone.server.errors import OverloadedError
-from mone.server.media.decode import IMAGE_FORMATS, Decoded, decode, sniff
+from mone.server.media.decode import Decoded, decode, sniff
+from mone.server.media.image import IMAGE_FORMATS
 from mone.server.media.kinds import INPUT_KINDS
 from mone.server.media.video import ClipDecoder
 

@@ -20,8 +20,11 @@ from dataclasses import dataclass
 from types import MappingProxyType
 from typing import TYPE_CHECKING, Any
 
+from mone.model.preprocess import array_frames_to_tensor, frames_to_tensor
+from mone.server.media.image import decode_image
+from mone.server.media.video import ClipShape, decode_video
+
 if TYPE_CHECKING:
-    from PIL import Image
     from torch import Tensor
 
     from mone.model import MoNEConfig
@@ -73,19 +76,12 @@ class InputKind:
 def _decode_image(
     data: bytes, fmt: str, cfg: MoNEConfig, settings: Settings, clips: ClipDecoder | None
 ) -> Tensor:
-    from mone.model.preprocess import frames_to_tensor
-    from mone.server.media.decode import decode_image
-
-    img: Image.Image = decode_image(data, fmt, settings)
-    return frames_to_tensor([img], cfg)
+    return frames_to_tensor([decode_image(data, fmt, settings)], cfg)
 
 
 def _decode_clip(
     data: bytes, fmt: str, cfg: MoNEConfig, settings: Settings, clips: ClipDecoder | None
 ) -> Tensor:
-    from mone.model.preprocess import array_frames_to_tensor
-    from mone.server.media.video import ClipShape, decode_video
-
     frames = (clips or decode_video)(data, fmt, ClipShape.of(cfg), settings)
     return array_frames_to_tensor(frames, cfg)
 
