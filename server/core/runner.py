@@ -28,7 +28,7 @@ import statistics
 import tempfile
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
@@ -304,26 +304,13 @@ class Runner:
     def _time_whole(self, batch: int, threads: int | None, repeats: int) -> float:
         """Median seconds of a batch of `batch` zero images at capacity 1.0, run whole on `threads`."""
         xs, splits = [self.dummy(1)] * batch, [self.token_split(1.0)] * batch
-        self._forward(xs, splits, threads, 1, False)  # warm-up at this thread count
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            self._forward(xs, splits, threads, 1, False)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        return _median_seconds(lambda: self._forward(xs, splits, threads, 1, False), repeats)
 
     def _time_split(self, batch: int, repeats: int) -> float:
         """Median seconds of the same batch split over the streams."""
         xs, splits = [self.dummy(1)] * batch, [self.token_split(1.0)] * batch
-        costs = [sample_gflops(self.cfg, s, 1) for s in splits]
-        pieces = split_batch(costs, self.streams, 0.0)
-        self._forward_split(xs, splits, pieces, 1, False)
-        times = []
-        for _ in range(repeats):
-            start = time.perf_counter()
-            self._forward_split(xs, splits, pieces, 1, False)
-            times.append(time.perf_counter() - start)
-        return statistics.median(times)
+        pieces = split_batch([sample_gflops(self.cfg, s, 1) for s in splits], self.streams, 0.0)
+        return _median_seconds(lambda: self._forward_split(xs, splits, pieces, 1, False), repeats)
 
     def _side_by_side(self, x: Tensor, capacity: float) -> None:
         """`x` at `capacity` on every stream at once, each on `piece_threads` (calibration)."""
@@ -527,6 +514,17 @@ class Runner:
             "dtype": dtype_name(self.dtype),
             "cuda_graphs": self.graphs is not None,
         }
+
+
+def _median_seconds(run: Callable[[], object], repeats: int) -> float:
+    """Median seconds of `repeats` calls of `run`, after one untimed call (warm-up of that shape and way)."""
+    run()
+    times = []
+    for _ in range(repeats):
+        start = time.perf_counter()
+        run()
+        times.append(time.perf_counter() - start)
+    return statistics.median(times)
 
 
 def warm_up_and_calibrate(
