@@ -285,10 +285,12 @@ class Runner:
                         break
                     serial = b * dense
         self.serial_gflops = serial
-        if min_stream is None:
-            min_stream = STREAM_MIN_GFLOPS if self._pool is None else math.inf
-            for b in (b for b in sizes if self._pool is not None and b >= self.streams):
-                whole = self._time_whole(b, 1 if b * dense <= serial else self.threads, repeats)
+        if min_stream is None and self._pool is None:
+            min_stream = STREAM_MIN_GFLOPS
+        elif min_stream is None:
+            min_stream = math.inf
+            for b in (b for b in sizes if b >= self.streams):
+                whole = self._time_whole(b, self.whole_threads(b * dense), repeats)
                 if self._time_split(b, repeats) < whole:
                     min_stream = b * dense / self.streams
                     break
@@ -353,14 +355,22 @@ class Runner:
             self._pool.shutdown(wait=True)
             self._pool = None
 
+    def dense_work(self, frames: int, samples: int) -> float:
+        """GFLOPs of `samples` inputs of `frames` frames at capacity 1.0.  How a batch runs (split, one thread
+        or all) is judged on it: what streams and fewer threads save is per-operation overhead, and a lower
+        capacity has as many operations (more, with more token groups), not fewer."""
+        return samples * gflops(self.cfg, 1.0, frames)
+
+    def whole_threads(self, work: float) -> int | None:
+        """Intra-op threads of a batch run whole with `work` dense GFLOPs."""
+        return 1 if work <= self.serial_gflops else self.threads
+
     def split(self, frames: int, splits: Sequence[tuple[int, ...]]) -> list[list[int]]:
         """The sub-batches a batch of these token splits runs as."""
         if self._pool is None or len(splits) < 2:  # no stream threads: one stream, or closed
             return [list(range(len(splits)))]
         costs = [sample_gflops(self.cfg, s, frames) for s in splits]
-        # Whether splitting pays is judged on the dense work: what streams save is per-operation overhead,
-        # and a lower capacity has as many operations (more, with more token groups), not fewer.
-        work = len(splits) * gflops(self.cfg, 1.0, frames)
+        work = self.dense_work(frames, len(splits))
         return split_batch(costs, self.streams, self.min_stream_gflops, work=work)
 
     def run(self, batch: Sequence[InferRequest], splits: Sequence[tuple[int, ...]]) -> BatchOutput:
@@ -373,8 +383,8 @@ class Runner:
         frames = int(xs[0].shape[0])
         pieces = self.split(frames, splits)
         if len(pieces) == 1:
-            serial = len(splits) * gflops(self.cfg, 1.0, frames) <= self.serial_gflops
-            parts = [self._forward(xs, splits, 1 if serial else self.threads, k, want_experts)]
+            threads = self.whole_threads(self.dense_work(frames, len(splits)))
+            parts = [self._forward(xs, splits, threads, k, want_experts)]
         else:
             parts = self._forward_split(xs, splits, pieces, k, want_experts)
         if self.device.type == "cuda":  # the outputs are on the host already; the clock waits for the device
