@@ -5,7 +5,8 @@
         --batches 1 8 64 256
 
 For each variant and batch size, times (median of repeats, interleaved round robin so that drift hits every
-row alike) the two dense references (`F.linear` + SDPA, and the fused `nn.TransformerEncoder` fast path)
+row alike) the dense references (`F.linear` + SDPA; the fused `nn.TransformerEncoder` fast path; and on the
+CPU in fp32 `dense_packed`, the first with its products on the packed oneDNN kernels the MoNE forward uses)
 and the MoNE model at each capacity, all under inference mode, in fp32 on the CPU by default.  `speedup` is
 against the fastest reference; `efficiency` = speedup / (dense GFLOPs / MoNE GFLOPs).  Memory: resident
 weight bytes, and the peak activation memory of one forward (max RSS growth, each in a fresh subprocess; on
@@ -36,7 +37,7 @@ import torch
 from torch import Tensor
 
 from bench.references import FusedViT, PlainViT
-from mone.model import MoNE, MoNEConfig, expert_counts, gflops
+from mone.model import MoNE, MoNEConfig, expert_counts, gflops, inference
 from mone.model.inference import calibrate_full_width
 from mone.server.core.capture import CapturedForward, CudaGraphs
 from mone.server.core.memory import release_free_memory
@@ -161,6 +162,9 @@ def run(
     x = torch.randn(batch, cfg.in_chans, cfg.img_size, cfg.img_size, device=device, dtype=dtype)
     plain, fused = PlainViT(net), FusedViT(net).to(device, dtype)
     fns: dict[str, Callable[[], object]] = {"dense_plain": lambda: plain(x), "dense_fused": lambda: fused(x)}
+    if inference.PACKED and device.type == "cpu" and dtype == torch.float32:  # the kernels MoNE runs on
+        packed = PlainViT(net, packed=True)
+        fns["dense_packed"] = lambda: packed(x)
     if compile_dense:
         compiled = compiled_reference(variant, device, dtype)
         fns["dense_compiled"] = lambda: compiled(x)

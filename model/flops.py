@@ -59,6 +59,13 @@ def _cpu_sdpa_flops(
     return int(sdpa_flop_count(query, key, value))  # type: ignore[no-untyped-call]
 
 
+def _packed_linear_flops(x_shape: Any, w_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any) -> int:
+    rows = 1
+    for n in x_shape[:-1]:
+        rows *= int(n)
+    return 2 * rows * int(w_shape[0]) * int(w_shape[1])  # the packed weight keeps its (out, in) shape
+
+
 def _addmm_flops(
     self_shape: Any, a_shape: Any, b_shape: Any, *args: Any, out_shape: Any = None, **kwargs: Any
 ) -> int:
@@ -68,14 +75,17 @@ def _addmm_flops(
 def count_flops(fn: Callable[[], Any]) -> int:
     """FLOPs that `torch.utils.flop_counter` measures while running fn().
 
-    The stock counter has no formula for the CPU flash-attention kernel nor for in-place `addmm_` and would
-    count them as 0; we register the formulas it uses for the CUDA attention kernels and for `addmm`.
+    The stock counter has no formula for the CPU flash-attention kernel, for in-place `addmm_` nor for
+    oneDNN's packed linear (`model/inference.py`) and would count them as 0; we register the formulas it
+    uses for the CUDA attention kernels and for `addmm`, and the product's for the packed linear.
     """
     aten = torch.ops.aten
     mapping: dict[Any, Any] = {
         aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,
         aten.addmm_: _addmm_flops,
     }
+    if hasattr(torch.ops.mkldnn, "_linear_pointwise"):
+        mapping[torch.ops.mkldnn._linear_pointwise] = _packed_linear_flops
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn()
     return int(counter.get_total_flops())

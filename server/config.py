@@ -117,6 +117,12 @@ class Settings(BaseSettings):
     cuda_graphs_max: int = Field(
         default=64, ge=1, le=4096, description="captured graphs kept at once (least recently used dropped)"
     )
+    packed_weights: bool = Field(
+        default=True,
+        description="CPU, fp32: run each matrix product of at least 8 M multiply-adds through oneDNN on its "
+        "weight slice packed at first use (model/inference.py); the packed copies take up to 1.9x the "
+        "blocks' weights in memory",
+    )
     inference_streams: int = Field(
         default=0,
         ge=0,

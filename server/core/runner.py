@@ -43,6 +43,7 @@ from mone.model import (
     MoNEConfig,
     expert_counts,
     gflops,
+    inference,
     load_checkpoint,
     sample_gflops,
     save_checkpoint,
@@ -221,7 +222,9 @@ class Runner:
         cuda_graphs: bool = False,
         max_batch: int = 32,
         max_graphs: int = 64,
+        packed_weights: bool = True,
     ) -> None:
+        inference.PACKED = packed_weights and inference.packing_available()
         self.checkpoint = checkpoint
         self.dtype = resolve_dtype(dtype, device)
         self.model = cast_model(checkpoint.model.to(device).eval(), self.dtype)
@@ -251,6 +254,7 @@ class Runner:
             cuda_graphs=settings.cuda_graphs,
             max_batch=settings.max_batch_size,
             max_graphs=settings.cuda_graphs_max,
+            packed_weights=settings.packed_weights,
         )
 
     def setup_threads(self, threads: int | None) -> None:
@@ -526,6 +530,7 @@ class Runner:
             "sha256": ck.sha256,
             "meta": ck.meta,
             "full_width_rows": self.model.full_width_rows,
+            "packed_weights": inference.PACKED and self.device.type == "cpu" and self.dtype == torch.float32,
             "serial_gflops": self.serial_gflops,
             "streams": self.streams,
             "stream_min_gflops": self.min_stream_gflops if math.isfinite(self.min_stream_gflops) else None,

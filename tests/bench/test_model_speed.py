@@ -11,9 +11,14 @@ from bench import model_speed as ms
 def test_rows_per_capacity_and_reference() -> None:
     rows = ms.run("Mi/4", 1, repeats=1)
     names = [(r["model"], r["capacity"]) for r in rows[:-1]]
-    assert names == [("dense_plain", 1.0), ("dense_fused", 1.0)] + [("mone", c) for c in ms.CAPACITIES]
+    references = [
+        ("dense_plain", 1.0),
+        ("dense_fused", 1.0),
+        ("dense_packed", 1.0),
+    ]  # packed: oneDNN's kernels
+    assert names == references + [("mone", c) for c in ms.CAPACITIES]
     ref = rows[0]["reference"]
-    assert ref in ("dense_plain", "dense_fused")
+    assert ref in ("dense_plain", "dense_fused", "dense_packed")
     assert next(r for r in rows if r["model"] == ref)["speedup"] == 1.0
     assert all("device" not in r and "dtype" not in r for r in rows)  # the default output is as it was
     assert rows[-1]["model"] == "memory"

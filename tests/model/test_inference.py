@@ -37,12 +37,30 @@ def clip_net() -> MoNE:
     return make_net(temporal_depth=2, num_frames=3)
 
 
+@pytest.fixture(params=["addmm", "packed"])
+def kernels(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """Products as `addmm` on weight views, or every product through oneDNN on packed weights."""
+    if request.param == "packed":
+        assert inference.packing_available()  # x86 and Arm builds of PyTorch have oneDNN
+        monkeypatch.setattr(inference, "PACKED", True)
+        monkeypatch.setattr(inference, "PACK_MIN_MACS", 0)
+    else:
+        monkeypatch.setattr(inference, "PACKED", False)
+    return str(request.param)
+
+
 @pytest.mark.parametrize("chunk", ["whole", "one frame"])
 @pytest.mark.parametrize("way", WAYS)
 @pytest.mark.parametrize("capacity", [1.0, 0.6, 0.3, 0.125])
 @pytest.mark.parametrize("inputs", INPUTS)
 def test_inference_forward_equals_the_readable_forward(
-    clip_net: MoNE, inputs: str, capacity: float, way: str, chunk: str, monkeypatch: pytest.MonkeyPatch
+    clip_net: MoNE,
+    inputs: str,
+    capacity: float,
+    way: str,
+    chunk: str,
+    kernels: str,
+    monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     net = clip_net.eval()
     if chunk == "one frame":
@@ -60,7 +78,9 @@ def test_inference_forward_equals_the_readable_forward(
 
 
 @pytest.mark.parametrize("way", WAYS)
-def test_inference_forward_equals_the_readable_forward_at_mixed_capacities(clip_net: MoNE, way: str) -> None:
+def test_inference_forward_equals_the_readable_forward_at_mixed_capacities(
+    clip_net: MoNE, way: str, kernels: str
+) -> None:
     net = clip_net.eval()
     net.full_width_rows = WAYS[way]
     x = _input("clips").repeat(2, 1, 1, 1, 1)
@@ -72,12 +92,49 @@ def test_inference_forward_equals_the_readable_forward_at_mixed_capacities(clip_
     assert torch.equal(fast.experts, readable.experts)
 
 
-def test_the_dense_block_at_inference_equals_the_readable_block(clip_net: MoNE) -> None:
+def test_the_dense_block_at_inference_equals_the_readable_block(clip_net: MoNE, kernels: str) -> None:
     blk = clip_net.temporal_blocks[0]
     z = torch.randn(2, 3, clip_net.cfg.dim, generator=torch.Generator().manual_seed(7))
     with torch.no_grad():
         fast = blk(z)
     torch.testing.assert_close(fast, blk(z).detach(), atol=1e-5, rtol=1e-5)
+
+
+def test_packed_copies_are_made_once_and_remade_when_the_weights_change(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    monkeypatch.setattr(inference, "PACKED", True)
+    monkeypatch.setattr(inference, "PACK_MIN_MACS", 0)
+    net, other = make_net().eval(), make_net(seed=1).eval()
+    fc1 = net.blocks[0].fc1
+    x = torch.randn(2, 1, 28, 28, generator=torch.Generator().manual_seed(3))
+    with torch.no_grad():
+        net(x, 0.5)
+        first = dict(inference._PACKS[fc1])
+        net(x, 0.5)
+        assert all(inference._PACKS[fc1][key][2] is packed for key, (_, _, packed) in first.items())  # reused
+        assert len(first) > 1  # one copy per width in use
+        net.load_state_dict(other.state_dict())  # in place: the same storage, a new version
+        fast = net(x, 0.5)
+    readable = net(x, 0.5)
+    torch.testing.assert_close(fast.logits, readable.logits.detach(), atol=2e-5, rtol=1e-4)
+    assert all(inference._PACKS[fc1][key][2] is not packed for key, (_, _, packed) in first.items())
+
+
+def test_only_products_large_enough_run_packed(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(inference, "PACKED", True)
+    monkeypatch.setattr(inference, "PACK_MIN_MACS", 64 * 32 * 16)
+    layer = torch.nn.Linear(32, 16)
+    small, large = torch.randn(63, 32), torch.randn(64, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(inference.linear(small, layer), layer(small))
+        assert layer not in inference._PACKS
+        torch.testing.assert_close(
+            inference.linear(large, layer, gelu=True), torch.nn.functional.gelu(layer(large))
+        )
+        assert list(inference._PACKS[layer]) == [(32, 16)]
+    monkeypatch.setattr(inference, "PACKED", False)
+    assert not inference.packs(large, 32, 16)
 
 
 def test_plans_take_the_cheapest_runs(net: MoNE) -> None:

@@ -12,7 +12,7 @@ import pytest
 import torch
 from torch import Tensor
 
-from mone.model import MoNEConfig, expert_counts, gflops, load_checkpoint
+from mone.model import MoNEConfig, expert_counts, gflops, inference, load_checkpoint
 from mone.server.cli import build_parser, settings_from_args
 from mone.server.core.budget import Budget
 from mone.server.core.priority import lower_thread_priority, thread_nice
@@ -284,3 +284,17 @@ def test_thresholds_are_measured_where_one_way_stops_winning(
     assert len(split.split(1, splits([1.0] * 32))) == 1
     split.calibrate_threads(max_batch=32, min_stream=0.5, serial=0.0)  # given, nothing measured
     assert (split.min_stream_gflops, split.serial_gflops) == (0.5, 0.0)
+
+
+def test_the_packed_weights_setting_reaches_the_forward(checkpoint_dir: Path) -> None:
+    try:
+        off = runner(checkpoint_dir, packed_weights=False)
+        assert not inference.PACKED
+        assert off.describe()["packed_weights"] is False
+        on = runner(checkpoint_dir, packed_weights=True)
+        assert inference.packing_available() == inference.PACKED
+        assert on.describe()["packed_weights"] is inference.packing_available()
+        off.close()
+        on.close()
+    finally:
+        inference.PACKED = inference.packing_available()
