@@ -16,7 +16,8 @@ CUDA the allocator's peak above what was allocated before the forward).
 casts the weights and inputs as the server does (server/core/precision.py); `--compile` adds the `F.linear` +
 SDPA reference under `torch.compile` (mode reduce-overhead on CUDA: CUDA graphs) as a third dense reference;
 `--graphs` adds the MoNE forward captured per batch and token split as the server runs it on CUDA
-(server/core/capture.py), rows `mone_graphs`.
+(server/core/capture.py), rows `mone_graphs`; `--unpacked` adds the MoNE forward with every product on
+`addmm` instead of oneDNN's packed weights (CPU, fp32), rows `mone_addmm`.
 """
 
 from __future__ import annotations
@@ -74,6 +75,14 @@ def compiled_reference(variant: str, device: torch.device, dtype: torch.dtype) -
     plain = PlainViT(build(variant, device, dtype))
     mode = "reduce-overhead" if device.type == "cuda" else "default"
     return cast(Callable[[Tensor], Tensor], torch.compile(plain, mode=mode, dynamic=True))
+
+
+def _unpacked(net: MoNE, x: Tensor, capacity: float) -> object:
+    keep, inference.PACKED = inference.PACKED, False
+    try:
+        return net(x, capacity=capacity)
+    finally:
+        inference.PACKED = keep
 
 
 def median_times(
@@ -155,6 +164,7 @@ def run(
     dtype: torch.dtype = torch.float32,
     compile_dense: bool = False,
     graphs: bool = False,
+    unpacked: bool = False,
 ) -> list[dict[str, object]]:
     net = build(variant, device, dtype)
     calibrate_full_width(net)  # as the server does at start-up
@@ -170,6 +180,9 @@ def run(
         fns["dense_compiled"] = lambda: compiled(x)
     for c in CAPACITIES:
         fns[f"mone_{c}"] = functools.partial(net, x, capacity=c)
+    if unpacked and "dense_packed" in fns:  # the MoNE forward with every product on `addmm`, side by side
+        for c in CAPACITIES:
+            fns[f"mone_addmm_{c}"] = functools.partial(_unpacked, net, x, c)
     if graphs:
         captured = CapturedForward(net, CudaGraphs(device), [batch])
         clips = x.unsqueeze(1)
@@ -246,6 +259,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument(
         "--graphs", action="store_true", help="add the MoNE forward captured as CUDA graphs (CUDA only)"
     )
+    parser.add_argument(
+        "--unpacked",
+        action="store_true",
+        help="add the MoNE forward with every product on addmm (rows mone_addmm; CPU, fp32)",
+    )
     args = parser.parse_args(argv)
     torch.set_num_threads(args.threads)
     device = torch.device(args.device)
@@ -284,7 +302,9 @@ def main(argv: list[str] | None = None) -> None:
     memory_rows: list[dict[str, object]] = []
     for variant in args.variants:
         for batch in args.batches:
-            for row in run(variant, batch, args.repeats, device, dtype, args.compile, args.graphs):
+            for row in run(
+                variant, batch, args.repeats, device, dtype, args.compile, args.graphs, args.unpacked
+            ):
                 if args.json:
                     print(json.dumps(row), flush=True)
                 elif args.markdown and row["model"] == "memory":

@@ -66,3 +66,19 @@ def test_cuda_rows_with_graphs_and_peak_memory() -> None:
     rows = ms.run("Mi/4", 2, repeats=2, device=torch.device("cuda"), dtype=torch.bfloat16, graphs=True)
     assert {r["model"] for r in rows} >= {"mone", "mone_graphs", "memory"}
     assert rows[-1]["peak_gpu_mb_mone_1.0"] > 0
+
+
+def test_unpacked_rows_run_the_forward_on_addmm(monkeypatch: pytest.MonkeyPatch) -> None:
+    seen: list[bool] = []
+    forward = ms.MoNE.forward
+
+    def spy(self: ms.MoNE, *args: object, **kwargs: object) -> object:
+        seen.append(ms.inference.PACKED)
+        return forward(self, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(ms.MoNE, "forward", spy)
+    rows = ms.run("Mi/4", 1, repeats=1, unpacked=True)
+    models = [r["model"] for r in rows[:-1]]
+    assert models.count("mone_addmm") == len(ms.CAPACITIES) == models.count("mone")
+    assert False in seen  # the addmm rows ran unpacked
+    assert ms.inference.PACKED  # and the setting came back
