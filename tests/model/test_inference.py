@@ -187,3 +187,24 @@ def test_a_split_must_win_by_the_margin(net: MoNE) -> None:
     assert wide == pytest.approx(2 * saved * 2)  # full width won at the largest size measured
     assert wide > narrow
     net.full_width_rows = keep
+
+
+def test_the_margin_shrinks_with_the_share_of_overhead(net: MoNE) -> None:
+    """A forward whose time is all arithmetic (proportional to the batch) needs no margin: the split that
+    wins by 1.25x wins, even asked for 1.6x; one whose time is all overhead keeps the whole margin."""
+    keep = net.full_width_rows
+
+    def arithmetic(x: torch.Tensor, capacity: float) -> None:
+        time.sleep(x.shape[0] * (0.004 if net.full_width_rows == math.inf else 0.0032))
+
+    def overhead(x: torch.Tensor, capacity: float) -> None:
+        time.sleep(0.010 if net.full_width_rows == math.inf else 0.008)
+
+    assert inference.overhead_share(net, 1, repeats=1, forward=arithmetic) < 0.2
+    assert inference.overhead_share(net, 1, repeats=1, forward=overhead) > 0.8
+    split = calibrate_full_width(net, batches=(1, 2), repeats=1, forward=arithmetic, margin=1.6)
+    full = calibrate_full_width(net, batches=(1, 2), repeats=1, forward=overhead, margin=1.6)
+    saved = (1 - realised_capacity(expert_counts(0.5, 49))) * 49 / 3
+    assert split <= 0.5 * saved  # the split won from the smallest size on
+    assert full == pytest.approx(2 * saved * 2)  # full width won at every size measured
+    net.full_width_rows = keep
