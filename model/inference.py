@@ -425,7 +425,9 @@ def calibrate_full_width(
     cost the same, an extra product costs what it saves: F*N*(1 - e_c)/(groups - 1) rows of full-width
     work.  The threshold is the geometric mean of that measure at the last size where full width won and
     the first where the split won.  Where the split wins from the smallest size on, the cost is solved
-    from the two times at that size instead (`_product_cost`), at most half that measure.
+    from the two times at that size instead (`_product_cost`), at most half that measure; where full width
+    wins at every size measured, it is solved from the times at the last size (the split's times the
+    margin), between one and four times that measure.
     """
     cfg = net.cfg
     device = next(net.parameters()).device
@@ -440,7 +442,7 @@ def calibrate_full_width(
         margin = 1.0 + (margin - 1.0) * overhead_share(net, batches[0], capacity, repeats, forward)
     last_full: int | None = None
     first_split: int | None = None
-    first_times = (0.0, 0.0)
+    first_times = last_times = (0.0, 0.0)
     wins = 0
     try:
         for b in batches:
@@ -460,12 +462,16 @@ def calibrate_full_width(
                 wins += 1
             else:
                 last_full, first_split, wins = b, None, 0
+                last_times = (full, split * margin)
             if wins >= 2 or time.perf_counter() - start > budget_s:
                 break
     finally:
         net.full_width_rows = keep
-    if first_split is None:  # full width won at the largest size measured
-        rows = 2.0 * saved * (last_full or 1)
+    if first_split is None:  # full width won at the largest size measured: at least what it saves there
+        size = last_full or 1
+        at_least = saved * size
+        solved = _product_cost(*last_times, size * cfg.num_tokens, realised_capacity(counts), groups)
+        rows = min(max(at_least, solved), 4.0 * at_least)
     elif last_full is None:  # the split won from the smallest size on
         solved = _product_cost(*first_times, first_split * cfg.num_tokens, realised_capacity(counts), groups)
         rows = min(0.5 * saved * first_split, solved)

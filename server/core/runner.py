@@ -233,6 +233,10 @@ class Runner:
         self.min_stream_gflops = STREAM_MIN_GFLOPS if min_stream_gflops is None else min_stream_gflops
         self.serial_gflops = serial_gflops or 0.0
         self.threads: int | None = None  # intra-op threads of a whole batch; set by `setup_threads`
+        # The product cost (`set_full_width_rows`) of a batch split over the streams or run serially, and of
+        # one run whole on every intra-op thread; None: the model's own.
+        self.rows_pieces: float | None = None
+        self.rows_whole: float | None = None
         self.streams = 1
         self._streams_setting = streams
         self._pool: ThreadPoolExecutor | None = None
@@ -343,24 +347,40 @@ class Runner:
 
     def set_full_width_rows(self, rows: float | None, max_batch: int, repeats: int = 2) -> None:
         """What one more matrix product costs the model, in rows of full-width work (`plan_runs` in
-        model/inference.py): `rows` when given, else measured here as most forwards run once batches split
-        over the streams: one on every stream at once, each with the intra-op threads of a sub-batch."""
-        if rows is None:
+        model/inference.py): `rows` when given, else measured here for each way a batch runs on the CPU.
+        Split over the streams (and serially): one forward on every stream at once, each with the intra-op
+        threads of a sub-batch (`rows_pieces`).  Whole on every intra-op thread (`rows_whole`): there each
+        operation also wakes the other threads, so a product costs more."""
+        if rows is not None:
+            self.rows_pieces = self.rows_whole = rows
+        else:
             batches = [b for b in THREAD_BATCHES if b <= max(max_batch, 1)]
-            _use_threads(self.piece_threads)
-            try:
-                forward = self._side_by_side if self._pool is not None else None
-                margin = SPLIT_MARGIN
-                rows = max(
-                    calibrate_full_width(
-                        self.model, batches, repeats=repeats, budget_s=1.0, forward=forward, margin=margin
-                    )
-                    for _ in range(CALIBRATIONS)
+            forward = self._side_by_side if self._pool is not None else None
+            self.rows_pieces = self._measure_rows(batches, repeats, self.piece_threads, forward)
+            self.rows_whole = self.rows_pieces
+            if self._pool is not None and (self.threads or 1) > self.piece_threads:
+                self.rows_whole = self._measure_rows(batches, repeats, self.threads or 1, None)
+        self.model.full_width_rows = self.rows_pieces
+        log.info(
+            "one more matrix product costs %.0f token rows of full-width work (%.0f for a batch on every "
+            "intra-op thread)",
+            self.rows_pieces,
+            self.rows_whole,
+        )
+
+    def _measure_rows(
+        self, batches: list[int], repeats: int, threads: int, forward: Callable[[Tensor, float], None] | None
+    ) -> float:
+        _use_threads(threads)
+        try:
+            return max(
+                calibrate_full_width(
+                    self.model, batches, repeats=repeats, budget_s=1.0, forward=forward, margin=SPLIT_MARGIN
                 )
-            finally:
-                _use_threads(self.threads or 1)
-        self.model.full_width_rows = rows
-        log.info("one more matrix product costs %.0f token rows of full-width work", rows)
+                for _ in range(CALIBRATIONS)
+            )
+        finally:
+            _use_threads(self.threads or 1)
 
     def close(self) -> None:
         if self._pool is not None:
@@ -396,8 +416,13 @@ class Runner:
         pieces = self.split(frames, splits)
         if len(pieces) == 1:
             threads = self.whole_threads(self.dense_work(frames, len(splits)))
+            if self.rows_whole is not None and self.rows_pieces is not None:
+                on_all = (threads or 1) > self.piece_threads
+                self.model.full_width_rows = self.rows_whole if on_all else self.rows_pieces
             parts = [self._forward(xs, splits, threads, k, want_experts)]
         else:
+            if self.rows_pieces is not None:
+                self.model.full_width_rows = self.rows_pieces
             parts = self._forward_split(xs, splits, pieces, k, want_experts)
         if self.device.type == "cuda":  # the outputs are on the host already; the clock waits for the device
             torch.cuda.synchronize(self.device)
@@ -529,7 +554,8 @@ class Runner:
             "path": str(ck.path) if ck.path else None,
             "sha256": ck.sha256,
             "meta": ck.meta,
-            "full_width_rows": self.model.full_width_rows,
+            "full_width_rows": self.model.full_width_rows if self.rows_pieces is None else self.rows_pieces,
+            "full_width_rows_whole": self.rows_whole,
             "packed_weights": inference.PACKED and self.device.type == "cpu" and self.dtype == torch.float32,
             "serial_gflops": self.serial_gflops,
             "streams": self.streams,

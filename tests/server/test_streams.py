@@ -298,3 +298,27 @@ def test_the_packed_weights_setting_reaches_the_forward(checkpoint_dir: Path) ->
         on.close()
     finally:
         inference.PACKED = inference.packing_available()
+
+
+def test_each_way_of_running_a_batch_plans_with_its_own_product_cost(pair: tuple[Runner, Runner]) -> None:
+    """A batch split over the streams or run on one thread plans its runs of experts with `rows_pieces`;
+    one run whole on every intra-op thread, where each operation also wakes the other threads, with
+    `rows_whole`."""
+    _, split = pair
+    seen: list[float] = []
+    forward = split.model.forward
+
+    def recording(x: Tensor, capacity: Any = 1.0, splits: Any = None) -> Any:
+        seen.append(split.model.full_width_rows)
+        return forward(x, capacity=capacity, splits=splits)
+
+    split.model.forward = recording  # type: ignore[method-assign]
+    split.rows_pieces, split.rows_whole = 10.0, 50.0
+    split.serial_gflops, split.min_stream_gflops = gflops(CFG, 1.0, 1), 2 * gflops(CFG, 1.0, 1)
+    split.run(*batch(inputs(1), [0.5], [1], [False]))  # one thread
+    split.run(*batch(inputs(2), [0.5] * 2, [1] * 2, [False] * 2))  # whole, on both threads
+    split.run(*batch(inputs(4), [0.5] * 4, [1] * 4, [False] * 4))  # over both streams
+    assert seen == [10.0, 50.0, 10.0, 10.0]
+    split.set_full_width_rows(25.0, 8)  # given: one cost for every way
+    assert (split.rows_pieces, split.rows_whole, split.model.full_width_rows) == (25.0, 25.0, 25.0)
+    split.model.forward = forward  # type: ignore[method-assign]
