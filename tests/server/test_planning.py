@@ -316,3 +316,18 @@ def _default_items(n: int) -> list:
     for it in items:
         it.level = planner.level_of(1.0, 1)
     return items
+
+
+def test_measured_times_are_interpolated_between_measured_batch_sizes() -> None:
+    """A few samples at a low capacity cost more per GFLOP than the line through every measurement says:
+    between measured batch sizes the prediction follows the measurements, not the line."""
+    lm = _flat_small_batches()
+    g = gflops(CFG, 0.125)
+    # 0.125: 4 ms at batch 1, 20 ms at batch 32; at 16, at least 4 + 16 * 15 / 31 ms.
+    assert lm.predict_uniform(1, 1, 16 * g, 16, 0.125) >= 0.004 + 0.016 * 15 / 31 - 1e-9
+    assert lm.predict(1, 1, 16 * g) < 0.004 + 0.016 * 15 / 31  # the line alone is below it
+    # Never below the largest measured size no larger than the batch, even where the next one was faster.
+    lm.observe_uniform(1, 8, 0.5, 0.003)
+    assert lm.predict_uniform(1, 1, 4 * gflops(CFG, 0.5), 4, 0.5) >= 0.0041
+    # Beyond the largest measured size: at least what that size took.
+    assert lm.predict_uniform(1, 1, 64 * g, 64, 0.125) >= 0.020
