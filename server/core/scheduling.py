@@ -16,7 +16,9 @@ decided here when a batch forms (docs/serving.md section 4):
   take at most half of the tightest budget, less the decoding and batch wait a request spends before it
   is queued: a request that arrives just after a batch starts waits for all of it, then needs its own
   batch.  Planning each batch against its own deadline alone lets a long batch eat the next one's time,
-  and the misses come in runs (the rule of Clipper and Nexus: batch duration <= SLO / 2).
+  and the misses come in runs (the rule of Clipper and Nexus: batch duration <= SLO / 2).  Where no level
+  fits that half, the batch runs at the floor (the fastest level), not at the largest level that fits the
+  whole budget.
 * Predicted batch times come from `LatencyModel`, which already plans against the slow end (90th
   percentile) of what similar recent batches took, and never below what start-up measured for that batch
   size and capacity; `LATENCY_SAFETY` adds 20 % on top.
@@ -161,6 +163,10 @@ class BatchPlanner:
         level = None
         if span < left and self.expects_arrival_within(span, now):
             level = self.planner.largest_fitting(frames, fits_within(span))
+            # No level fits half the budget: the fastest one that fits the rest, never a slower one, which
+            # would take the time of the requests arriving while it runs.
+            if level is None and fits_within(left)(floor := self.planner.floor(frames)):
+                level = floor
         if level is None:
             level = self.planner.largest_fitting(frames, fits_within(left))
         if level is None:

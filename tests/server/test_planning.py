@@ -331,3 +331,33 @@ def test_measured_times_are_interpolated_between_measured_batch_sizes() -> None:
     assert lm.predict_uniform(1, 1, 4 * gflops(CFG, 0.5), 4, 0.5) >= 0.0041
     # Beyond the largest measured size: at least what that size took.
     assert lm.predict_uniform(1, 1, 64 * g, 64, 0.125) >= 0.020
+
+
+def test_under_a_stream_a_batch_that_fits_no_level_in_half_the_budget_runs_at_the_floor(
+    planner: Planner,
+) -> None:
+    """Queued up, a batch whose every level takes more than half the budget runs at the fastest level:
+    a larger one that still fits its own deadline would take the next requests' time."""
+    import time
+
+    from mone.server.config import Settings
+    from mone.server.core.scheduling import BatchPlanner
+
+    lm = LatencyModel()
+    for g in (0.01, 0.1, 1.0):  # 1 ms + 1 s per GFLOP
+        lm.observe(1, 1, g, 0.001 + 1.0 * g, calibration=True)
+    bp = BatchPlanner(planner, lm, Settings())
+    floor = planner.floor(1).gflops
+    n = 8
+    budget_ms = 1e3 * 1.5 * (0.001 + n * floor) * 1.25  # the floor fits the budget, not half of it
+    now = time.monotonic()
+    alone = _latency_items(n, budget_ms, now)
+    bp.plan(alone, depth=n)
+    assert alone[0].level is not None
+    assert alone[0].level.capacity > planner.floor(1).capacity  # no stream: the largest that fits
+    for i in range(40):  # one latency request every 5 ms
+        bp.note_arrival(now - 0.2 + 0.005 * i)
+    stream = _latency_items(n, budget_ms, now)
+    bp.plan(stream, depth=n)
+    assert stream[0].level is not None
+    assert stream[0].level.capacity == planner.floor(1).capacity
