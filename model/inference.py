@@ -27,11 +27,12 @@ the two) with these tricks:
   into frame order and back in every layer, as training does, each group's in-projection writes its rows
   straight into a (frames, N, 3D) buffer, grouped inside each frame (attention does not depend on the order
   of a frame's tokens), and the attention output is read back per group.
-- **Packed weights on the CPU.**  Each product runs through oneDNN on a copy of its weight slice packed
-  once into oneDNN's blocked layout (`linear`), and fc1 applies its GELU in the same call.  On 2 vCPUs this
-  is 10-25 % faster than `addmm` on the strided view for a full-width product and up to 2-3x for a narrow
-  expert's slice.  The packed copies are made on first use, one per layer, projection and width in use (at
-  most 1.9x the blocks' weights), and dropped when the weights change.  `PACKED` turns it off.
+- **Packed weights on the CPU.**  In fp32, each product of at least `PACK_MIN_MACS` multiply-adds runs
+  through oneDNN on a copy of its weight slice packed once into oneDNN's blocked layout (`linear`), and fc1
+  applies its GELU in the same call.  On 2 vCPUs this is 10-60 % faster than `addmm` for S/16's full-width
+  products, and about even for its narrowest expert's.  The packed copies are made on first use, one per
+  layer, projection and width in use (at most 1.9x the blocks' weights), and remade when the weights
+  change.  `PACKED` turns it off.
 - **Chunks of frames.**  Attention never mixes frames, so on the CPU a whole block runs on a few frames
   before the next few (`CHUNK_BYTES` of MLP hidden): their Q/K/V and MLP hidden stay in cache between the
   matrix products instead of making round trips through memory.  On a GPU one chunk holds every frame.
