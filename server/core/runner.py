@@ -224,6 +224,7 @@ class Runner:
         max_graphs: int = 64,
         packed_weights: bool = True,
     ) -> None:
+        # Process-wide, as one process serves one model.
         inference.PACKED = packed_weights and inference.packing_available()
         self.checkpoint = checkpoint
         self.dtype = resolve_dtype(dtype, device)
@@ -368,6 +369,12 @@ class Runner:
             self.rows_whole,
         )
 
+    def _plan_for(self, threads: int) -> None:
+        """Runs of experts planned with the product cost of a forward on `threads` intra-op threads (once
+        measured)."""
+        if self.rows_pieces is not None and self.rows_whole is not None:
+            self.model.full_width_rows = self.rows_whole if threads > self.piece_threads else self.rows_pieces
+
     def _measure_rows(
         self, batches: list[int], repeats: int, threads: int, forward: Callable[[Tensor, float], None] | None
     ) -> float:
@@ -416,13 +423,10 @@ class Runner:
         pieces = self.split(frames, splits)
         if len(pieces) == 1:
             threads = self.whole_threads(self.dense_work(frames, len(splits)))
-            if self.rows_whole is not None and self.rows_pieces is not None:
-                on_all = (threads or 1) > self.piece_threads
-                self.model.full_width_rows = self.rows_whole if on_all else self.rows_pieces
+            self._plan_for(threads or 1)
             parts = [self._forward(xs, splits, threads, k, want_experts)]
         else:
-            if self.rows_pieces is not None:
-                self.model.full_width_rows = self.rows_pieces
+            self._plan_for(self.piece_threads)
             parts = self._forward_split(xs, splits, pieces, k, want_experts)
         if self.device.type == "cuda":  # the outputs are on the host already; the clock waits for the device
             torch.cuda.synchronize(self.device)
