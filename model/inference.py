@@ -431,13 +431,11 @@ def calibrate_full_width(
     margin), between one and four times that measure.
     """
     cfg = net.cfg
-    device = next(net.parameters()).device
     counts = expert_counts(capacity, cfg.num_tokens, cfg.num_experts)
     groups = sum(1 for k in counts if k > 0)
     if groups < 2:
         return net.full_width_rows
     saved = (1.0 - realised_capacity(counts)) * cfg.num_tokens / (groups - 1)  # per frame
-    keep = net.full_width_rows
     start = time.perf_counter()
     if margin > 1.0:
         margin = 1.0 + (margin - 1.0) * overhead_share(net, batches[0], capacity, repeats, forward)
@@ -445,29 +443,18 @@ def calibrate_full_width(
     first_split: int | None = None
     first_times = last_times = (0.0, 0.0)
     wins = 0
-    try:
-        for b in batches:
-            x = torch.randn(b, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
-            times: dict[float, list[float]] = {}
-            for rows in (math.inf, 0.0) * (repeats + 1):  # the first round warms up
-                net.full_width_rows = rows
-                t0 = time.perf_counter()
-                (forward or net)(x, capacity)
-                if device.type == "cuda":
-                    torch.cuda.synchronize(device)
-                times.setdefault(rows, []).append(time.perf_counter() - t0)
-            full, split = (statistics.median(times[r][1:]) for r in (math.inf, 0.0))
-            if split * margin < full:
-                if first_split is None:
-                    first_split, first_times = b, (full, split)
-                wins += 1
-            else:
-                last_full, first_split, wins = b, None, 0
-                last_times = (full, split * margin)
-            if wins >= 2 or time.perf_counter() - start > budget_s:
-                break
-    finally:
-        net.full_width_rows = keep
+    for b in batches:
+        times = _median_times(net, [(b, math.inf), (b, 0.0)], capacity, repeats, forward)
+        full, split = times[(b, math.inf)], times[(b, 0.0)]
+        if split * margin < full:
+            if first_split is None:
+                first_split, first_times = b, (full, split)
+            wins += 1
+        else:
+            last_full, first_split, wins = b, None, 0
+            last_times = (full, split * margin)
+        if wins >= 2 or time.perf_counter() - start > budget_s:
+            break
     if first_split is None:  # full width won at the largest size measured: at least what it saves there
         size = last_full or 1
         at_least = saved * size
@@ -493,23 +480,36 @@ def overhead_share(
     """The share of a full-width forward of `batch` images that does not grow with the batch: with t(b) the
     time of b images, (2 t(b) - t(2b)) / t(b), clamped to [0, 1].  About 0.8 for Mi/4 at one image on 2
     vCPUs (a few hundred operations on 49 tokens), under 0.1 for S/16."""
+    times = _median_times(net, [(batch, math.inf), (2 * batch, math.inf)], capacity, repeats, forward)
+    one, two = times[(batch, math.inf)], times[(2 * batch, math.inf)]
+    return min(1.0, max(0.0, (2 * one - two) / one)) if one > 0 else 1.0
+
+
+def _median_times(
+    net: MoNE,
+    cases: Sequence[tuple[int, float]],
+    capacity: float,
+    repeats: int,
+    forward: Callable[[Tensor, float], object] | None,
+) -> dict[tuple[int, float], float]:
+    """Median seconds of a forward of b random images at `capacity` with `full_width_rows` = rows, for each
+    (b, rows) of `cases`, taken in turn `repeats` times after a warm-up round; `full_width_rows` is kept."""
     cfg = net.cfg
     device = next(net.parameters()).device
+    inputs = {b: torch.randn(b, cfg.in_chans, cfg.img_size, cfg.img_size, device=device) for b, _ in cases}
     keep = net.full_width_rows
-    net.full_width_rows = math.inf
-    times: dict[int, list[float]] = {}
+    times: dict[tuple[int, float], list[float]] = {}
     try:
-        for b in (batch, 2 * batch) * (repeats + 1):  # the first round warms up
-            x = torch.randn(b, cfg.in_chans, cfg.img_size, cfg.img_size, device=device)
+        for case in list(cases) * (repeats + 1):
+            net.full_width_rows = case[1]
             t0 = time.perf_counter()
-            (forward or net)(x, capacity)
+            (forward or net)(inputs[case[0]], capacity)
             if device.type == "cuda":
                 torch.cuda.synchronize(device)
-            times.setdefault(b, []).append(time.perf_counter() - t0)
+            times.setdefault(case, []).append(time.perf_counter() - t0)
     finally:
         net.full_width_rows = keep
-    one, two = (statistics.median(times[b][1:]) for b in (batch, 2 * batch))
-    return min(1.0, max(0.0, (2 * one - two) / one)) if one > 0 else 1.0
+    return {case: statistics.median(t[1:]) for case, t in times.items()}
 
 
 def _product_cost(full: float, split: float, rows: int, capacity: float, groups: int) -> float:
