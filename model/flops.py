@@ -7,15 +7,15 @@ GELU, softmax and adds are linear in the token count and left out, as every ViT 
 Per frame and spatial layer (docs/model.md section 3.2): sum_j k_j * 2 * d_j * (3D + D + 2 * mlp_ratio * D)
 for the sliced projections, plus 4 * N^2 * D for attention, which always runs at full width.  The temporal
 layers of a one-frame input (an image) compute only V and the out-projection, as inference runs them.
+
+The analytic functions need no torch (the server's command line sizes its worker processes with them before
+anything loads torch); only `count_flops` imports it.
 """
 
 from __future__ import annotations
 
 from collections.abc import Callable, Sequence
 from typing import Any
-
-import torch
-from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from mone.model.capacity import expert_counts
 from mone.model.config import MoNEConfig
@@ -56,6 +56,8 @@ def gflops(cfg: MoNEConfig, capacity: float, frames: int = 1) -> float:
 def _cpu_sdpa_flops(
     query: Any, key: Any, value: Any, *args: Any, out_shape: Any = None, **kwargs: Any
 ) -> int:
+    from torch.utils.flop_counter import sdpa_flop_count
+
     return int(sdpa_flop_count(query, key, value))  # type: ignore[no-untyped-call]
 
 
@@ -79,6 +81,9 @@ def count_flops(fn: Callable[[], Any]) -> int:
     oneDNN's packed linear (`model/inference.py`) and would count them as 0; we register the formulas it
     uses for the CUDA attention kernels and for `addmm`, and the product's for the packed linear.
     """
+    import torch
+    from torch.utils.flop_counter import FlopCounterMode
+
     aten = torch.ops.aten
     mapping: dict[Any, Any] = {
         aten._scaled_dot_product_flash_attention_for_cpu: _cpu_sdpa_flops,

@@ -7,6 +7,7 @@ environment so that uvicorn worker processes build the same settings.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
 import os
@@ -91,6 +92,20 @@ def main(argv: Sequence[str] | None = None) -> int:
             file=sys.stderr,
         )
         return 2
+    if not settings.workers:  # auto: decided here, before any worker starts, and exported to them
+        from mone.server.workers import resolve_processes
+
+        layout = resolve_processes(settings)
+        os.environ["MONE_WORKERS"] = str(layout.workers)
+        if layout.threads is not None:
+            os.environ["MONE_THREADS"] = str(layout.threads)
+        settings = Settings()
+        logging.getLogger("mone.server").info(
+            "%d worker process(es), %s intra-op thread(s) each: %s",
+            layout.workers,
+            layout.threads or "torch's default",
+            layout.reason,
+        )
     if settings.workers > 1 and not os.environ.get("PROMETHEUS_MULTIPROC_DIR"):
         # Before prometheus_client is imported anywhere: every worker writes its samples here.
         os.environ["PROMETHEUS_MULTIPROC_DIR"] = tempfile.mkdtemp(prefix="mone-metrics-")
@@ -101,20 +116,37 @@ def main(argv: Sequence[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, _exit_cleanly)
     from mone.server.http.protocol import DeadlineHttpToolsProtocol
 
-    uvicorn.run(
-        "mone.server.http.app:app_factory",
-        factory=True,
-        http=DeadlineHttpToolsProtocol,
-        host=settings.host,
-        port=settings.port,
-        workers=settings.workers,
-        log_level=settings.log_level,
-        access_log=not settings.access_log,  # ours has the request id and what was served
-        limit_concurrency=settings.limit_concurrency,
-        timeout_keep_alive=settings.timeout_keep_alive,
-        timeout_graceful_shutdown=settings.timeout_graceful_shutdown,
-    )
-    return 0
+    options: dict[str, Any] = {
+        "factory": True,
+        "http": DeadlineHttpToolsProtocol,
+        "host": settings.host,
+        "port": settings.port,
+        "workers": settings.workers,
+        "log_level": settings.log_level,
+        "access_log": not settings.access_log,  # ours has the request id and what was served
+        "limit_concurrency": settings.limit_concurrency,
+        "timeout_keep_alive": settings.timeout_keep_alive,
+        "timeout_graceful_shutdown": settings.timeout_graceful_shutdown,
+    }
+    app = "mone.server.http.app:app_factory"
+    if settings.workers == 1:
+        uvicorn.run(app, **options)  # exits with uvicorn's start-up failure code itself
+        return 0
+    return _supervise(uvicorn.Config(app, **options))
+
+
+def _supervise(config: Any) -> int:
+    """Several workers under uvicorn's supervisor, which restarts a worker that dies while serving and
+    stops when one fails to start (a bad checkpoint fails every worker alike).  uvicorn's own `run` then
+    returns as if all went well; this exits with uvicorn's start-up failure code instead."""
+    from uvicorn.config import STARTUP_FAILURE
+    from uvicorn.supervisors import Multiprocess
+
+    supervisor = Multiprocess(config, sockets=[config.bind_socket()])
+    with contextlib.suppress(KeyboardInterrupt):
+        supervisor.run()
+    failed = any(process.exitcode == STARTUP_FAILURE for process in supervisor.processes)
+    return STARTUP_FAILURE if failed else 0
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:

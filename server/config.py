@@ -25,7 +25,13 @@ class Settings(BaseSettings):
     # -- process -----------------------------------------------------------------------------------------
     host: str = Field(default="127.0.0.1", description="bind address (loopback by default)")
     port: int = Field(default=8000, ge=0, le=65535)
-    workers: int = Field(default=1, ge=1, le=64, description="uvicorn worker processes (one model each)")
+    workers: int = Field(
+        default=0,
+        ge=0,
+        le=64,
+        description="uvicorn worker processes, one model each (0: auto, one per CPU core for a model of at "
+        "most 1 GFLOP an image on a CPU, else one)",
+    )
     log_level: Literal["critical", "error", "warning", "info", "debug"] = "info"
     limit_concurrency: int = Field(default=512, ge=1, description="uvicorn: connections beyond this get 503")
     timeout_keep_alive: int = Field(

@@ -40,6 +40,8 @@ def start_server(
         str(port),
         "--threads",
         "1",
+        "--workers",
+        "1",
     ]
     cmd += ["--calibration-batch-sizes", "1,2", "--calibration-repeats", "1", "--log-level", "warning", *args]
     proc = subprocess.Popen(cmd, env=env, cwd=ROOT, start_new_session=True, stderr=stderr)

@@ -277,6 +277,7 @@ class Engine:
                 "max_batch_wait_ms": s.max_batch_wait_ms,
                 "max_queue_size": s.max_queue_size,
                 "overload_policy": s.overload_policy,
+                "workers": max(1, s.workers),  # each with this batching, queue and model
             },
             checkpoint=self.runner.describe(),
         )

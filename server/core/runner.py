@@ -561,6 +561,7 @@ class Runner:
             "full_width_rows": self.model.full_width_rows if self.rows_pieces is None else self.rows_pieces,
             "full_width_rows_whole": self.rows_whole,
             "packed_weights": inference.PACKED and self.device.type == "cpu" and self.dtype == torch.float32,
+            "threads": self.threads,
             "serial_gflops": self.serial_gflops,
             "streams": self.streams,
             "stream_min_gflops": self.min_stream_gflops if math.isfinite(self.min_stream_gflops) else None,

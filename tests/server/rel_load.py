@@ -31,6 +31,8 @@ FAST = [
     "1",
     "--threads",
     "1",
+    "--workers",
+    "1",
     "--log-level",
     "warning",
 ]
