@@ -193,6 +193,9 @@ def main() -> None:
     p.add_argument("--variants", nargs="+", type=parse_variant, default=[parse_variant("base")])
     p.add_argument("--lit", action="store_true", help="LitServe serving the same checkpoint, dense")
     p.add_argument(
+        "--lit-workers", type=int, default=1, help="LitServe's inference processes (its workers_per_device)"
+    )
+    p.add_argument(
         "--capacity",
         default="1.0",
         help="the capacity the mone-serve runs ask for; `default`: none, the server's default_capacity",

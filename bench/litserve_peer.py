@@ -64,6 +64,7 @@ def main() -> None:
     p.add_argument("--batch-timeout-ms", type=float, default=5.0)
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
+    p.add_argument("--workers-per-device", type=int, default=1, help="LitServe's inference processes")
     args = p.parse_args()
     api = MoNEAPI(
         args.checkpoint,
@@ -71,7 +72,9 @@ def main() -> None:
         max_batch_size=args.max_batch_size,
         batch_timeout=args.batch_timeout_ms / 1e3,
     )
-    server = ls.LitServer(api, accelerator=args.accelerator, workers_per_device=1, timeout=60)
+    server = ls.LitServer(
+        api, accelerator=args.accelerator, workers_per_device=args.workers_per_device, timeout=60
+    )
     server.run(
         host="127.0.0.1", port=args.port, num_api_servers=1, generate_client_file=False, log_level="warning"
     )

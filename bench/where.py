@@ -132,7 +132,8 @@ def main(argv: list[str] | None = None) -> int:
                 "-r",
                 str(args.rate),
             ]
-            spy += ["-f", "raw", "-o", str(raw), "--threads", "--nonblocking"]
+            # --subprocesses: with several worker processes the server's pid is their supervisor.
+            spy += ["-f", "raw", "-o", str(raw), "--threads", "--nonblocking", "--subprocesses"]
             subprocess.run(spy, check=True, capture_output=True)
             out, _ = load.communicate()
             answered = sum(1 for line in out.splitlines()[1:] if line.split(",")[6:7] == ["200"])

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import httpx
@@ -125,3 +127,41 @@ def test_several_workers_that_fail_to_start_exit_non_zero(checkpoint_dir: Path, 
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert done.returncode == 3, done.stderr[-2000:]
     assert "the weights do not match" in done.stderr
+
+
+def listening_sockets(port: int) -> int:
+    """Sockets listening on 127.0.0.1:port, from /proc/net/tcp (state 0A)."""
+    entries = (Path("/proc/net/tcp").read_text().splitlines())[1:]
+    local = f"0100007F:{port:04X}"
+    return sum(1 for e in entries if e.split()[1] == local and e.split()[3] == "0A")
+
+
+@pytest.mark.slow
+def test_each_worker_listens_on_a_socket_of_its_own(checkpoint_dir: Path) -> None:
+    """With two workers the port has two listening sockets (SO_REUSEPORT), so the kernel spreads connections
+    over both instead of the first worker to wake taking every waiting one."""
+    proc, base = start_server(checkpoint_dir, "--workers", "2", "--no-calibrate")
+    try:
+        port = int(base.rsplit(":", 1)[1])
+        deadline = time.monotonic() + 60  # /readyz answered by one; the other may still be starting
+        while listening_sockets(port) < 2 and time.monotonic() < deadline:
+            time.sleep(0.2)
+        sockets = listening_sockets(port)
+    finally:
+        stop_server(proc)
+    assert sockets == 2
+
+
+def test_several_workers_refuse_a_port_in_use(checkpoint_dir: Path) -> None:
+    """SO_REUSEPORT would let the workers share a port another server listens on; they refuse it instead."""
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        env = {k: v for k, v in os.environ.items() if not k.startswith(("MONE_", "PROMETHEUS_"))}
+        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / ".namespace"), str(ROOT)])
+        cmd = [sys.executable, "-m", "mone.server", "--checkpoint", str(checkpoint_dir), "--port", str(port)]
+        cmd += ["--workers", "2", "--no-calibrate"]
+        done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 3
+    assert "Address already in use" in done.stderr
