@@ -62,11 +62,15 @@ AUTO_STREAMS_MAX = 4  # beyond this, side-by-side forwards would queue for the G
 STREAM_BALANCE = 1.15  # split only when the largest sub-batch is within this factor of an even share
 STREAM_MIN_GFLOPS = 0.5  # `stream_min_gflops` when start-up does not measure it
 THREAD_BATCHES = (1, 2, 4, 8, 16, 32, 64)  # batch sizes `calibrate_threads` may time
-# A split of the experts into several products must win the start-up measurement by this factor to be used
-# (`calibrate_full_width`'s margin): under load the event loop's Python competes with every operation, and
-# the split has more of them.  Shipped Mi/4, 16 clients (2 vCPUs): full width everywhere served 367 req/s at
-# capacity 0.5 and 351 at 0.25, against 330 and 326 with the threshold measured without a margin (47 rows),
-# which a margin of 1.3 no longer picks; S/16's split wins by far more.
+# In a process that runs forwards side by side (streams), a split of the experts into several products must
+# win the start-up measurement by this factor to be used (`calibrate_full_width`'s margin): under load the
+# other forwards' and the event loop's Python compete for the interpreter lock at every operation, and the
+# split has more of them.  Shipped Mi/4, one process, two streams, 16 clients (2 vCPUs): full width
+# everywhere served 367 req/s at capacity 0.5 and 351 at 0.25, against 330 and 326 with the threshold
+# measured without a margin (47 rows), which a margin of 1.3 no longer picks; S/16's split wins by far more.
+# A process with one stream (a worker of one thread, server/workers.py) measures without it: there the
+# threshold measured without a margin (48 rows) served 1.17x the requests/s at 0.25 of the one measured
+# with it (93-187).
 SPLIT_MARGIN = 1.3
 # The product cost is the largest of this many measurements: near the margin one start-up's measure moved
 # between 47 and 528 rows on the same model, and one that finds products cheap by chance costs throughput
@@ -357,10 +361,11 @@ class Runner:
         else:
             batches = [b for b in THREAD_BATCHES if b <= max(max_batch, 1)]
             forward = self._side_by_side if self._pool is not None else None
-            self.rows_pieces = self._measure_rows(batches, repeats, self.piece_threads, forward)
+            margin = SPLIT_MARGIN if self._pool is not None else 1.0  # forwards side by side, or not
+            self.rows_pieces = self._measure_rows(batches, repeats, self.piece_threads, forward, margin)
             self.rows_whole = self.rows_pieces
             if self._pool is not None and (self.threads or 1) > self.piece_threads:
-                self.rows_whole = self._measure_rows(batches, repeats, self.threads or 1, None)
+                self.rows_whole = self._measure_rows(batches, repeats, self.threads or 1, None, margin)
         self.model.full_width_rows = self.rows_pieces
         log.info(
             "one more matrix product costs %.0f token rows of full-width work (%.0f for a batch on every "
@@ -376,13 +381,18 @@ class Runner:
             self.model.full_width_rows = self.rows_whole if threads > self.piece_threads else self.rows_pieces
 
     def _measure_rows(
-        self, batches: list[int], repeats: int, threads: int, forward: Callable[[Tensor, float], None] | None
+        self,
+        batches: list[int],
+        repeats: int,
+        threads: int,
+        forward: Callable[[Tensor, float], None] | None,
+        margin: float,
     ) -> float:
         _use_threads(threads)
         try:
             return max(
                 calibrate_full_width(
-                    self.model, batches, repeats=repeats, budget_s=1.0, forward=forward, margin=SPLIT_MARGIN
+                    self.model, batches, repeats=repeats, budget_s=1.0, forward=forward, margin=margin
                 )
                 for _ in range(CALIBRATIONS)
             )

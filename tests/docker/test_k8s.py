@@ -67,6 +67,7 @@ def test_deployment_probes_ports_and_termination(rendered: dict[str, dict[str, A
     assert int(env["MONE_GRPC_PORT"]) == grpc["containerPort"]
     assert len({p["containerPort"] for p in ports.values()}) == 3
     assert env["MONE_HOST"] == "0.0.0.0"
+    assert env["MONE_WORKERS"] == "1", "one process per pod: the kubelet restarts a stuck one"
     assert container["env"][[e["name"] for e in container["env"]].index("MONE_API_KEY")]["valueFrom"]
     assert container["livenessProbe"]["httpGet"]["path"] == "/healthz"
     assert container["readinessProbe"]["httpGet"]["path"] == "/readyz"
@@ -130,6 +131,7 @@ def test_kserve_inference_service_uses_the_oip_routes() -> None:
     env = settings_env(container)
     (port,) = container["ports"]
     assert int(env["MONE_PORT"]) == port["containerPort"]
+    assert env["MONE_WORKERS"] == "1", "the pod sets no CPU limit: auto would count the node's cores"
     paths = routes()
     for probe in ("readinessProbe", "livenessProbe"):
         get = container[probe]["httpGet"]

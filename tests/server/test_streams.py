@@ -14,6 +14,7 @@ from torch import Tensor
 
 from mone.model import MoNEConfig, expert_counts, gflops, inference, load_checkpoint
 from mone.server.cli import build_parser, settings_from_args
+from mone.server.core import runner as runner_module
 from mone.server.core.budget import Budget
 from mone.server.core.priority import lower_thread_priority, thread_nice
 from mone.server.core.request import InferRequest
@@ -322,3 +323,24 @@ def test_each_way_of_running_a_batch_plans_with_its_own_product_cost(pair: tuple
     split.set_full_width_rows(25.0, 8)  # given: one cost for every way
     assert (split.rows_pieces, split.rows_whole, split.model.full_width_rows) == (25.0, 25.0, 25.0)
     split.model.forward = forward  # type: ignore[method-assign]
+
+
+def test_the_split_margin_applies_only_to_forwards_side_by_side(
+    pair: tuple[Runner, Runner], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Streams share one interpreter lock, so there a split must win start-up's measurement by
+    SPLIT_MARGIN; a process with one stream (a worker process) measures the product cost without it."""
+    whole, split = pair
+    margins: list[tuple[float, bool]] = []
+
+    def measured(model: Any, batches: Any, **kwargs: Any) -> float:
+        margins.append((kwargs["margin"], kwargs["forward"] is not None))
+        return 40.0
+
+    monkeypatch.setattr(runner_module, "calibrate_full_width", measured)
+    whole.set_full_width_rows(None, 8)
+    assert set(margins) == {(1.0, False)}
+    margins.clear()
+    split.set_full_width_rows(None, 8)
+    assert (runner_module.SPLIT_MARGIN, True) in margins  # the streams, side by side
+    assert {m for m, _ in margins} == {runner_module.SPLIT_MARGIN}
