@@ -195,6 +195,7 @@ def main() -> None:
     p.add_argument(
         "--lit-workers", type=int, default=1, help="LitServe's inference processes (its workers_per_device)"
     )
+    p.add_argument("--lit-threads", type=int, default=0, help="torch threads of each (0: torch's default)")
     p.add_argument(
         "--capacity",
         default="1.0",

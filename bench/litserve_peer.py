@@ -19,12 +19,15 @@ from mone.server.core.precision import cast_model, resolve_dtype
 
 
 class MoNEAPI(ls.LitAPI):  # type: ignore[misc]
-    def __init__(self, checkpoint: str, dtype: str = "fp32", **kwargs: Any) -> None:
+    def __init__(self, checkpoint: str, dtype: str = "fp32", threads: int = 0, **kwargs: Any) -> None:
         super().__init__(**kwargs)
         self.checkpoint = checkpoint
         self.dtype = dtype
+        self.threads = threads
 
     def setup(self, device: str) -> None:
+        if self.threads:  # several inference processes on a CPU: a share of the cores each
+            torch.set_num_threads(self.threads)
         self.ck = load_checkpoint(self.checkpoint, device=device)
         self.torch_device = torch.device(device)
         # The same weights in the same dtype as mone-serve's (server/core/precision.py).
@@ -65,10 +68,14 @@ def main() -> None:
     p.add_argument("--accelerator", default="auto")
     p.add_argument("--dtype", choices=["fp32", "bf16", "fp16"], default="fp32")
     p.add_argument("--workers-per-device", type=int, default=1, help="LitServe's inference processes")
+    p.add_argument(
+        "--threads", type=int, default=0, help="torch intra-op threads of each (0: torch's default)"
+    )
     args = p.parse_args()
     api = MoNEAPI(
         args.checkpoint,
         dtype=args.dtype,
+        threads=args.threads,
         max_batch_size=args.max_batch_size,
         batch_timeout=args.batch_timeout_ms / 1e3,
     )

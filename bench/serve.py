@@ -198,6 +198,7 @@ def start_litserve(ckpt: Path, args: argparse.Namespace) -> Server:
     cmd += ["--max-batch-size", str(args.batch), "--batch-timeout-ms", str(args.wait_ms)]
     cmd += ["--dtype", getattr(args, "dtype", "fp32")]
     cmd += ["--workers-per-device", str(getattr(args, "lit_workers", 1))]
+    cmd += ["--threads", str(getattr(args, "lit_threads", 0))]
     return Server(cmd, "/health", f"http://127.0.0.1:{port}")
 
 
