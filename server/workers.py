@@ -8,13 +8,12 @@ one process per core, each with one intra-op thread, and a lone request loses no
 thread is as fast as several at batch 1 on such a model.  A large model spends its time in arithmetic that
 every core of one process shares, and a lone request needs them all: one process.
 
-docs/deployment.md ("Worker processes") has the figures behind the rule.  Nothing here imports torch: the
-command line decides before uvicorn starts its workers.
+docs/deployment.md ("Sizing batch and replicas", item 0) has the figures behind the rule.  Nothing here
+imports torch: the command line decides before uvicorn starts its workers.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 import os
 from dataclasses import dataclass
@@ -23,8 +22,6 @@ from pathlib import Path
 from mone.model.config import MoNEConfig
 from mone.model.flops import gflops
 from mone.server.config import Settings
-
-log = logging.getLogger("mone.server")
 
 # Dense GFLOPs of one image up to which a model counts as small: one process per core.  The shipped Mi/4
 # has 0.12 (its batch-1 forward on 2 vCPUs is about 60 % fixed per-operation cost), S/16 4.6.
