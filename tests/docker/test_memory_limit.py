@@ -10,6 +10,10 @@ brings it back, /readyz goes red then green, and every client gets an answer or 
 3. Run with `--memory L --memory-swap L` (no swap) and `--restart on-failure`.  One large request alone gets
    200.  Then `BURST` of them at once, each with a timeout, while a probe polls /readyz.
 
+The container runs one server process (`MONE_WORKERS=1`): the restart policy is what brings a killed
+server back.  With several workers the kernel kills one worker and the server's supervisor starts another
+(docs/deployment.md, "Memory limit").
+
 The OOM kill is confirmed from `State.OOMKilled`, or else from the kernel log: podman 4.3.1 with conmon 2.1.6
 on cgroup v1 reports the kill as exit code 137 but leaves `OOMKilled` false (conmon writes its "oom" marker
 into its working directory, where podman does not look).  podman restarts the container itself: the
@@ -165,7 +169,7 @@ def send_one(base: str, data: bytes) -> Outcome:
 
 def measure(image: str, big: bytes) -> tuple[dict[str, int], dict[str, int]]:
     """Steady memory after warm-up and 20 small requests, then the peak of one large request (no limit)."""
-    c = Container(image, NAME)
+    c = Container(image, NAME, MONE_WORKERS="1")
     try:
         c.wait_ready()
         for i in range(20):
@@ -194,7 +198,7 @@ def test_memory_limit_oom_kill_restarts_and_clients_never_hang(
     assert steady["vmrss"] + per_request < limit < steady["vmrss"] + 2 * per_request
 
     flags = ["--memory", str(limit), "--memory-swap", str(limit), "--restart", "on-failure"]
-    c = Container(image, NAME, flags=flags)
+    c = Container(image, NAME, flags=flags, MONE_WORKERS="1")
     probe: Probe | None = None
     try:
         since = datetime.now(UTC).isoformat()
