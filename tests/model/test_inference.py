@@ -157,7 +157,8 @@ def test_calibrate_full_width_sets_a_threshold_within_the_measured_sizes(net: Mo
     saved_per_frame = (1.0 - realised_capacity(counts)) * 49 / 3
     rows = calibrate_full_width(net, batches=(1, 2, 4), repeats=1)
     assert net.full_width_rows == rows
-    assert 0.0 <= rows <= 2.0 * 4 * saved_per_frame
+    # Where full width wins at every size, the cost is at most four times what a product saves at the last.
+    assert 0.0 <= rows <= 4.0 * 4 * saved_per_frame
 
 
 def test_the_cost_of_a_product_is_solved_from_two_times() -> None:
