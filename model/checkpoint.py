@@ -13,6 +13,9 @@ weights are parsed (`allow_unverified=True` skips that, for development only), c
 rebuilds the model from the stored config and loads the weights strictly; every failure raises
 CheckpointError naming the file and the problem.  A pinned digest (`expected_sha256`, the server's
 `checkpoint_sha256`) is compared with the checkpoint digest.
+
+Reading a checkpoint's config (`read_checkpoint_info`) needs no torch: the server's command line sizes its
+worker processes from it before anything loads torch.
 """
 
 from __future__ import annotations
@@ -24,14 +27,16 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
 
 from mone.model.config import MoNEConfig
-from mone.model.vit import MoNE
+
+if TYPE_CHECKING:
+    import torch
+
+    from mone.model.vit import MoNE
 
 FORMAT = "mone-checkpoint/2"
 OLD_FORMATS = ("mone-checkpoint/1",)
@@ -130,6 +135,8 @@ def save_checkpoint(
     meta: dict[str, Any] | None = None,
 ) -> Path:
     """Write `model` (and its labels, profile and free-form meta) to the directory `path`."""
+    from safetensors.torch import save_file
+
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
     cfg = model.cfg
@@ -234,9 +241,13 @@ def load_checkpoint(
     except ValueError as exc:
         raise CheckpointError(f"{root / CONFIG}: bad profile: {exc}") from exc
     try:
+        from safetensors.torch import load_file
+
         state = load_file(str(weights))
     except (SafetensorError, OSError, ValueError) as exc:
         raise CheckpointError(f"{weights}: not a readable safetensors file ({exc})") from exc
+    from mone.model.vit import MoNE
+
     model = MoNE(cfg)
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))

@@ -7,12 +7,10 @@ environment so that uvicorn worker processes build the same settings.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import logging
 import os
 import signal
-import socket
 import sys
 import tempfile
 import typing
@@ -133,118 +131,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if settings.workers == 1:
         uvicorn.run(app, **options)  # exits with uvicorn's start-up failure code itself
         return 0
-    return _supervise(uvicorn.Config(app, **options))
+    from mone.server.supervisor import supervise
 
-
-def _supervise(config: Any) -> int:
-    """Several workers under a supervisor (`_Supervisor`), which restarts a worker that dies while serving
-    and stops when one fails to start (a bad checkpoint fails every worker alike): then this exits with
-    uvicorn's start-up failure code, as one worker does."""
-    from uvicorn.config import STARTUP_FAILURE
-
-    try:
-        supervisor = _supervisor_class()(config)
-    except OSError as exc:  # the port is taken, or the address is not ours
-        logging.getLogger("uvicorn.error").error("cannot listen on %s:%s: %s", config.host, config.port, exc)
-        return STARTUP_FAILURE
-    with contextlib.suppress(KeyboardInterrupt):
-        supervisor.run()
-    failed = any(process.exitcode == STARTUP_FAILURE for process in supervisor.processes)
-    return STARTUP_FAILURE if failed else 0
-
-
-def reuse_port_socket(host: str, port: int) -> socket.socket:
-    """A TCP socket bound to host:port with SO_REUSEPORT, not yet listening (its worker listens once it is
-    ready)."""
-    family = socket.AF_INET6 if ":" in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
-    try:
-        sock.bind((host, port))
-    except OSError:
-        sock.close()
-        raise
-    return sock
-
-
-def _supervisor_class() -> Any:
-    from uvicorn.config import STARTUP_FAILURE
-    from uvicorn.supervisors.multiprocess import Multiprocess, Process, logger
-
-    class _Supervisor(Multiprocess):
-        """uvicorn's supervisor, with a listening socket per worker, all bound to the port with SO_REUSEPORT:
-        the kernel spreads new connections evenly over the workers.  On one shared socket (uvicorn's way)
-        whichever worker wakes first accepts every connection waiting, and 16 keep-alive clients that connect
-        at once could all land on one worker while the other idles (seen: 315 against 443-554 req/s).
-
-        A worker that dies gets a fresh socket and its old one is closed: connections still queued on it are
-        reset (an error the client sees at once) instead of waiting for the replacement to load the model,
-        and new ones go to the other workers until the replacement listens.  A rolling restart (SIGHUP) hands
-        each worker's socket to its replacement, so nothing queued is dropped."""
-
-        def __init__(self, config: Any) -> None:
-            # Without SO_REUSEPORT first: a port that another server (of any kind) listens on is refused,
-            # as one worker's bind would refuse it, instead of being shared with it.
-            with socket.socket(socket.AF_INET6 if ":" in config.host else socket.AF_INET) as probe:
-                probe.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-                probe.bind((config.host, config.port))
-                config.port = probe.getsockname()[1]
-            first = reuse_port_socket(config.host, config.port)
-            self.port = first.getsockname()[1]  # the port picked when config.port is 0
-            self.own = [first] + [
-                reuse_port_socket(config.host, self.port) for _ in range(config.workers - 1)
-            ]
-            super().__init__(config, sockets=[])
-
-        def init_processes(self) -> None:
-            for sock in self.own:
-                process = Process(self.config, [sock])
-                process.start()
-                self.processes.append(process)
-
-        def keep_subprocess_alive(self) -> None:
-            if self.should_exit.is_set():
-                return
-            for idx, process in enumerate(self.processes):
-                if process.is_alive(timeout=self.config.timeout_worker_healthcheck):
-                    continue
-                process.kill()  # hung: kill it
-                process.join()
-                if process.exitcode == STARTUP_FAILURE:
-                    logger.error(
-                        f"Child process [{process.pid}] failed to start, stopping the parent process."
-                    )
-                    self.should_exit.set()
-                    return
-                if self.should_exit.is_set():
-                    return
-                logger.info(f"Child process [{process.pid}] died")
-                self.own[idx].close()
-                self.own[idx] = reuse_port_socket(self.config.host, self.port)
-                replacement = Process(self.config, [self.own[idx]])
-                replacement.start()
-                self.processes[idx] = replacement
-
-        def restart_all(self) -> None:
-            for idx, old in enumerate(self.processes):
-                if self.should_exit.is_set():
-                    return
-                new = Process(self.config, [self.own[idx]])
-                new.start()
-                if not new.wait_until_ready(self.config.timeout_worker_healthcheck, self.should_exit):
-                    new.kill()
-                    new.join()
-                    if not self.should_exit.is_set():
-                        logger.error(
-                            f"New child process [{new.pid}] was not ready in time; keeping [{old.pid}]."
-                        )
-                    return
-                old.terminate()
-                old.join()
-                self.processes[idx] = new
-
-    return _Supervisor
+    return supervise(uvicorn.Config(app, **options))
 
 
 def _exit_cleanly(signum: int, frame: object) -> None:

@@ -19,6 +19,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from mone.model.checkpoint import CheckpointError, read_checkpoint_info
 from mone.model.config import MoNEConfig
 from mone.model.flops import gflops
 from mone.server.config import Settings
@@ -87,18 +88,12 @@ def gpu_expected(device: str) -> bool:
 def image_gflops(settings: Settings) -> float | None:
     """Dense GFLOPs of one image of the configured model, from its config alone (no weights are read);
     None when it cannot be read (loading will report why)."""
-    import json
-
     try:
         if settings.random_init:
             cfg = MoNEConfig.from_variant(settings.random_variant, num_classes=settings.random_classes)
         else:
-            root = Path(settings.checkpoint)
-            if root.is_file():
-                root = root.parent
-            doc = json.loads((root / "config.json").read_text())
-            cfg = MoNEConfig.from_dict(doc["config"])
-    except (OSError, ValueError, KeyError, TypeError):
+            cfg = MoNEConfig.from_dict(read_checkpoint_info(settings.checkpoint)["config"])
+    except (CheckpointError, OSError, KeyError, TypeError, ValueError):
         return None
     return gflops(cfg, 1.0, 1)
 

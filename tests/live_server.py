@@ -22,14 +22,20 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+def server_env() -> dict[str, str]:
+    """The test process's environment without mone-serve settings, with the source tree importable."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("MONE_", "PROMETHEUS_"))}
+    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / ".namespace"), str(ROOT)])
+    return env
+
+
 def start_server(
     checkpoint: Path, *args: str, stderr: IO[bytes] | None = None
 ) -> tuple[subprocess.Popen[bytes], str]:
     """`checkpoint` served by a real uvicorn process; returns it and its base URL once /readyz answers 200.
     Its stderr (logs, the access log) goes to `stderr` when given, else to the test's."""
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MONE_", "PROMETHEUS_"))}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / ".namespace"), str(ROOT)])
+    env = server_env()
     cmd = [
         sys.executable,
         "-m",

@@ -21,7 +21,7 @@ from mone.server.workers import (
     resolve_processes,
     usable_cpus,
 )
-from tests.live_server import ROOT, free_port, start_server, stop_server
+from tests.live_server import ROOT, free_port, server_env, start_server, stop_server
 
 
 def settings(**values: object) -> Settings:
@@ -74,15 +74,16 @@ def test_usable_cpus_honours_a_cgroup_quota(tmp_path: Path) -> None:
     assert usable_cpus(tmp_path) == mask
 
 
-def test_deciding_needs_no_torch() -> None:
-    """The command line decides before uvicorn starts the workers; its supervisor stays free of torch."""
+def test_deciding_needs_no_torch(checkpoint_dir: Path) -> None:
+    """The command line decides before uvicorn starts the workers, from the checkpoint's config; its
+    supervisor stays free of torch."""
     code = (
         "import sys; from mone.server.workers import resolve_processes;"
         "from mone.server.config import Settings;"
-        "resolve_processes(Settings(random_init=True), cpus=2, gpu=False); assert 'torch' not in sys.modules"
+        f"p = resolve_processes(Settings(checkpoint={str(checkpoint_dir)!r}), cpus=2, gpu=False);"
+        "assert p.workers == 2, p; assert 'torch' not in sys.modules"
     )
-    env = {**os.environ, "PYTHONPATH": os.pathsep.join([str(ROOT / ".namespace"), str(ROOT)])}
-    subprocess.run([sys.executable, "-c", code], check=True, env=env, cwd=ROOT, timeout=60)
+    subprocess.run([sys.executable, "-c", code], check=True, env=server_env(), cwd=ROOT, timeout=60)
 
 
 @pytest.mark.slow
@@ -120,8 +121,7 @@ def test_several_workers_that_fail_to_start_exit_non_zero(checkpoint_dir: Path, 
     data = bytearray((bad / "model.safetensors").read_bytes())
     data[-1] ^= 0xFF
     (bad / "model.safetensors").write_bytes(bytes(data))
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("MONE_", "PROMETHEUS_"))}
-    env["PYTHONPATH"] = os.pathsep.join([str(ROOT / ".namespace"), str(ROOT)])
+    env = server_env()
     cmd = [sys.executable, "-m", "mone.server", "--checkpoint", str(bad), "--port", str(free_port())]
     cmd += ["--workers", "2", "--threads", "1", "--no-calibrate"]
     done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
@@ -158,8 +158,7 @@ def test_several_workers_refuse_a_port_in_use(checkpoint_dir: Path) -> None:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
         port = taken.getsockname()[1]
-        env = {k: v for k, v in os.environ.items() if not k.startswith(("MONE_", "PROMETHEUS_"))}
-        env["PYTHONPATH"] = os.pathsep.join([str(ROOT / ".namespace"), str(ROOT)])
+        env = server_env()
         cmd = [sys.executable, "-m", "mone.server", "--checkpoint", str(checkpoint_dir), "--port", str(port)]
         cmd += ["--workers", "2", "--no-calibrate"]
         done = subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=60)
