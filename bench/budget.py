@@ -25,9 +25,11 @@ import shutil
 import statistics
 import subprocess
 import tempfile
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import httpx
 import numpy as np
 from PIL import Image
 
@@ -130,6 +132,36 @@ def measure(
     return Point(rps, p50, p99, errors, cpu / served * 1e3, (sum1 - sum0) / served * 1e3)
 
 
+def compiled_plans(base: str) -> dict[str, int] | None:
+    """The compiled-plans section of /v1/models (the worker that answers), or None when they are off."""
+    models = httpx.get(base + "/v1/models", timeout=10, headers={"Connection": "close"}).json()["models"]
+    found = models[0].get("checkpoint", {}).get("compiled_plans")
+    return None if found is None else {k: v for k, v in found.items() if isinstance(v, int)}
+
+
+def wait_for_compiled(
+    server: bs.Server, use_hey: bool, inputs: dict[str, tuple[Path, str, str]], timeout_s: float
+) -> str:
+    """Serve single requests of every input and capacity until every worker that answers has the compiled
+    forward of each loaded (`compiled_plans`; compiling one takes 15-30 s on 2 vCPUs), so that the
+    single-client runs time what a warm server serves.  Returns what the workers reported, or '' when
+    compiled plans are off."""
+    want = len(inputs) * len(CAPACITIES)
+    deadline = time.monotonic() + timeout_s
+    seen: list[dict[str, int]] = []
+    while time.monotonic() < deadline:
+        for inp in inputs.values():
+            for c in CAPACITIES:  # short runs on fresh connections, which land on every worker
+                measure(server, use_hey, inp, c, 1, 0.3)
+        seen = [p for p in (compiled_plans(server.base) for _ in range(8)) if p is not None]
+        if not seen:
+            return ""
+        if all(p["loaded"] >= want and p["queued"] == 0 for p in seen):
+            break
+        time.sleep(2.0)
+    return ", ".join(sorted({f"{p['loaded']} loaded, {p['failed']} failed" for p in seen}))
+
+
 def make_inputs(cfg: MoNEConfig, tmp: Path) -> dict[str, tuple[Path, str, str]]:
     """An image of the model's size (PNG at 28 px, JPEG otherwise) and an 8-frame clip (the sample GIF for a
     28-px grey model, else a GIF of the model's size)."""
@@ -218,6 +250,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--tolerance", type=float, default=0.03, help="spread allowed by the monotone check")
     p.add_argument("--server-arg", action="append", default=[], help="extra mone-serve argument (repeatable)")
     p.add_argument("--json", action="store_true", help="also print every run as a JSON line")
+    p.add_argument(
+        "--compile-wait",
+        type=float,
+        default=600.0,
+        help="seconds to wait for the compiled forwards of single requests before measuring",
+    )
     args = p.parse_args(argv)
     use_hey = args.loadgen == "hey" or (args.loadgen == "auto" and shutil.which("hey") is not None)
     with tempfile.TemporaryDirectory() as tmpdir:
@@ -233,6 +271,9 @@ def main(argv: list[str] | None = None) -> int:
             for inp in inputs.values():  # warm-up: every shape once
                 for c in CAPACITIES:
                     measure(server, use_hey, inp, c, args.clients, 1.0)
+            compiled = wait_for_compiled(server, use_hey, inputs, args.compile_wait)
+            if compiled:
+                print(f"# compiled forwards: {compiled}", flush=True)
             for r in range(args.rounds):
                 for kind, inp in inputs.items():
                     for c in bs.round_order(list(CAPACITIES), r):

@@ -129,6 +129,21 @@ class Settings(BaseSettings):
         "weight slice packed at first use (model/inference.py); the packed copies take up to 1.9x the "
         "blocks' weights in memory",
     )
+    compiled_plans: bool = Field(
+        default=True,
+        description="CPU: compile the forward ahead of time (torch.export and AOTInductor) per batch size, "
+        "frames and token split once a few batches of it have run, in a background thread, and serve it "
+        "compiled from then on; packages are kept in compile_dir and loaded at start-up; needs a C++ "
+        "compiler, off without one (server/core/compiled.py)",
+    )
+    compile_dir: str | None = Field(
+        default=None,
+        description="where compiled forwards are kept (default: $XDG_CACHE_HOME/mone/compiled, else "
+        "~/.cache/mone/compiled)",
+    )
+    compile_max_batch: int = Field(
+        default=1, ge=1, le=64, description="batches of up to this many inputs are compiled (compiled_plans)"
+    )
     inference_streams: int = Field(
         default=0,
         ge=0,

@@ -26,6 +26,7 @@ def server_env() -> dict[str, str]:
     """The test process's environment without mone-serve settings, with the source tree importable."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MONE_", "PROMETHEUS_"))}
     env["PYTHONPATH"] = os.pathsep.join([str(ROOT / ".namespace"), str(ROOT)])
+    env["MONE_COMPILED_PLANS"] = os.environ.get("MONE_COMPILED_PLANS", "false")  # see tests/conftest.py
     return env
 
 

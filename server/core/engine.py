@@ -310,6 +310,7 @@ class Engine:
             warm_up_and_calibrate, self.runner, self.latency, s, sorted(set(self.kinds.values()))
         )
         await asyncio.get_running_loop().run_in_executor(self._executor, calibrate)
+        self.runner.serving = True
         self._task = asyncio.create_task(self._loop(), name="mone-batch-loop")
         self.ready = True
 

@@ -52,6 +52,7 @@ from mone.model.inference import calibrate_full_width
 from mone.server.config import Settings
 from mone.server.core.budget import Budget
 from mone.server.core.capture import CapturedForward, CudaGraphs, accounting, capture_sizes
+from mone.server.core.compiled import CompiledPlans, compiled_plans_for
 from mone.server.core.latency import LatencyModel
 from mone.server.core.precision import cast_model, dtype_name, resolve_dtype
 from mone.server.core.priority import current_thread_nice, set_thread_priority
@@ -227,6 +228,9 @@ class Runner:
         max_batch: int = 32,
         max_graphs: int = 64,
         packed_weights: bool = True,
+        compiled_plans: bool = False,
+        compile_dir: str | None = None,
+        compile_max_batch: int = 1,
     ) -> None:
         # Process-wide, as one process serves one model.
         inference.PACKED = packed_weights and inference.packing_available()
@@ -250,6 +254,12 @@ class Runner:
             self.graphs = CapturedForward(
                 self.model, CudaGraphs(device), capture_sizes(max_batch), max_graphs=max_graphs
             )
+        self.compiled: CompiledPlans | None = None
+        self.serving = False  # set once warm-up and calibration are done: batches count towards compiling
+        if compiled_plans and device.type == "cpu":
+            self.compiled = compiled_plans_for(
+                self.model, checkpoint.path, checkpoint.sha256, self.dtype, compile_dir, compile_max_batch
+            )
 
     @classmethod
     def from_settings(cls, checkpoint: Checkpoint, device: torch.device, settings: Settings) -> Runner:
@@ -264,6 +274,9 @@ class Runner:
             max_batch=settings.max_batch_size,
             max_graphs=settings.cuda_graphs_max,
             packed_weights=settings.packed_weights,
+            compiled_plans=settings.compiled_plans,
+            compile_dir=settings.compile_dir,
+            compile_max_batch=settings.compile_max_batch,
         )
 
     def setup_threads(self, threads: int | None) -> None:
@@ -400,6 +413,8 @@ class Runner:
             _use_threads(self.threads or 1)
 
     def close(self) -> None:
+        if self.compiled is not None:
+            self.compiled.close()
         if self._pool is not None:
             self._pool.shutdown(wait=True)
             self._pool = None
@@ -501,9 +516,15 @@ class Runner:
             _use_threads(threads)
         with torch.inference_mode():
             x = self._to_device(xs)
+            compiled = None
+            if self.compiled is not None and bool(torch.isfinite(x).all()):  # else eagerly, for its error
+                compiled = self.compiled.lookup(x, splits, count=self.serving)
             if self.graphs is not None:
                 logits, expert_map, ran = self.graphs(x, splits)
                 capacity, counts, gf = accounting(self.cfg, ran, int(x.shape[1]))
+            elif compiled is not None:
+                logits, expert_map = compiled(x)
+                capacity, counts, gf = accounting(self.cfg, splits, int(x.shape[1]))
             else:
                 out = self.model(x, splits=splits)
                 logits, expert_map = out.logits, out.experts
@@ -577,6 +598,7 @@ class Runner:
             "stream_min_gflops": self.min_stream_gflops if math.isfinite(self.min_stream_gflops) else None,
             "dtype": dtype_name(self.dtype),
             "cuda_graphs": self.graphs is not None,
+            "compiled_plans": None if self.compiled is None else self.compiled.describe(),
         }
 
 

@@ -70,6 +70,7 @@ def fast_settings(checkpoint: Path, **overrides: Any) -> Settings:
         "max_batch_wait_ms": 2.0,
         "threads": 1,
         "decode_workers": 1,
+        "compiled_plans": False,  # tests/server/test_compiled.py compiles; elsewhere it only adds load
     }
     values.update(overrides)
     return Settings(**values)

@@ -1,0 +1,236 @@
+"""Compiled forwards (server/core/compiled.py): when a key is compiled, that it is loaded, shared between
+processes through the directory and kept within bounds, and that the compiled forward computes the eager one.
+
+The bookkeeping tests stand in a "compiler" that writes a file and a "loader" that runs the eager model; the
+test marked slow runs a server that compiles for real, with AOTInductor in a child process."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import torch
+from torch import Tensor
+
+from mone.model import MoNE, expert_counts
+from mone.server.core import compiled as cp
+from mone.server.core.compiled import CompiledPlans, Key, Outputs
+from tests.live_server import ROOT, free_port, server_env
+from tests.support.media import png_bytes
+from tests.support.models import make_checkpoint, make_net
+
+CAN_COMPILE = cp.compiler_available() is None
+
+
+def eager(path: Path, model: MoNE) -> Callable[[Tensor], Outputs]:
+    split = cp.parse_key_name(path.name.removesuffix(cp.SUFFIX))
+    assert split is not None
+
+    def run(x: Tensor) -> Outputs:
+        out = model(x, splits=[split[2]] * x.shape[0])
+        return out.logits, out.experts
+
+    return run
+
+
+class FakeCompiler:
+    """Writes the key's name into the package; `fail` keys raise."""
+
+    def __init__(self, fail: set[Key] | None = None) -> None:
+        self.built: list[Key] = []
+        self.fail = fail or set()
+
+    def __call__(self, model: MoNE, key: Key, path: Path) -> None:
+        self.built.append(key)
+        if key in self.fail:
+            raise RuntimeError("no")
+        path.write_text(cp.key_name(key))
+
+
+def plans(tmp_path: Path, net: MoNE, compiler: FakeCompiler | None = None, **kw: object) -> CompiledPlans:
+    return CompiledPlans(
+        net,
+        tmp_path,
+        "fp",
+        compile_fn=compiler or FakeCompiler(),
+        load_fn=eager,
+        **kw,  # type: ignore[arg-type]
+    )
+
+
+def image(batch: int = 1, frames: int = 1) -> Tensor:
+    return torch.randn(batch, frames, 1, 28, 28)
+
+
+SPLIT = expert_counts(0.25, 49, 4)
+
+
+def test_a_key_is_compiled_after_hits_and_served_compiled(tmp_path: Path) -> None:
+    net, compiler = make_net(), FakeCompiler()
+    p = plans(tmp_path, net, compiler, hits=3)
+    x = image()
+    assert [p.lookup(x, [SPLIT]) for _ in range(3)] == [None, None, None]
+    assert p.wait(10)
+    fn = p.lookup(x, [SPLIT])
+    assert fn is not None
+    assert compiler.built == [(1, 1, SPLIT)]
+    assert (tmp_path / "fp" / "b1-f1-s25_16_7_1.pt2").exists()
+    with torch.inference_mode():
+        assert torch.equal(fn(x)[0], net(x, splits=[SPLIT]).logits)
+    assert p.describe()["loaded"] == 1
+    assert p.describe()["compiled"] == 1
+    p.close()
+
+
+def test_calibration_batches_do_not_count_and_odd_batches_are_not_compiled(tmp_path: Path) -> None:
+    compiler = FakeCompiler()
+    p = plans(tmp_path, make_net(), compiler, hits=1, max_batch=2)
+    assert p.lookup(image(), [SPLIT], count=False) is None
+    assert p.lookup(image(3), [SPLIT] * 3) is None  # larger than max_batch
+    assert p.lookup(image(2), [SPLIT, expert_counts(1.0, 49, 4)]) is None  # mixed splits
+    assert p.wait(10)
+    assert compiler.built == []
+    assert p.lookup(image(2), [SPLIT, SPLIT]) is None  # counted: the first hit compiles
+    assert p.wait(10)
+    assert compiler.built == [(2, 1, SPLIT)]
+    p.close()
+
+
+def test_a_key_that_fails_to_compile_runs_eagerly_from_then_on(tmp_path: Path) -> None:
+    compiler = FakeCompiler(fail={(1, 1, SPLIT)})
+    p = plans(tmp_path, make_net(), compiler, hits=1)
+    p.lookup(image(), [SPLIT])
+    assert p.wait(10)
+    for _ in range(3):
+        assert p.lookup(image(), [SPLIT]) is None
+    assert p.wait(10)
+    assert compiler.built == [(1, 1, SPLIT)]
+    assert p.describe()["failed"] == 1
+    assert not list((tmp_path / "fp").glob("*.pt2"))  # no half-written package is left
+    p.close()
+
+
+def test_a_package_another_process_made_is_loaded_without_compiling(tmp_path: Path) -> None:
+    maker = plans(tmp_path, make_net(), hits=1)
+    maker.lookup(image(), [SPLIT])
+    assert maker.wait(10)
+    maker.close()
+    compiler = FakeCompiler()
+    other = plans(tmp_path, make_net(), compiler, hits=100)
+    assert other.lookup(image(), [SPLIT]) is None  # found on disk at the first batch: loaded, not built
+    assert other.wait(10)
+    assert other.lookup(image(), [SPLIT]) is not None
+    assert compiler.built == []
+    # Without a compiler, packages on disk are still loaded, and nothing else is queued.
+    third = CompiledPlans(make_net(), tmp_path, "fp", compile_fn=None, load_fn=eager, hits=1)
+    assert third.preload() == 1
+    assert third.lookup(image(), [expert_counts(1.0, 49, 4)]) is None
+    assert third.wait(1)
+    assert third.describe()["queued"] == 0
+    other.close()
+
+
+def test_preload_keeps_the_newest_packages_within_the_bound(tmp_path: Path) -> None:
+    folder = tmp_path / "fp"
+    folder.mkdir()
+    splits = [expert_counts(c, 49, 4) for c in (1.0, 0.5, 0.25)]
+    for i, s in enumerate(splits):
+        path = folder / f"{cp.key_name((1, 1, s))}{cp.SUFFIX}"
+        path.write_text("x")
+        os.utime(path, (1000 + i, 1000 + i))
+    (folder / "not-a-key.pt2").write_text("x")
+    p = plans(tmp_path, make_net(), max_plans=2)
+    assert p.preload() == 2
+    assert p.ready_keys() == [(1, 1, splits[1]), (1, 1, splits[2])]
+    p.lookup(image(), [splits[0]])  # on disk: loaded, and the least recently used is dropped
+    assert p.wait(10)
+    assert len(p.ready_keys()) == 2
+    assert (1, 1, splits[0]) in p.ready_keys()
+    p.close()
+
+
+def test_key_names_and_fingerprints() -> None:
+    key = (2, 8, (3, 0, 10, 36))
+    assert cp.parse_key_name(cp.key_name(key)) == key
+    assert cp.parse_key_name("b1-f1-s") is None
+    net = make_net()
+    a = cp.fingerprint("ab" * 32, net, torch.float32)
+    assert a != cp.fingerprint("cd" * 32, net, torch.float32)
+    assert a != cp.fingerprint("ab" * 32, net, torch.bfloat16)
+    assert cp.fingerprint(None, net, torch.float32) != cp.fingerprint(None, make_net(seed=1), torch.float32)
+    assert "/" not in a
+    assert torch.__version__.replace("+", "_") in a
+
+
+def test_off_for_other_dtypes(tmp_path: Path) -> None:
+    assert cp.compiled_plans_for(make_net(), None, None, torch.bfloat16, str(tmp_path), 1) is None
+
+
+# -- compiled for real ------------------------------------------------------------------------------------
+QUERY = "/v1/classify?capacity=0.25&top_k=10&routing=true"
+needs_compiler = pytest.mark.skipif(not CAN_COMPILE, reason="AOTInductor needs a C++ compiler")
+
+
+@pytest.mark.slow
+@needs_compiler
+def test_a_server_compiles_what_it_serves_and_reports_it(tmp_path: Path) -> None:
+    """A real server: single requests at one capacity get their forward compiled in a child process in the
+    background; the compiled answers are the eager ones (every class's probability to float rounding, the
+    same routing and accounting); a restart loads the package instead of compiling."""
+    ckpt = make_checkpoint(tmp_path / "ckpt")
+    env = server_env()
+    env["MONE_COMPILED_PLANS"] = "true"
+    env["MONE_COMPILE_DIR"] = str(tmp_path / "plans")
+    body = png_bytes()
+
+    def serve() -> tuple[list[dict[str, Any]], dict[str, Any]]:
+        port = free_port()
+        cmd = [sys.executable, "-m", "mone.server", "--checkpoint", str(ckpt), "--port", str(port)]
+        cmd += ["--workers", "1", "--threads", "1", "--log-level", "warning"]
+        proc = subprocess.Popen(cmd, env=env, cwd=ROOT)
+        base = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 120
+            while True:
+                try:
+                    if httpx.get(base + "/readyz", timeout=1).status_code == 200:
+                        break
+                except httpx.HTTPError:
+                    pass
+                assert proc.poll() is None, "the server exited"
+                assert time.monotonic() < deadline, "the server did not start"
+                time.sleep(0.2)
+            answers: list[dict[str, Any]] = []
+            state: dict[str, Any] = {}
+            deadline = time.monotonic() + 600
+            with httpx.Client(base_url=base, timeout=30) as c:
+                while time.monotonic() < deadline:
+                    r = c.post(QUERY, content=body, headers={"content-type": "image/png"})
+                    assert r.status_code == 200, r.text
+                    answers.append(r.json())
+                    state = c.get("/v1/models").json()["models"][0]["checkpoint"]["compiled_plans"]
+                    if state["loaded"] >= 1 and len(answers) >= 6:
+                        break
+                    time.sleep(0.5 if state["queued"] else 0.05)
+            return answers, state
+        finally:
+            proc.terminate()
+            proc.wait(30)
+
+    answers, state = serve()
+    assert (state["loaded"], state["compiled"], state["failed"]) == (1, 1, 0), state
+    first, last = answers[0], answers[-1]  # eager, then compiled
+    eager_probs = {p["label"]: p["prob"] for p in first["top_k"]}
+    compiled_probs = {p["label"]: p["prob"] for p in last["top_k"]}
+    assert compiled_probs == pytest.approx(eager_probs, abs=1e-5)
+    assert first["routing"] == last["routing"]
+    assert first["served"] == last["served"]
+    answers, state = serve()
+    assert (state["loaded"], state["compiled"]) == (1, 0), state  # loaded at start-up, not compiled again
