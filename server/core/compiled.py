@@ -7,11 +7,11 @@ at capacity 0.25 as at 1.0 (the masked full-width path of model/inference.py is 
 there, and it spends dense FLOPs).  Compiled by Inductor (`torch.export`, then AOTInductor), the forward of
 one fixed split is one C++ function: the elementwise work is fused into the products' loops and nothing
 runs between operations, so each expert's products cost their arithmetic and a lower capacity pays from one
-image on (figures in docs/model.md, "Compiled plans").
+image on (figures in docs/model.md, section 7.3).
 
 A compiled forward holds fixed shapes, so, like a captured CUDA graph (server/core/capture.py), it is keyed by
 the batch size, the frames per sample and the token split, for batches of one split only.  Compiling one
-takes 15-30 s on 2 vCPUs and a model has about a hundred levels, so nothing is compiled up front: a key is
+takes 15-40 s on 2 vCPUs and a model has about a hundred levels, so nothing is compiled up front: a key is
 compiled in a background thread once `hits` batches of it have run eagerly, and eager serves it meanwhile.
 The compiled package goes to a directory named after what else fixes the code (checkpoint digest, dtype,
 PyTorch version, CPU instruction set): a restart, or another worker process, loads it in milliseconds, and
