@@ -280,6 +280,10 @@ class CompiledPlans:
         """Load the packages already in the directory (up to `max_plans`, newest first); how many."""
         if not self.directory.is_dir():
             return 0
+        for tmp in self.directory.glob(f"tmp*{SUFFIX}"):  # left by a process killed while compiling
+            with contextlib.suppress(OSError):
+                if time.time() - tmp.stat().st_mtime > COMPILE_TIMEOUT_S:
+                    tmp.unlink()
         found = [(p, parse_key_name(p.name.removesuffix(SUFFIX))) for p in self.directory.glob(f"*{SUFFIX}")]
         keyed = sorted(((p, k) for p, k in found if k is not None), key=lambda pk: pk[0].stat().st_mtime)
         return sum(self._load_key(key, path) for path, key in keyed[-self.max_plans :])

@@ -70,6 +70,7 @@ def launch(*args: str, slow_ms: float = 0, timeout: float = 90, env: dict[str, s
         "PYTHONPATH": str(ROOT),
         "PROMETHEUS_MULTIPROC_DIR": str(metrics_dir),
         "REL_SLOW_MS": str(slow_ms),
+        "MONE_COMPILED_PLANS": os.environ.get("MONE_COMPILED_PLANS", "false"),  # see tests/conftest.py
         **extra,
     }
     log = metrics_dir / "server.log"

@@ -156,6 +156,19 @@ def test_preload_keeps_the_newest_packages_within_the_bound(tmp_path: Path) -> N
     p.close()
 
 
+def test_preload_removes_what_a_killed_compile_left(tmp_path: Path) -> None:
+    folder = tmp_path / "fp"
+    folder.mkdir()
+    stale, fresh = folder / f"tmpold{cp.SUFFIX}", folder / f"tmpnew{cp.SUFFIX}"
+    stale.write_text("")
+    fresh.write_text("")  # another process may be compiling into it now
+    old = time.time() - cp.COMPILE_TIMEOUT_S - 60
+    os.utime(stale, (old, old))
+    assert plans(tmp_path, make_net()).preload() == 0
+    assert not stale.exists()
+    assert fresh.exists()
+
+
 def test_key_names_and_fingerprints() -> None:
     key = (2, 8, (3, 0, 10, 36))
     assert cp.parse_key_name(cp.key_name(key)) == key

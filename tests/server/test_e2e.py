@@ -94,7 +94,7 @@ def test_two_workers_report_one_consistent_metrics(checkpoint_dir: Path) -> None
 def clean_env() -> Iterator[None]:
     """The CLI exports its settings as MONE_* variables (for uvicorn workers): undo that after the test."""
     saved = dict(os.environ)
-    for key in [k for k in os.environ if k.startswith("MONE_")]:
+    for key in [k for k in os.environ if k.startswith("MONE_") and k != "MONE_COMPILED_PLANS"]:
         del os.environ[key]
     try:
         yield

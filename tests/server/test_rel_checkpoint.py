@@ -45,6 +45,7 @@ def test_rel_the_payload_is_live(tmp_path: Path) -> None:
 def _start(checkpoint: Path, *args: str) -> subprocess.CompletedProcess[str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("MONE_", "PROMETHEUS_"))}
     env["PYTHONPATH"] = str(ROOT)
+    env["MONE_COMPILED_PLANS"] = os.environ.get("MONE_COMPILED_PLANS", "false")  # see tests/conftest.py
     cmd = [sys.executable, "-m", "mone.server", "--checkpoint", str(checkpoint), "--port", str(free_port())]
     cmd += ["--no-calibrate", "--log-level", "info", *args]
     return subprocess.run(cmd, env=env, cwd=ROOT, capture_output=True, text=True, timeout=90)
