@@ -131,10 +131,11 @@ class Settings(BaseSettings):
     )
     compiled_plans: bool = Field(
         default=True,
-        description="CPU: compile the forward ahead of time (torch.export and AOTInductor) per batch size, "
-        "frames and token split once a few batches of it have run, in a background thread, and serve it "
-        "compiled from then on; packages are kept in compile_dir and loaded at start-up; needs a C++ "
-        "compiler, off without one (server/core/compiled.py)",
+        description="CPU, fp32, models of at most 1 GFLOP an image: compile the forward ahead of time "
+        "(torch.export and AOTInductor) per batch size, frames and token split once a few batches of it "
+        "have run, in a background child process, and serve it compiled from then on; packages are kept in "
+        "compile_dir and loaded at start-up; without a C++ compiler only packages found there are used "
+        "(server/core/compiled.py)",
     )
     compile_dir: str | None = Field(
         default=None,

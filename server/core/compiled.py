@@ -48,7 +48,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from mone.model import MoNE, realised_capacity
+from mone.model import MoNE, gflops, realised_capacity
 from mone.model.checkpoint import load_checkpoint, save_checkpoint
 
 log = logging.getLogger("mone.compiled")
@@ -61,6 +61,11 @@ Load = Callable[[Path, MoNE], Callable[[Tensor], Outputs]]
 HITS = 3  # eager batches of a key before it is compiled
 COMPILE_TIMEOUT_S = 900.0
 CHILD_NICE = 10  # the compiling child's niceness above the server's
+# Models of at most this many GFLOPs per image at capacity 1.0 are compiled.  Their forward is mostly
+# per-operation cost, which compiling removes; a larger model's is mostly matrix products, which the eager
+# path runs faster through oneDNN on packed weights: S/16 (4.6 GFLOPs) at one image took 83.5 / 56.3 / 44.4 ms
+# compiled against 60.9 / 52.5 / 42.2 ms eager at capacity 1.0 / 0.5 / 0.25 (2 threads, 2 vCPUs).
+MAX_GFLOPS = 1.0
 MAX_PLANS = 32  # compiled forwards kept loaded
 SUFFIX = ".pt2"
 FORMAT = "aoti1"  # packages of code only, run on the serving model's weights
@@ -395,13 +400,23 @@ def compiled_plans_for(
     directory: str | None,
     max_batch: int,
 ) -> CompiledPlans | None:
-    """The server's compiled plans, or None where they are off (the reason is logged).
+    """The server's compiled plans, or None where they are off (the reason is logged): for models above
+    `MAX_GFLOPS` an image, and for other dtypes than fp32.
 
     The child processes that compile load the model from `checkpoint`; a model with no checkpoint directory
     (a random one) is saved once into the plans' directory for them.  Without a C++ compiler, packages made
     elsewhere (same fingerprint) are still loaded from the directory."""
     if dtype != torch.float32:
         log.info("compiled plans are off: they are made for fp32, the model runs in %s", dtype)
+        return None
+    work = gflops(model.cfg, 1.0, 1)
+    if work > MAX_GFLOPS:
+        log.info(
+            "compiled plans are off: an image is %.2g GFLOPs, above %g, and the eager forward's packed "
+            "products are faster there (docs/model.md, section 7.3)",
+            work,
+            MAX_GFLOPS,
+        )
         return None
     base = Path(directory) if directory else default_directory()
     key = fingerprint(sha256 or None, model, dtype)

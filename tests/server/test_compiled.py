@@ -182,8 +182,13 @@ def test_key_names_and_fingerprints() -> None:
     assert torch.__version__.replace("+", "_") in a
 
 
-def test_off_for_other_dtypes(tmp_path: Path) -> None:
+def test_off_for_other_dtypes_and_larger_models(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     assert cp.compiled_plans_for(make_net(), None, None, torch.bfloat16, str(tmp_path), 1) is None
+    on = cp.compiled_plans_for(make_net(), None, None, torch.float32, str(tmp_path), 1)
+    assert on is not None
+    on.close()
+    monkeypatch.setattr(cp, "MAX_GFLOPS", 0.1)  # Mi/4 is 0.12 GFLOPs an image
+    assert cp.compiled_plans_for(make_net(), None, None, torch.float32, str(tmp_path), 1) is None
 
 
 # -- compiled for real ------------------------------------------------------------------------------------
