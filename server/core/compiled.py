@@ -11,12 +11,14 @@ image on (figures in docs/model.md, section 7.3).
 
 A compiled forward holds fixed shapes, so, like a captured CUDA graph (server/core/capture.py), it is keyed by
 the batch size, the frames per sample and the token split, for batches of one split only.  Compiling one
-takes 15-40 s on 2 vCPUs and a model has about a hundred levels, so nothing is compiled up front: a key is
-compiled in a background thread once `hits` batches of it have run eagerly, and eager serves it meanwhile.
-The compiled package goes to a directory named after what else fixes the code (checkpoint digest, dtype,
-PyTorch version, CPU instruction set): a restart, or another worker process, loads it in milliseconds, and
-start-up loads every package already there.  At most `max_plans` are kept loaded, the least recently used
-dropped first.  A key whose export, compilation or load fails runs eagerly from then on (logged once).
+takes 15-40 s on 2 vCPUs and a model has about a hundred levels, so nothing is compiled up front: once
+`hits` batches of a key have run eagerly, a background thread has a child process compile it (tracing for
+export swaps in process-wide modes, which would catch the serving threads' operations), and eager serves
+the key meanwhile.  The compiled package goes to a directory named after what else fixes the code
+(checkpoint digest, dtype, PyTorch version, CPU instruction set): a restart, or another worker process,
+loads it in milliseconds, and start-up loads the newest packages already there.  At most `max_plans` are
+kept loaded, the least recently used dropped first.  A key whose export, compilation or load fails runs
+eagerly from then on (logged once).  Only models of at most `MAX_GFLOPS` an image are compiled.
 
 Every compiled forward runs one product per expert (`plan_runs` with no cost per product): runs of experts
 at full width with masks exist to save per-operation cost, which compiled code no longer pays.  The
@@ -125,7 +127,7 @@ class _Forward(nn.Module):
 
     def __init__(self, model: MoNE, split: tuple[int, ...], batch: int) -> None:
         super().__init__()
-        # A shallow copy planned with no cost per product, so that the serving model's plan is not touched.
+        # A shallow copy planned with one product per expert (no cost per product); the caller's is as it was.
         self.model = copy.copy(model)
         self.model.full_width_rows = 0.0
         self.splits = [split] * batch
@@ -168,19 +170,12 @@ def compile_in_child(checkpoint: Path, sha256: str | None, timeout_s: float = CO
         if sha256:
             cmd += ["--sha256", sha256]
         env = {**os.environ, "TORCHINDUCTOR_COMPILE_THREADS": "1", "OMP_NUM_THREADS": "1"}
-        done = subprocess.run(
-            cmd, env=env, capture_output=True, text=True, timeout=timeout_s, preexec_fn=_lower_priority
-        )
+        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout_s)
         if done.returncode != 0:
             tail = "\n".join(done.stderr.strip().splitlines()[-5:])
             raise RuntimeError(f"compiling {key_name(key)} exited {done.returncode}: {tail}")
 
     return run
-
-
-def _lower_priority() -> None:
-    with contextlib.suppress(OSError):
-        os.nice(CHILD_NICE)
 
 
 def aoti_load(path: Path, model: MoNE) -> Callable[[Tensor], Outputs]:
@@ -456,6 +451,8 @@ def main(argv: list[str] | None = None) -> int:
     key = parse_key_name(args.key)
     if key is None:
         p.error(f"not a key: {args.key!r}")
+    with contextlib.suppress(OSError):
+        os.nice(CHILD_NICE)  # serving comes first
     torch.set_num_threads(1)
     ck = load_checkpoint(args.checkpoint, expected_sha256=args.sha256, allow_unverified=True)
     aoti_compile(ck.model.eval(), key, args.out)
