@@ -516,9 +516,9 @@ class Runner:
             _use_threads(threads)
         with torch.inference_mode():
             x = self._to_device(xs)
-            compiled = None
-            if self.compiled is not None and bool(torch.isfinite(x).all()):  # else eagerly, for its error
-                compiled = self.compiled.lookup(x, splits, count=self.serving)
+            compiled = None if self.compiled is None else self.compiled.lookup(x, splits, count=self.serving)
+            if compiled is not None and not bool(torch.isfinite(x).all()):
+                compiled = None  # eagerly, for the model's error
             if self.graphs is not None:
                 logits, expert_map, ran = self.graphs(x, splits)
                 capacity, counts, gf = accounting(self.cfg, ran, int(x.shape[1]))

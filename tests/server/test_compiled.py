@@ -19,9 +19,12 @@ import pytest
 import torch
 from torch import Tensor
 
-from mone.model import MoNE, expert_counts
+from mone.model import MoNE, expert_counts, load_checkpoint
 from mone.server.core import compiled as cp
+from mone.server.core.budget import Budget
 from mone.server.core.compiled import CompiledPlans, Key, Outputs
+from mone.server.core.request import InferRequest
+from mone.server.core.runner import Runner
 from tests.live_server import ROOT, free_port, server_env
 from tests.support.media import png_bytes
 from tests.support.models import make_checkpoint, make_net
@@ -167,6 +170,41 @@ def test_preload_removes_what_a_killed_compile_left(tmp_path: Path) -> None:
     assert plans(tmp_path, make_net()).preload() == 0
     assert not stale.exists()
     assert fresh.exists()
+
+
+def test_the_runner_serves_compiled_forwards_and_bad_input_eagerly(tmp_path: Path) -> None:
+    """A batch whose key is compiled runs compiled, with the same accounting; one with NaN runs eagerly and
+    gets the model's error, and a batch of mixed splits runs eagerly."""
+    ckpt = load_checkpoint(make_checkpoint(tmp_path / "ckpt"))
+    runner = Runner(ckpt, torch.device("cpu"))
+    calls: list[int] = []
+
+    def counted(path: Path, model: MoNE) -> Callable[[Tensor], Outputs]:
+        run = eager(path, model)
+        return lambda x: (calls.append(x.shape[0]), run(x))[1]
+
+    runner.compiled = CompiledPlans(
+        runner.model, tmp_path, "fp", compile_fn=FakeCompiler(), load_fn=counted, hits=1, max_batch=2
+    )
+    runner.serving = True
+    x = image()[0]
+
+    def batch(*caps: float) -> list[InferRequest]:
+        return [InferRequest(x, "image", Budget("capacity", c), top_k=3) for c in caps]
+
+    eager_out = runner.run(batch(0.25), [SPLIT])
+    assert runner.compiled.wait(10)
+    compiled_out = runner.run(batch(0.25), [SPLIT])
+    assert calls == [1]
+    assert compiled_out.samples[0].logits == pytest.approx(eager_out.samples[0].logits, abs=1e-5)
+    for field in ("realised", "counts", "gflops", "top_indices"):
+        assert getattr(compiled_out.samples[0], field) == getattr(eager_out.samples[0], field)
+    bad = [InferRequest(torch.full_like(x, float("nan")), "image", Budget("capacity", 0.25), top_k=3)]
+    with pytest.raises(ValueError, match="NaN"):
+        runner.run(bad, [SPLIT])
+    runner.run(batch(0.25, 1.0), [SPLIT, expert_counts(1.0, 49, 4)])
+    assert calls == [1]
+    runner.close()
 
 
 def test_key_names_and_fingerprints() -> None:
