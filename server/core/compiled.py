@@ -52,11 +52,10 @@ from torch import Tensor, nn
 
 from mone.model import MoNE, gflops, realised_capacity
 from mone.model.checkpoint import load_checkpoint, save_checkpoint
+from mone.server.core.capture import Key, Outputs  # the same keys and outputs as captured CUDA graphs
 
 log = logging.getLogger("mone.compiled")
 
-Key = tuple[int, int, tuple[int, ...]]  # (batch size, frames, token split)
-Outputs = tuple[Tensor, Tensor]  # logits (B, classes), experts (B, T, N) int8
 Compile = Callable[[MoNE, Key, Path], None]  # writes the package of a key to the path
 Load = Callable[[Path, MoNE], Callable[[Tensor], Outputs]]
 
@@ -240,7 +239,6 @@ class CompiledPlans:
         self._jobs: queue.Queue[Key | None] = queue.Queue()
         self._thread: threading.Thread | None = None
         self.compiled = 0  # packages compiled by this process
-        self.loaded = 0  # packages loaded (compiled here or found on disk)
         self.compile_seconds = 0.0
 
     def key(self, x: Tensor, splits: Sequence[tuple[int, ...]]) -> Key | None:
@@ -277,7 +275,7 @@ class CompiledPlans:
         return None
 
     def preload(self) -> int:
-        """Load the packages already in the directory (up to `max_plans`, newest first); how many."""
+        """Load the newest `max_plans` packages already in the directory; how many loaded."""
         if not self.directory.is_dir():
             return 0
         for tmp in self.directory.glob(f"tmp*{SUFFIX}"):  # left by a process killed while compiling
@@ -371,7 +369,8 @@ class CompiledPlans:
     def _load_key(self, key: Key, path: Path) -> bool:
         try:
             fn = self._load(path, self.model)
-        except Exception:  # noqa: BLE001 - a stale or broken package: compile it again next time
+        except Exception:  # noqa: BLE001 - a broken package: removed (the next start compiles it again),
+            # and this process runs the key eagerly
             log.warning("loading the compiled forward %s failed", path, exc_info=True)
             with contextlib.suppress(FileNotFoundError):
                 path.unlink()
@@ -383,7 +382,6 @@ class CompiledPlans:
             self._ready.move_to_end(key)
             while len(self._ready) > self.max_plans:
                 self._ready.popitem(last=False)
-            self.loaded += 1
         return True
 
 
