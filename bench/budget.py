@@ -143,7 +143,7 @@ def wait_for_compiled(
     server: bs.Server, use_hey: bool, inputs: dict[str, tuple[Path, str, str]], timeout_s: float
 ) -> str:
     """Serve single requests of every input and capacity until every worker that answers has the compiled
-    forward of each loaded (`compiled_plans`; compiling one takes 15-30 s on 2 vCPUs), so that the
+    forward of each loaded (`compiled_plans`; compiling one takes 15-40 s on 2 vCPUs), so that the
     single-client runs time what a warm server serves.  Returns what the workers reported, or '' when
     compiled plans are off."""
     want = len(inputs) * len(CAPACITIES)

@@ -99,7 +99,7 @@ def packs(x: Tensor, d_in: int, d_out: int) -> bool:
     """Whether `linear` runs x (rows, d_in) -> (rows, d_out) on a packed weight."""
     return (
         PACKED
-        and not torch.compiler.is_compiling()  # an exported forward (server/core/compiled.py) packs its own
+        and not torch.compiler.is_compiling()  # an exported forward (server/core/compiled.py) traces addmm
         and x.device.type == "cpu"
         and x.dtype == torch.float32
         and x.numel() // x.shape[-1] * d_in * d_out >= PACK_MIN_MACS
