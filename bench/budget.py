@@ -140,24 +140,32 @@ def compiled_plans(base: str) -> dict[str, int] | None:
 
 
 def wait_for_compiled(
-    server: bs.Server, use_hey: bool, inputs: dict[str, tuple[Path, str, str]], timeout_s: float
+    server: bs.Server,
+    use_hey: bool,
+    inputs: dict[str, tuple[Path, str, str]],
+    clients: int,
+    timeout_s: float,
 ) -> str:
-    """Serve single requests of every input and capacity until every worker that answers has the compiled
-    forward of each loaded (`compiled_plans`; compiling one takes 15-40 s on 2 vCPUs), so that the
-    single-client runs time what a warm server serves.  Returns what the workers reported, or '' when
-    compiled plans are off."""
+    """Serve every input and capacity, alone and at `clients` concurrent clients, until every worker that
+    answers has what that traffic compiles (`compiled_plans`: one forward per batch size it forms, 15-40 s
+    each on 2 vCPUs) loaded, nothing queued and nothing more loaded over one more pass, so that the runs time
+    what a warm server serves.  Returns what the workers reported, or '' when compiled plans are off."""
     want = len(inputs) * len(CAPACITIES)
     deadline = time.monotonic() + timeout_s
     seen: list[dict[str, int]] = []
+    before: set[tuple[int, int]] = set()
     while time.monotonic() < deadline:
         for inp in inputs.values():
             for c in CAPACITIES:  # short runs on fresh connections, which land on every worker
                 measure(server, use_hey, inp, c, 1, 0.3)
+                measure(server, use_hey, inp, c, clients, 0.5)
         seen = [p for p in (compiled_plans(server.base) for _ in range(8)) if p is not None]
         if not seen:
             return ""
-        if all(p["loaded"] >= want and p["queued"] == 0 for p in seen):
+        now = {(p["loaded"], p["failed"]) for p in seen}
+        if all(p["loaded"] >= want and p["queued"] == 0 for p in seen) and now == before:
             break
+        before = now
         time.sleep(2.0)
     return ", ".join(sorted({f"{p['loaded']} loaded, {p['failed']} failed" for p in seen}))
 
@@ -253,8 +261,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--compile-wait",
         type=float,
-        default=600.0,
-        help="seconds to wait for the compiled forwards of single requests before measuring",
+        default=1200.0,
+        help="seconds to wait for the compiled forwards of the measured traffic before measuring",
     )
     args = p.parse_args(argv)
     use_hey = args.loadgen == "hey" or (args.loadgen == "auto" and shutil.which("hey") is not None)
@@ -271,7 +279,7 @@ def main(argv: list[str] | None = None) -> int:
             for inp in inputs.values():  # warm-up: every shape once
                 for c in CAPACITIES:
                     measure(server, use_hey, inp, c, args.clients, 1.0)
-            compiled = wait_for_compiled(server, use_hey, inputs, args.compile_wait)
+            compiled = wait_for_compiled(server, use_hey, inputs, args.clients, args.compile_wait)
             if compiled:
                 print(f"# compiled forwards: {compiled}", flush=True)
             for r in range(args.rounds):

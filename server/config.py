@@ -143,7 +143,11 @@ class Settings(BaseSettings):
         "~/.cache/mone/compiled)",
     )
     compile_max_batch: int = Field(
-        default=1, ge=1, le=64, description="batches of up to this many inputs are compiled (compiled_plans)"
+        default=8,
+        ge=1,
+        le=64,
+        description="the largest batch size compiled (compiled_plans): the powers of two up to it are, and a "
+        "batch is padded to one of them or runs as several",
     )
     inference_streams: int = Field(
         default=0,

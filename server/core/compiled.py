@@ -30,6 +30,7 @@ from __future__ import annotations
 
 import contextlib
 import copy
+import ctypes
 import fcntl
 import hashlib
 import logging
@@ -42,6 +43,7 @@ import sys
 import tempfile
 import threading
 import time
+import zipfile
 from collections import Counter, OrderedDict
 from collections.abc import Callable, Sequence
 from pathlib import Path
@@ -61,13 +63,17 @@ Load = Callable[[Path, MoNE], Callable[[Tensor], Outputs]]
 
 HITS = 3  # eager batches of a key before it is compiled
 COMPILE_TIMEOUT_S = 900.0
-CHILD_NICE = 10  # the compiling child's niceness above the server's
+CHILD_NICE = 19  # the compiling child's niceness: below the inference threads' (+10), so serving comes first
 # Models of at most this many GFLOPs per image at capacity 1.0 are compiled.  Their forward is mostly
 # per-operation cost, which compiling removes; a larger model's is mostly matrix products, which the eager
 # path runs faster through oneDNN on packed weights: S/16 (4.6 GFLOPs) at one image took 83.5 / 56.3 / 44.4 ms
 # compiled against 60.9 / 52.5 / 42.2 ms eager at capacity 1.0 / 0.5 / 0.25 (2 threads, 2 vCPUs).
 MAX_GFLOPS = 1.0
 MAX_PLANS = 32  # compiled forwards kept loaded
+# A batch whose size fills at least this share of the next compiled batch size is padded to it; a smaller one
+# runs as the largest compiled size it fills, then the rest likewise (`batch_pieces`).
+PAD_FILL = 0.75
+RUNNERS = 4  # forwards of one compiled package that may run at once (a batch split over the streams)
 SUFFIX = ".pt2"
 FORMAT = "aoti1"  # packages of code only, run on the serving model's weights
 
@@ -177,26 +183,181 @@ def compile_in_child(checkpoint: Path, sha256: str | None, timeout_s: float = CO
     return run
 
 
-def aoti_load(path: Path, model: MoNE) -> Callable[[Tensor], Outputs]:
-    """Load the package `path`, its constants being `model`'s own parameters and buffers: no copy of the
-    weights on disk or in memory.  Inductor still writes small ones (a scalar, a vector of up to 8) into the
-    code, so a package only runs the weights it was compiled from (`fingerprint` names them)."""
-    compiled = torch._inductor.aoti_load_package(str(path))
-    state = {f"model.{k}": v for k, v in model.state_dict(keep_vars=False).items()}
-    wanted = compiled.get_constant_fqns()
-    missing = [f for f in wanted if f not in state]
-    if missing:
-        raise RuntimeError(f"{path.name}: the model has no {missing[0]!r}")
-    compiled.load_constants({f: state[f] for f in wanted}, check_full_update=True, user_managed=True)
-    loader = compiled.loader
-    lock = threading.Lock()  # one run at a time per package
+class _Entry(ctypes.Structure):  # AOTInductorConstantMapEntry
+    _fields_ = [("name", ctypes.c_char_p), ("handle", ctypes.c_void_p)]
 
-    def run(x: Tensor) -> Outputs:
-        with lock:
-            logits, experts = loader.boxed_run([x])
+
+_capsule_pointer = ctypes.pythonapi.PyCapsule_GetPointer
+_capsule_pointer.restype = ctypes.c_void_p
+_capsule_pointer.argtypes = [ctypes.py_object, ctypes.c_char_p]
+_capsule_new = ctypes.pythonapi.PyCapsule_New
+_capsule_new.restype = ctypes.py_object
+_capsule_new.argtypes = [ctypes.c_void_p, ctypes.c_char_p, ctypes.c_void_p]
+
+
+def _handle(t: Tensor) -> int:
+    """A new AtenTensorHandle (a heap `at::Tensor`) on `t`, as an address."""
+    address = _capsule_pointer(torch._C._aoti.unsafe_alloc_void_ptr_from_tensor(t), None)
+    assert address is not None
+    return int(address)
+
+
+def _tensor(address: int) -> Tensor:
+    """The tensor of an AtenTensorHandle, which is freed with it."""
+    return torch._C._aoti.alloc_tensor_by_stealing_from_void_ptr(_capsule_new(address, None, None))
+
+
+class AotiModel:
+    """A compiled package's model, run through AOTInductor's C interface (`aoti_runtime/interface.h`).
+
+    Called through ctypes, the forward runs with the interpreter lock released, as an eager forward's
+    operations do: PyTorch's own package loader holds it for the whole call, which stopped the event loop
+    (accepting, decoding, answering) for every compiled batch.  The constants are the serving model's own
+    parameters and buffers (`user managed`: no copy of the weights on disk or in memory); Inductor still
+    writes small ones (a scalar, a vector of up to 8) into the code, so a package only runs the weights it
+    was compiled from (`fingerprint` names them).  `runners` forwards of it may run at once (the streams
+    of a split batch).
+    """
+
+    def __init__(self, path: Path, model: MoNE, runners: int = 1) -> None:
+        lib = self._lib = ctypes.CDLL(str(_shared_object(path)))
+        vp, size = ctypes.c_void_p, ctypes.c_size_t
+        self._run = lib.AOTInductorModelContainerRun
+        self._run.argtypes = [vp, ctypes.POINTER(vp), size, ctypes.POINTER(vp), size, vp, vp]
+        self._run.restype = ctypes.c_int32
+        self._container = h = vp()
+        ref = ctypes.byref
+        self._check(lib.AOTInductorModelContainerCreateWithDevice(ref(h), size(runners), b"cpu", None))
+        outputs, count = size(), size()
+        self._check(lib.AOTInductorModelContainerGetNumOutputs(h, ref(outputs)))
+        self._check(lib.AOTInductorModelContainerGetNumConstants(h, ref(count)))
+        self._outputs = outputs.value
+        state = {f"model.{k}": v for k, v in model.state_dict(keep_vars=False).items()}
+        entries: list[_Entry] = []
+        self._constants: list[int] = []  # handles this object owns (user-managed constants)
+        for i in range(count.value):
+            name, fqn, folded = ctypes.c_char_p(), ctypes.c_char_p(), ctypes.c_bool()
+            self._check(lib.AOTInductorModelContainerGetConstantName(h, size(i), ref(name)))
+            self._check(lib.AOTInductorModelContainerGetConstantOriginalFQN(h, size(i), ref(fqn)))
+            self._check(lib.AOTInductorModelContainerGetConstantFromFolded(h, size(i), ref(folded)))
+            if folded.value:  # computed from the others at run time
+                continue
+            key = (fqn.value or b"").decode()
+            if key not in state:
+                self.close()
+                raise RuntimeError(f"{path.name}: the model has no {key!r}")
+            handle = _handle(state[key])
+            self._constants.append(handle)
+            entries.append(_Entry(name.value, handle))
+        self._keep = state  # the constants' storage lives as long as this object
+        pairs = (_Entry * len(entries))(*entries)
+        self._check(
+            lib.AOTInductorModelContainerUpdateUserManagedConstantBufferPairs(
+                h, pairs, size(len(entries)), ctypes.c_bool(False), ctypes.c_bool(True)
+            )
+        )
+
+    def __call__(self, x: Tensor) -> Outputs:
+        (address,) = torch._C._aoti.unsafe_alloc_void_ptrs_from_tensors([x])  # stolen by the run
+        inputs = (ctypes.c_void_p * 1)(_capsule_pointer(address, None))
+        outputs = (ctypes.c_void_p * self._outputs)()
+        self._check(self._run(self._container, inputs, 1, outputs, self._outputs, None, None))
+        logits, experts = (_tensor(int(o or 0)) for o in outputs)
         return logits, experts
 
-    return run
+    def __del__(self) -> None:  # the last reference: no forward of it runs any more
+        with contextlib.suppress(Exception):
+            self.close()
+
+    def close(self) -> None:
+        if self._container:
+            self._lib.AOTInductorModelContainerDelete(self._container)
+            self._container = ctypes.c_void_p()
+        for handle in self._constants:
+            _tensor(handle)  # freed
+        self._constants = []
+
+    def _check(self, code: int) -> None:
+        if code != 0:
+            message = ctypes.c_char_p()
+            with contextlib.suppress(AttributeError):
+                self._lib.AOTInductorGetLastError(ctypes.byref(message))
+            raise RuntimeError(f"AOTInductor call failed ({code}): {(message.value or b'').decode()}")
+
+
+def _shared_object(package: Path) -> Path:
+    """The package's compiled library, extracted beside it once (`<key>.so`): loading the same file again
+    (after the package was dropped from the loaded ones) maps it once."""
+    so = package.with_suffix(".so")
+    if so.exists() and so.stat().st_mtime >= package.stat().st_mtime:
+        return so
+    with zipfile.ZipFile(package) as archive:
+        names = [n for n in archive.namelist() if n.endswith(".so")]
+        if len(names) != 1:
+            raise RuntimeError(f"{package.name}: {len(names)} libraries in the package, not one")
+        fd, tmp = tempfile.mkstemp(prefix="tmp", suffix=".so", dir=package.parent)
+        try:
+            with os.fdopen(fd, "wb") as out, archive.open(names[0]) as src:
+                shutil.copyfileobj(src, out)
+            os.replace(tmp, so)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(tmp)
+    return so
+
+
+def aoti_load(path: Path, model: MoNE) -> Callable[[Tensor], Outputs]:
+    """Load the package `path` to run on `model`'s parameters (`AotiModel`)."""
+    return AotiModel(path, model, runners=RUNNERS)
+
+
+def batch_sizes(max_batch: int) -> tuple[int, ...]:
+    """The batch sizes compiled: the powers of two up to `max_batch`."""
+    sizes, b = [], 1
+    while b <= max(1, max_batch):
+        sizes.append(b)
+        b *= 2
+    return tuple(sizes)
+
+
+def batch_pieces(n: int, sizes: Sequence[int]) -> list[int]:
+    """The compiled batch sizes (`sizes`, ascending, from 1) that run a batch of `n` inputs of one split,
+    in order: the smallest size that holds the rest when the rest fills at least `PAD_FILL` of it (it is
+    padded), else the largest size the rest fills, then the rest likewise.  With sizes 1, 2, 4 and 8: 3 runs
+    as 4, 5 as 4 + 1, 6 and 7 as 8, 9 as 8 + 1, 20 as 8 + 8 + 4; at most a quarter of a run is padding."""
+    pieces: list[int] = []
+    while n > 0:
+        up = next((b for b in sizes if b >= n), None)
+        if up is not None and n >= PAD_FILL * up:
+            pieces.append(up)
+            break
+        down = max(b for b in sizes if b <= n)
+        pieces.append(down)
+        n -= down
+    return pieces
+
+
+class _Pieces:
+    """A batch run as several compiled forwards, in order, each padded with zero inputs to its size (samples
+    do not interact in the forward, and the padding's outputs are dropped)."""
+
+    def __init__(self, runs: list[tuple[int, Callable[[Tensor], Outputs]]]) -> None:
+        self.runs = runs
+
+    def __call__(self, x: Tensor) -> Outputs:
+        logits, experts, start = [], [], 0
+        for size, fn in self.runs:
+            part = x[start : start + size]
+            n = int(part.shape[0])
+            if n < size:
+                part = torch.cat([part, part.new_zeros((size - n, *part.shape[1:]))])
+            out = fn(part.contiguous())
+            logits.append(out[0][:n])
+            experts.append(out[1][:n])
+            start += n
+        if len(self.runs) == 1:
+            return logits[0], experts[0]
+        return torch.cat(logits), torch.cat(experts)
 
 
 class CompiledPlans:
@@ -206,7 +367,7 @@ class CompiledPlans:
         model: the serving model (eval mode, on the CPU).
         directory: where packages are kept, one folder per `fingerprint`.
         fingerprint: what fixes the code besides the key (`fingerprint`).
-        max_batch: batches of up to this size are compiled.
+        max_batch: the largest compiled batch size (`batch_sizes`); a larger batch runs in pieces.
         hits: eager batches of a key before it is compiled.
         max_plans: compiled forwards kept loaded.
         compile_fn, load_fn: how a package is made and loaded (AOTInductor; tests pass others); with no
@@ -228,6 +389,7 @@ class CompiledPlans:
         self.model = model
         self.directory = directory / fingerprint
         self.max_batch = max_batch
+        self.sizes = batch_sizes(max_batch)
         self.hits = hits
         self.max_plans = max_plans
         self._compile, self._load = compile_fn, load_fn
@@ -241,22 +403,30 @@ class CompiledPlans:
         self.compiled = 0  # packages compiled by this process
         self.compile_seconds = 0.0
 
-    def key(self, x: Tensor, splits: Sequence[tuple[int, ...]]) -> Key | None:
-        """The key of a batch (B, T, C, H, W) of these splits, or None when it is not compiled (mixed
-        splits, or too large a batch)."""
-        batch = int(x.shape[0])
-        if batch > self.max_batch or any(s != splits[0] for s in splits[1:]):
+    def plan(self, x: Tensor, splits: Sequence[tuple[int, ...]]) -> list[Key] | None:
+        """The keys a batch (B, T, C, H, W) of these splits runs as (`batch_pieces`), or None when it is not
+        compiled (mixed splits)."""
+        if any(s != splits[0] for s in splits[1:]):
             return None
-        return batch, int(x.shape[1]), tuple(splits[0])
+        frames, split = int(x.shape[1]), tuple(splits[0])
+        return [(b, frames, split) for b in batch_pieces(int(x.shape[0]), self.sizes)]
 
     def lookup(
         self, x: Tensor, splits: Sequence[tuple[int, ...]], count: bool = True
     ) -> Callable[[Tensor], Outputs] | None:
         """The compiled forward of this batch, or None (run it eagerly); with `count`, the batch counts
-        towards compiling its key (served batches do, warm-up and calibration do not)."""
-        key = self.key(x, splits)
-        if key is None:
+        towards compiling its keys (served batches do, warm-up and calibration do not)."""
+        keys = self.plan(x, splits)
+        if keys is None:
             return None
+        found = {key: self._get(key, count) for key in dict.fromkeys(keys)}
+        if any(fn is None for fn in found.values()):
+            return None
+        if len(keys) == 1 and keys[0][0] == x.shape[0]:
+            return found[keys[0]]
+        return _Pieces([(key[0], found[key]) for key in keys])  # type: ignore[misc]
+
+    def _get(self, key: Key, count: bool) -> Callable[[Tensor], Outputs] | None:
         with self._lock:
             fn = self._ready.get(key)
             if fn is not None:
@@ -278,7 +448,8 @@ class CompiledPlans:
         """Load the newest `max_plans` packages already in the directory; how many loaded."""
         if not self.directory.is_dir():
             return 0
-        for tmp in self.directory.glob(f"tmp*{SUFFIX}"):  # left by a process killed while compiling
+        # Left by a process killed while compiling or extracting a library.
+        for tmp in [*self.directory.glob(f"tmp*{SUFFIX}"), *self.directory.glob("tmp*.so")]:
             with contextlib.suppress(OSError):
                 if time.time() - tmp.stat().st_mtime > COMPILE_TIMEOUT_S:
                     tmp.unlink()
@@ -372,8 +543,9 @@ class CompiledPlans:
         except Exception:  # noqa: BLE001 - a broken package: removed (the next start compiles it again),
             # and this process runs the key eagerly
             log.warning("loading the compiled forward %s failed", path, exc_info=True)
-            with contextlib.suppress(FileNotFoundError):
-                path.unlink()
+            for made in (path, path.with_suffix(".so")):
+                with contextlib.suppress(FileNotFoundError):
+                    made.unlink()
             with self._lock:
                 self._failed.add(key)
             return False

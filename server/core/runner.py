@@ -230,7 +230,7 @@ class Runner:
         packed_weights: bool = True,
         compiled_plans: bool = False,
         compile_dir: str | None = None,
-        compile_max_batch: int = 1,
+        compile_max_batch: int = 8,
     ) -> None:
         # Process-wide, as one process serves one model.
         inference.PACKED = packed_weights and inference.packing_available()

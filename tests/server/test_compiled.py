@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -92,17 +93,63 @@ def test_a_key_is_compiled_after_hits_and_served_compiled(tmp_path: Path) -> Non
     p.close()
 
 
-def test_calibration_batches_do_not_count_and_odd_batches_are_not_compiled(tmp_path: Path) -> None:
+def test_calibration_batches_and_mixed_splits_are_not_compiled(tmp_path: Path) -> None:
     compiler = FakeCompiler()
     p = plans(tmp_path, make_net(), compiler, hits=1, max_batch=2)
     assert p.lookup(image(), [SPLIT], count=False) is None
-    assert p.lookup(image(3), [SPLIT] * 3) is None  # larger than max_batch
     assert p.lookup(image(2), [SPLIT, expert_counts(1.0, 49, 4)]) is None  # mixed splits
     assert p.wait(10)
     assert compiler.built == []
     assert p.lookup(image(2), [SPLIT, SPLIT]) is None  # counted: the first hit compiles
     assert p.wait(10)
     assert compiler.built == [(2, 1, SPLIT)]
+    p.close()
+
+
+@pytest.mark.parametrize(
+    ("n", "sizes", "pieces"),
+    [
+        (1, (1,), [1]),
+        (3, (1, 2, 4, 8), [4]),
+        (5, (1, 2, 4, 8), [4, 1]),
+        (6, (1, 2, 4, 8), [8]),
+        (7, (1, 2, 4, 8), [8]),
+        (9, (1, 2, 4, 8), [8, 1]),
+        (20, (1, 2, 4, 8), [8, 8, 4]),
+        (3, (1,), [1, 1, 1]),
+    ],
+)
+def test_a_batch_runs_as_compiled_sizes_padded_by_at_most_a_quarter(
+    n: int, sizes: tuple[int, ...], pieces: list[int]
+) -> None:
+    assert cp.batch_pieces(n, sizes) == pieces
+    assert sum(pieces) - n <= max(pieces) / 4
+    assert cp.batch_sizes(8) == (1, 2, 4, 8)
+    assert cp.batch_sizes(6) == (1, 2, 4)
+
+
+def test_a_batch_between_compiled_sizes_runs_padded_and_in_pieces(tmp_path: Path) -> None:
+    """Batches of 3 (padded to 4) and 5 (4 + 1) count towards the sizes they run as, and once those are
+    compiled run compiled, each sample's outputs those of the eager forward."""
+    net, compiler = make_net(), FakeCompiler()
+    p = plans(tmp_path, net, compiler, hits=1, max_batch=4)
+    assert p.lookup(image(3), [SPLIT] * 3) is None
+    assert p.wait(10)
+    assert compiler.built == [(4, 1, SPLIT)]
+    x = image(5)
+    assert p.lookup(x, [SPLIT] * 5) is None  # 4 is ready, 1 is not yet
+    assert p.wait(10)
+    assert compiler.built == [(4, 1, SPLIT), (1, 1, SPLIT)]
+    for batch in (image(3), x):
+        n = batch.shape[0]
+        fn = p.lookup(batch, [SPLIT] * n)
+        assert fn is not None
+        with torch.inference_mode():
+            logits, experts = fn(batch)
+            ref = net(batch, splits=[SPLIT] * n)
+        assert logits.shape == ref.logits.shape
+        torch.testing.assert_close(logits, ref.logits, atol=1e-5, rtol=1e-5)
+        assert torch.equal(experts, ref.experts)
     p.close()
 
 
@@ -290,3 +337,47 @@ def test_a_server_compiles_what_it_serves_and_reports_it(tmp_path: Path) -> None
     assert first["served"] == last["served"]
     answers, state = serve()
     assert (state["loaded"], state["compiled"]) == (1, 0), state  # loaded at start-up, not compiled again
+    (package,) = (tmp_path / "plans").glob(f"*/*{cp.SUFFIX}")
+    assert_runs_without_the_interpreter_lock(package, load_checkpoint(ckpt).model.eval())
+
+
+CALLS = 50
+
+
+def assert_runs_without_the_interpreter_lock(package: Path, model: MoNE) -> None:
+    """The package's forward, loaded in this process, computes the eager one, and while it runs another thread
+    runs Python.  The switch interval is far longer than the test, so a thread that held the lock through
+    its calls would let the main thread in only where it lets go between them: PyTorch's own loader let it
+    look 8 times in 50 calls, at their edges.  Released, the lock is free for the whole of every call."""
+    key = cp.parse_key_name(package.name.removesuffix(cp.SUFFIX))
+    assert key is not None
+    fn = cp.AotiModel(package, model)
+    x = torch.randn(key[0], key[1], 1, 28, 28)
+    with torch.inference_mode():
+        logits, experts = fn(x)
+        ref = model(x, splits=[key[2]] * key[0])
+    torch.testing.assert_close(logits, ref.logits, atol=1e-5, rtol=1e-5)
+    assert torch.equal(experts, ref.experts)
+    inside = threading.Event()
+    seen: list[bool] = []
+
+    def calls() -> None:
+        with torch.inference_mode():
+            for _ in range(CALLS):
+                inside.set()
+                fn(x)
+                inside.clear()
+
+    interval = sys.getswitchinterval()
+    sys.setswitchinterval(30.0)
+    try:
+        thread = threading.Thread(target=calls)
+        thread.start()
+        while thread.is_alive():
+            seen.append(inside.is_set())
+            time.sleep(0.0002)  # lets the other thread in
+        thread.join()
+    finally:
+        sys.setswitchinterval(interval)
+    assert sum(seen) >= CALLS, f"the main thread ran {sum(seen)} times in {CALLS} compiled forwards"
+    fn.close()
