@@ -10,15 +10,18 @@ runs between operations, so each expert's products cost their arithmetic and a l
 image on (figures in docs/model.md, section 7.3).
 
 A compiled forward holds fixed shapes, so, like a captured CUDA graph (server/core/capture.py), it is keyed by
-the batch size, the frames per sample and the token split, for batches of one split only.  Compiling one
-takes 15-40 s on 2 vCPUs and a model has about a hundred levels, so nothing is compiled up front: once
-`hits` batches of a key have run eagerly, a background thread has a child process compile it (tracing for
-export swaps in process-wide modes, which would catch the serving threads' operations), and eager serves
-the key meanwhile.  The compiled package goes to a directory named after what else fixes the code
-(checkpoint digest, dtype, PyTorch version, CPU instruction set): a restart, or another worker process,
-loads it in milliseconds, and start-up loads the newest packages already there.  At most `max_plans` are
-kept loaded, the least recently used dropped first.  A key whose export, compilation or load fails runs
-eagerly from then on (logged once).  Only models of at most `MAX_GFLOPS` an image are compiled.
+the batch size, the frames per sample and the token split, for batches of one split only.  The batch sizes
+compiled are the powers of two up to `max_batch`; a batch of another size is padded to one or runs as
+several (`batch_pieces`).  Compiling one key takes 15-40 s on 2 vCPUs and a model has about a hundred
+levels, so nothing is compiled up front: once `hits` batches of a key have run eagerly, a background thread
+has a child process compile it (tracing for export swaps in process-wide modes, which would catch the
+serving threads' operations), and eager serves the key meanwhile.  The compiled package goes to a directory
+named after what else fixes the code (checkpoint digest, dtype, PyTorch version, CPU instruction set): a
+restart, or another worker process, loads it in milliseconds, and start-up loads the newest packages
+already there.  At most `max_plans` are kept loaded, the least recently used dropped first.  A key whose
+export, compilation or load fails runs eagerly from then on (logged once).  Only models of at most
+`MAX_GFLOPS` an image are compiled.  A loaded package runs with the interpreter lock released
+(`AotiModel`).
 
 Every compiled forward runs one product per expert (`plan_runs` with no cost per product): runs of experts
 at full width with masks exist to save per-operation cost, which compiled code no longer pays.  The
