@@ -42,6 +42,10 @@ TAIL_NEIGHBOURS = 32  # recent batches nearest in GFLOPs that set the correction
 TAIL_MIN_POINTS = 8  # fewer recent batches than this (or none within TAIL_SPAN): no correction
 TAIL_SPAN = math.log(4.0)  # neighbours lie within a factor of 4 in GFLOPs
 TAIL_MAX = 3.0
+# A served batch refits its kind's coefficients once this many have arrived since the last fit (start-up
+# measurements at once): a fit is a least-squares solve over the window, 0.1-0.15 ms of the event loop's
+# time (2 vCPUs), which every batch of a small model paid.
+REFIT_EVERY = 8
 
 
 @dataclass
@@ -52,6 +56,8 @@ class _KindModel:
     log_gflops: np.ndarray = field(default_factory=lambda: np.zeros(0))  # of the recent batches
     ratio: np.ndarray = field(default_factory=lambda: np.zeros(0))  # their observed / fitted time
     measured: dict[int, dict[float, float]] = field(default_factory=dict)  # batch -> capacity -> seconds
+    pending: int = 0  # served batches since the last fit
+    tails: dict[float, float] = field(default_factory=dict)  # `_tail` by GFLOPs, since the last fit
 
 
 class LatencyModel:
@@ -69,9 +75,17 @@ class LatencyModel:
     def observe(
         self, frames: int, groups: int, gflops: float, seconds: float, calibration: bool = False
     ) -> None:
-        """Record one executed batch and refit that kind's coefficients."""
+        """Record one executed batch; refit that kind's coefficients at a start-up measurement, and after
+        every `REFIT_EVERY` served batches."""
         km = self._kind(frames)
         (km.calibration if calibration else km.recent).append((float(groups - 1), gflops, seconds))
+        km.pending = 0 if calibration else km.pending + 1
+        if km.pending % REFIT_EVERY == 0 or km.coef is None:
+            self._refit(km)
+
+    def _refit(self, km: _KindModel) -> None:
+        km.pending = 0
+        km.tails = {}
         km.coef = _fit(km.calibration + list(km.recent))
         if km.recent and km.coef is not None:
             rows = np.asarray(km.recent, dtype=np.float64)
@@ -138,7 +152,10 @@ class LatencyModel:
             km = self._kinds[min(known, key=lambda f: abs(f - frames))]
         assert km.coef is not None
         a, b, c = km.coef
-        return (a + b * max(groups - 1, 0) + c * gflops) * _tail(km, gflops)
+        tail = km.tails.get(gflops)
+        if tail is None:
+            tail = km.tails[gflops] = _tail(km, gflops)
+        return (a + b * max(groups - 1, 0) + c * gflops) * tail
 
     def calibrated(self, frames: int) -> bool:
         km = self._kinds.get(frames)

@@ -10,7 +10,7 @@ import torch
 
 from mone.model import MoNEConfig, gflops
 from mone.server.core.budget import Budget, Planner, parse_budget
-from mone.server.core.latency import LatencyModel
+from mone.server.core.latency import REFIT_EVERY, LatencyModel
 from mone.server.core.request import InferRequest
 from mone.server.errors import InvalidBudgetError
 
@@ -90,6 +90,21 @@ def test_latency_model_follows_observations_and_stays_monotone() -> None:
             lm.observe(1, 1, g, 0.03 * g)
     assert lm.predict(1, 1, 1.0) > 2 * before
     assert lm.predict(1, 1, 0.5) < lm.predict(1, 1, 1.0)
+
+
+def test_served_batches_refit_the_latency_model_every_few() -> None:
+    """Start-up measurements refit at once; served batches every `REFIT_EVERY`, and a prediction made
+    before a refit is not served from the cache after it."""
+    lm = LatencyModel()
+    for g in (1.0, 2.0):
+        lm.observe(1, 1, g, 0.01 * g, calibration=True)
+    before = lm.predict(1, 1, 1.0)
+    assert before == pytest.approx(0.01)
+    for _ in range(REFIT_EVERY - 1):  # the device became 5x slower
+        lm.observe(1, 1, 1.0, 0.05)
+    assert lm.predict(1, 1, 1.0) == before
+    lm.observe(1, 1, 1.0, 0.05)
+    assert lm.predict(1, 1, 1.0) > 2 * before
 
 
 def test_latency_model_plans_against_the_slow_end_of_similar_batches() -> None:
