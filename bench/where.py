@@ -8,7 +8,7 @@ Starts one mone-serve (bench.serve's batching settings), drives it with `hey` (r
 in the query string) and samples every thread of the server with py-spy (`--nonblocking`, so the server is
 never paused; idle threads are not sampled).  Each sample is charged to the innermost stage it is in:
 
-    forward    the model (model/), the runner's forward
+    forward    the model (model/), the runner's forward, compiled forwards and CUDA graphs
     decode     sniffing, decoding and preprocessing the upload (server/media/, model/preprocess, PIL, PyAV)
     batching   budgets, batching, scheduling, the latency model, the engine and the runner around the forward
     metrics    Prometheus (prometheus_client, server/http/metrics.py) and the access log
@@ -40,7 +40,12 @@ from bench.budget import add_server_args, checkpoint_of, cpu_model, drive_hey, m
 # Innermost match wins; checked in this order for each frame.
 _AT = r"(?:\(|/)"  # py-spy writes a frame as "name (path/file.py:line)", paths relative to sys.path
 STAGES: list[tuple[str, re.Pattern[str]]] = [
-    ("forward", re.compile(rf"Runner\._forward\b|{_AT}model/(?!preprocess\.py)|{_AT}torch/")),
+    (
+        "forward",
+        re.compile(
+            rf"Runner\._forward\b|{_AT}server/core/(compiled|capture)\.py|{_AT}model/(?!preprocess\.py)|{_AT}torch/"
+        ),
+    ),
     ("decode", re.compile(rf"{_AT}server/media/|{_AT}model/preprocess\.py|{_AT}(PIL|av)/")),
     ("batching", re.compile(rf"{_AT}server/core/|{_AT}concurrent/")),
     ("metrics", re.compile(rf"{_AT}prometheus_client/|{_AT}server/http/(metrics|access)\.py|{_AT}logging/")),

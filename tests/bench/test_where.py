@@ -24,6 +24,8 @@ def test_the_innermost_stage_wins() -> None:
     assert stage_of(["_loop (server/core/engine.py:1)", "plan (server/core/scheduling.py:2)"]) == "batching"
     assert stage_of(["app (fastapi/routing.py:1)", "Request.form (starlette/requests.py:2)"]) == "framework"
     assert stage_of(["run (/srv/server/core/runner.py:9)", "forward (/srv/model/vit.py:4)"]) == "forward"
+    compiled = ["run (/srv/server/core/runner.py:9)", "AotiModel.__call__ (/srv/server/core/compiled.py:2)"]
+    assert stage_of(compiled) == "forward"
     assert stage_of([route, decode, "normalised_array (/srv/model/preprocess.py:7)"]) == "decode"
     assert stage_of(["main (/srv/other.py:1)"]) == "other"
 
