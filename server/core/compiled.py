@@ -73,6 +73,10 @@ CHILD_NICE = 19  # the compiling child's niceness: below the inference threads' 
 # compiled against 60.9 / 52.5 / 42.2 ms eager at capacity 1.0 / 0.5 / 0.25 (2 threads, 2 vCPUs).
 MAX_GFLOPS = 1.0
 MAX_PLANS = 32  # compiled forwards kept loaded
+# Packages kept on disk (about 5 MB each with the library extracted beside it); beyond this the least
+# recently loaded are removed after each build.  Mixed latency budgets or `degrade` serve many levels, each
+# of several batch sizes.
+MAX_ON_DISK = 128
 # A batch whose size fills at least this share of the next compiled batch size is padded to it; a smaller one
 # runs as the largest compiled size it fills, then the rest likewise (`batch_pieces`).
 PAD_FILL = 0.75
@@ -373,6 +377,7 @@ class CompiledPlans:
         max_batch: the largest compiled batch size (`batch_sizes`); a larger batch runs in pieces.
         hits: eager batches of a key before it is compiled.
         max_plans: compiled forwards kept loaded.
+        max_on_disk: packages kept in the directory, the least recently loaded removed first.
         compile_fn, load_fn: how a package is made and loaded (AOTInductor; tests pass others); with no
             compile_fn only packages already on disk are loaded (made elsewhere: no compiler here).
     """
@@ -386,6 +391,7 @@ class CompiledPlans:
         max_batch: int = 1,
         hits: int = HITS,
         max_plans: int = MAX_PLANS,
+        max_on_disk: int = MAX_ON_DISK,
         compile_fn: Compile | None = aoti_compile,
         load_fn: Load = aoti_load,
     ) -> None:
@@ -395,6 +401,7 @@ class CompiledPlans:
         self.sizes = batch_sizes(max_batch)
         self.hits = hits
         self.max_plans = max_plans
+        self.max_on_disk = max_on_disk
         self._compile, self._load = compile_fn, load_fn
         self._ready: OrderedDict[Key, Callable[[Tensor], Outputs]] = OrderedDict()
         self._seen: Counter[Key] = Counter()
@@ -535,6 +542,7 @@ class CompiledPlans:
         finally:
             with contextlib.suppress(FileNotFoundError):
                 os.unlink(tmp)
+        self._prune(keep=key)
         seconds = time.perf_counter() - start
         self.compiled += 1
         self.compile_seconds += seconds
@@ -552,12 +560,40 @@ class CompiledPlans:
             with self._lock:
                 self._failed.add(key)
             return False
+        for made in (path, path.with_suffix(".so")):  # loaded now: the newest for `preload` and `_prune`
+            with contextlib.suppress(OSError):  # (the library no older than its package)
+                os.utime(made)
         with self._lock:
             self._ready[key] = fn
             self._ready.move_to_end(key)
             while len(self._ready) > self.max_plans:
                 self._ready.popitem(last=False)
         return True
+
+    def _prune(self, keep: Key) -> None:
+        """Remove the least recently loaded packages beyond `max_on_disk`, but not `keep` (just built) nor
+        any loaded here.  A package another worker has loaded keeps running there (its library stays
+        mapped), and is compiled again if it is served often again."""
+
+        def loaded_at(path: Path) -> float:
+            try:
+                return path.stat().st_mtime
+            except OSError:
+                return 0.0
+
+        packages = sorted(self.directory.glob(f"*{SUFFIX}"), key=loaded_at)
+        with self._lock:
+            ready = {*self._ready, keep}
+        excess = len(packages) - self.max_on_disk
+        for path in packages:
+            if excess <= 0:
+                break
+            if path.name.startswith("tmp") or parse_key_name(path.name.removesuffix(SUFFIX)) in ready:
+                continue
+            for made in (path, path.with_suffix(".so")):
+                with contextlib.suppress(FileNotFoundError):
+                    made.unlink()
+            excess -= 1
 
 
 def compiled_plans_for(

@@ -206,6 +206,32 @@ def test_preload_keeps_the_newest_packages_within_the_bound(tmp_path: Path) -> N
     p.close()
 
 
+def test_packages_beyond_the_disk_bound_go_least_recently_loaded_first(tmp_path: Path) -> None:
+    folder = tmp_path / "fp"
+    folder.mkdir()
+    splits = [expert_counts(c, 49, 4) for c in (1.0, 0.5, 0.25, 0.125)]
+
+    def package(split: tuple[int, ...]) -> Path:
+        return folder / f"{cp.key_name((1, 1, split))}{cp.SUFFIX}"
+
+    for i, split in enumerate(splits[:2]):  # made earlier; the first loaded longest ago
+        package(split).write_text("x")
+        package(split).with_suffix(".so").write_text("x")
+        os.utime(package(split), (1000 + i, 1000 + i))
+    p = plans(tmp_path, make_net(), hits=1, max_on_disk=2)
+    p.lookup(image(), [splits[2]])  # compiled: three on disk, one too many
+    assert p.wait(10)
+    assert sorted(folder.glob(f"*{cp.SUFFIX}")) == sorted([package(splits[1]), package(splits[2])])
+    assert not package(splits[0]).with_suffix(".so").exists()
+    # Loaded here, a package stays whatever the bound.
+    assert p.preload() == 2
+    p.max_on_disk = 1
+    p.lookup(image(), [splits[3]])
+    assert p.wait(10)
+    assert len(list(folder.glob(f"*{cp.SUFFIX}"))) == 3
+    p.close()
+
+
 def test_preload_removes_what_a_killed_compile_left(tmp_path: Path) -> None:
     folder = tmp_path / "fp"
     folder.mkdir()
