@@ -146,8 +146,8 @@ class Settings(BaseSettings):
         default=8,
         ge=1,
         le=64,
-        description="the largest batch size compiled (compiled_plans): the powers of two up to it are, and a "
-        "batch is padded to one of them or runs as several",
+        description="the largest batch size compiled (compiled_plans): it and the powers of two below it "
+        "are, and a batch is padded to one of them or runs as several",
     )
     inference_streams: int = Field(
         default=0,

@@ -11,7 +11,7 @@ image on (figures in docs/model.md, section 7.3).
 
 A compiled forward holds fixed shapes, so, like a captured CUDA graph (server/core/capture.py), it is keyed by
 the batch size, the frames per sample and the token split, for batches of one split only.  The batch sizes
-compiled are the powers of two up to `max_batch`; a batch of another size is padded to one or runs as
+compiled are `max_batch` and the powers of two below it; a batch of another size is padded to one or runs as
 several (`batch_pieces`).  Compiling one key takes 15-40 s on 2 vCPUs and a model has about a hundred
 levels, so nothing is compiled up front: once `hits` batches of a key have run eagerly, a background thread
 has a child process compile it (tracing for export swaps in process-wide modes, which would catch the
@@ -57,7 +57,9 @@ from torch import Tensor, nn
 
 from mone.model import MoNE, gflops, realised_capacity
 from mone.model.checkpoint import load_checkpoint, save_checkpoint
-from mone.server.core.capture import Key, Outputs  # the same keys and outputs as captured CUDA graphs
+
+# The same keys, outputs and batch sizes as captured CUDA graphs.
+from mone.server.core.capture import Key, Outputs, capture_sizes
 
 log = logging.getLogger("mone.compiled")
 
@@ -318,15 +320,6 @@ def aoti_load(path: Path, model: MoNE) -> Callable[[Tensor], Outputs]:
     return AotiModel(path, model, runners=RUNNERS)
 
 
-def batch_sizes(max_batch: int) -> tuple[int, ...]:
-    """The batch sizes compiled: the powers of two up to `max_batch`."""
-    sizes, b = [], 1
-    while b <= max(1, max_batch):
-        sizes.append(b)
-        b *= 2
-    return tuple(sizes)
-
-
 def batch_pieces(n: int, sizes: Sequence[int]) -> list[int]:
     """The compiled batch sizes (`sizes`, ascending, from 1) that run a batch of `n` inputs of one split,
     in order: the smallest size that holds the rest when the rest fills at least `PAD_FILL` of it (it is
@@ -374,7 +367,8 @@ class CompiledPlans:
         model: the serving model (eval mode, on the CPU).
         directory: where packages are kept, one folder per `fingerprint`.
         fingerprint: what fixes the code besides the key (`fingerprint`).
-        max_batch: the largest compiled batch size (`batch_sizes`); a larger batch runs in pieces.
+        max_batch: the largest compiled batch size; the powers of two below it are compiled too
+            (`capture_sizes`), and a larger batch runs in pieces.
         hits: eager batches of a key before it is compiled.
         max_plans: compiled forwards kept loaded.
         max_on_disk: packages kept in the directory, the least recently loaded removed first.
@@ -398,7 +392,7 @@ class CompiledPlans:
         self.model = model
         self.directory = directory / fingerprint
         self.max_batch = max_batch
-        self.sizes = batch_sizes(max_batch)
+        self.sizes = capture_sizes(max_batch)
         self.hits = hits
         self.max_plans = max_plans
         self.max_on_disk = max_on_disk

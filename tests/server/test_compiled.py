@@ -124,8 +124,8 @@ def test_a_batch_runs_as_compiled_sizes_padded_by_at_most_a_quarter(
 ) -> None:
     assert cp.batch_pieces(n, sizes) == pieces
     assert sum(pieces) - n <= max(pieces) / 4
-    assert cp.batch_sizes(8) == (1, 2, 4, 8)
-    assert cp.batch_sizes(6) == (1, 2, 4)
+    assert plans(Path("unused"), make_net(), max_batch=8).sizes == [1, 2, 4, 8]
+    assert plans(Path("unused"), make_net(), max_batch=6).sizes == [1, 2, 4, 6]
 
 
 def test_a_batch_between_compiled_sizes_runs_padded_and_in_pieces(tmp_path: Path) -> None:
