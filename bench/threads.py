@@ -1,6 +1,6 @@
 """How a batch should run on the CPU: the forward through the server's own `Runner`, on a worker thread as
-mone-serve runs it (OpenMP's threads asleep between operations, `OMP_WAIT_POLICY=PASSIVE`, as `mone-serve`
-sets it), for each batch size and capacity, three ways side by side:
+mone-serve runs it (the loading thread kept to one intra-op thread, so that the worker's OpenMP team is the
+only one), for each batch size and capacity, three ways side by side:
 
     whole     one forward on every intra-op thread
     serial    one forward on one intra-op thread
@@ -26,14 +26,12 @@ import threading
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # before torch starts OpenMP, as mone-serve does
+import torch
 
-import torch  # noqa: E402
-
-from bench import serve as bs  # noqa: E402
-from mone.model import load_checkpoint  # noqa: E402
-from mone.server.config import Settings  # noqa: E402
-from mone.server.core.runner import Runner  # noqa: E402
+from bench import serve as bs
+from mone.model import load_checkpoint
+from mone.server.config import Settings
+from mone.server.core.runner import Runner, serial_thread
 
 WAYS = ("whole", "serial", "streams")
 
@@ -73,6 +71,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--repeats", type=int, default=9)
     p.add_argument("--full-width-rows", type=float, default=None, help="default: measured, as at start-up")
     args = p.parse_args(argv)
+    serial_thread()  # as the server's event loop, which loads the model
     with tempfile.TemporaryDirectory() as tmp:
         if args.variant:
             ckpt = bs.random_checkpoint(args.variant, Path(tmp))

@@ -69,10 +69,6 @@ def settings_from_args(argv: Sequence[str] | None = None) -> Settings:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    # Idle OpenMP threads sleep instead of spinning: HTTP handling and decoding share the cores with torch's
-    # intra-op threads (with the small model, 64 clients on 2 cores: 224 instead of 162 req/s).  Must be set
-    # before torch loads its OpenMP runtime; an explicit OMP_WAIT_POLICY wins.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         settings = settings_from_args(argv)
     except ValidationError as exc:

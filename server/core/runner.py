@@ -14,10 +14,16 @@ whole: on one intra-op thread when its work is small enough that waking the othe
 they save (`serial_max_gflops`), else on all of them.
 
 Both thresholds are measured at start-up on the inference thread (`Runner.calibrate_threads`), at capacity
-1.0, since a lower capacity has as many operations.  With OpenMP's threads sleeping between operations
-(`OMP_WAIT_POLICY=PASSIVE`, which `mone-serve` sets), every operation of a two-threaded forward pays a
-wake-up: the shipped Mi/4 at batch 1 took 7.6 ms on two threads against 4.0 ms on one, and at batch 4
-10.9 ms as one two-threaded forward against 6.4 ms as two single-threaded halves (2 vCPUs, AMD EPYC).
+1.0, since a lower capacity has as many operations.
+
+Only the inference thread has an OpenMP team.  Every other thread of the server keeps to one intra-op
+thread (`serial_thread`): the event loop, which loads the model, and the threads it hands work to.  GNU
+OpenMP lets a team's idle threads spin a while before they sleep, but only while it manages no more threads
+than there are CPUs.  A second team (the loop's, left from loading the model) made them sleep after every
+operation, so that each operation of a two-threaded forward paid a wake-up: a lone S/16 image took 15-30 %
+longer on the inference thread than the same forward in a process of one team (2 vCPUs, AMD EPYC).  The
+team's threads run at the inference threads' lower priority (server/core/priority.py), so while they spin
+the event loop still gets the CPU first.
 """
 
 from __future__ import annotations
@@ -117,12 +123,23 @@ class _Part:
 
 _local = threading.local()
 
+# torch's intra-op threads for a thread that sets none (OMP_NUM_THREADS, else one per CPU), read before any
+# thread of the server sets its own: `setup_threads`' default.
+TORCH_THREADS = torch.get_num_threads()
+
 
 def _use_threads(n: int) -> None:
     """Give the calling thread `n` intra-op threads (torch keeps the count per thread once it has run)."""
     if getattr(_local, "threads", None) != n:
         torch.set_num_threads(n)
         _local.threads = n
+
+
+def serial_thread() -> None:
+    """Keep the calling thread to one intra-op thread, so that it never starts an OpenMP team of its own:
+    for every thread of the server but the inference thread and its streams (see the module's docstring).
+    Also a thread pool's initializer."""
+    _use_threads(1)
 
 
 def resolve_streams(setting: int, device: torch.device, threads: int) -> int:
@@ -281,8 +298,8 @@ class Runner:
 
     def setup_threads(self, threads: int | None) -> None:
         """On the inference thread, before its first forward: its intra-op threads (torch's default when
-        None) and the stream threads, which run at its priority (server/core/priority.py)."""
-        self.threads = threads or torch.get_num_threads()
+        None, `TORCH_THREADS`) and the stream threads, which run at its priority (server/core/priority.py)."""
+        self.threads = threads or TORCH_THREADS
         _use_threads(self.threads)
         self.streams = resolve_streams(self._streams_setting, self.device, self.threads)
         if self.streams > 1 and self._pool is None:

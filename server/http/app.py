@@ -8,6 +8,7 @@ import logging
 import re
 import sys
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -23,7 +24,7 @@ from starlette.types import ASGIApp, Receive, Scope, Send
 from mone.server import __version__
 from mone.server.config import Settings, get_settings
 from mone.server.core.engine import Engine
-from mone.server.core.runner import Runner, load_model, resolve_device
+from mone.server.core.runner import Runner, load_model, resolve_device, serial_thread
 from mone.server.errors import (
     NOT_REJECTIONS,
     STATUS,
@@ -91,6 +92,12 @@ def create_app(settings: Settings | None = None, tracer_provider: TracerProvider
         # turns at the GIL; at Python's 5 ms a probe waited up to ~50 ms (p99) for its turn, at 1 ms ~25 ms.
         switch_interval = sys.getswitchinterval()
         sys.setswitchinterval(settings.gil_switch_interval_ms / 1e3)
+        # Only the inference thread runs an OpenMP team: the loop (which loads the model) and the threads
+        # it hands work to keep to one intra-op thread (server/core/runner.py).
+        serial_thread()
+        asyncio.get_running_loop().set_default_executor(
+            ThreadPoolExecutor(thread_name_prefix="mone-io", initializer=serial_thread)
+        )
         health: HealthListener | None = None
         clips: DecodePool | None = None
         watchdog: Watchdog | None = None

@@ -123,14 +123,16 @@ def test_cli_mirrors_settings() -> None:
     assert os.environ["MONE_MAX_BATCH_SIZE"] == "7", "workers read the settings from the environment"
 
 
-@pytest.mark.parametrize(("given", "expected"), [(None, "PASSIVE"), ("ACTIVE", "ACTIVE")])
-def test_cli_lets_idle_openmp_threads_sleep(
-    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], given: str | None, expected: str
+@pytest.mark.parametrize("given", [None, "PASSIVE"])
+def test_cli_leaves_the_openmp_wait_policy_to_openmp(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str], given: str | None
 ) -> None:
+    # Idle threads of the inference thread's team spin a while before they sleep (OpenMP's default); an
+    # explicit policy is the operator's.
     if given is None:
         monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
     else:
         monkeypatch.setenv("OMP_WAIT_POLICY", given)
     with pytest.raises(SystemExit):
         main(["--help"])
-    assert os.environ["OMP_WAIT_POLICY"] == expected
+    assert os.environ.get("OMP_WAIT_POLICY") == given

@@ -18,7 +18,15 @@ from mone.server.core import runner as runner_module
 from mone.server.core.budget import Budget
 from mone.server.core.priority import lower_thread_priority, thread_nice
 from mone.server.core.request import InferRequest
-from mone.server.core.runner import AUTO_STREAMS_MAX, STREAM_BALANCE, Runner, resolve_streams, split_batch
+from mone.server.core.runner import (
+    AUTO_STREAMS_MAX,
+    STREAM_BALANCE,
+    TORCH_THREADS,
+    Runner,
+    resolve_streams,
+    serial_thread,
+    split_batch,
+)
 
 CFG = MoNEConfig.from_variant("Mi/4", num_classes=10)
 
@@ -122,6 +130,33 @@ def pair(checkpoint_dir: Path) -> Iterator[tuple[Runner, Runner]]:
     yield whole, split
     whole.close()
     split.close()
+
+
+def test_only_the_inference_thread_runs_several_intra_op_threads(checkpoint_dir: Path) -> None:
+    # The loop thread keeps to one intra-op thread (so it never starts an OpenMP team of its own); the
+    # inference thread, set up after it, still gets torch's default rather than the loop's one.
+    seen: dict[str, int] = {}
+    r = Runner(load_checkpoint(checkpoint_dir), torch.device("cpu"), streams=1)
+
+    def loop() -> None:
+        serial_thread()
+        seen["loop"] = torch.get_num_threads()
+
+    def inference() -> None:
+        r.setup_threads(None)
+        seen["runner"] = r.threads or 0
+        seen["inference"] = torch.get_num_threads()
+
+    def io() -> None:  # a thread started later, as the loop's executor starts them
+        serial_thread()
+        seen["io"] = torch.get_num_threads()
+
+    for target in (loop, inference, io):
+        t = threading.Thread(target=target)
+        t.start()
+        t.join()
+    r.close()
+    assert seen == {"loop": 1, "runner": TORCH_THREADS, "inference": TORCH_THREADS, "io": 1}
 
 
 def test_a_split_batch_answers_what_the_whole_batch_does(pair: tuple[Runner, Runner]) -> None:
