@@ -20,8 +20,8 @@ Only the inference thread has an OpenMP team.  Every other thread of the server 
 thread (`serial_thread`): the event loop, which loads the model, and the threads it hands work to.  GNU
 OpenMP lets a team's idle threads spin a while before they sleep, but only while it manages no more threads
 than there are CPUs.  A second team (the loop's, left from loading the model) made them sleep after every
-operation, so that each operation of a two-threaded forward paid a wake-up: a lone S/16 image took 15-30 %
-longer on the inference thread than the same forward in a process of one team (2 vCPUs, AMD EPYC).  The
+operation, so that each operation of a two-threaded forward paid a wake-up: a lone S/16 image took 18 % longer
+at capacity 1.0 and 39 % longer at 0.25 than with one team (through the server, 2 vCPUs, AMD EPYC).  The
 team's threads run at the inference threads' lower priority (server/core/priority.py), so while they spin
 the event loop still gets the CPU first.
 """
